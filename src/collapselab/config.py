@@ -1,0 +1,259 @@
+"""Typed, validated configuration: YAML in, resolved YAML out.
+
+Every key is checked (type, range, cross-field consistency) before any compute; an unknown key
+is an error. ``load_config`` turns any problem into a :class:`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+PosInt = Annotated[int, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TargetConfig(_Strict):
+    """The target law p. ``gmm``: means (K×dim) or the paper layout; ``ring``: 2-D toy."""
+
+    kind: Literal["gmm", "ring", "paper_gmm"] = "ring"
+    dim: PosInt = 2
+    means: list[list[float]] | None = None
+    std: PosFloat | list[PosFloat] = 0.5
+    weights: list[Annotated[float, Field(ge=0.0)]] | None = None
+    n_components: PosInt = 8
+    radius: PosFloat = 4.0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind == "ring" and self.dim != 2:
+            raise ValueError("dim: the ring target is 2-D; use dim: 2")
+        if self.kind == "paper_gmm" and self.dim < 2:
+            raise ValueError("dim: the paper layout needs dim >= 2")
+        if self.means is not None:
+            if self.kind != "gmm":
+                raise ValueError("means: only allowed with kind: gmm")
+            for row in self.means:
+                if len(row) != self.dim:
+                    raise ValueError(f"means: every mean must have dim={self.dim} entries")
+        elif self.kind == "gmm":
+            raise ValueError("means: required with kind: gmm (a list of K points of length dim)")
+        k = self.components
+        if isinstance(self.std, list) and len(self.std) != k:
+            raise ValueError(f"std: give one value or {k} values (one per component)")
+        if self.weights is not None:
+            if len(self.weights) != k:
+                raise ValueError(f"weights: need {k} values (one per component)")
+            if abs(sum(self.weights) - 1.0) > 1e-6:
+                raise ValueError("weights: must sum to 1")
+        return self
+
+    @property
+    def components(self) -> int:
+        if self.kind == "gmm":
+            return len(self.means or [])
+        return 5 if self.kind == "paper_gmm" else self.n_components
+
+
+class ProcessConfig(_Strict):
+    """Forward process: ``ou`` (the paper's) or ``vp`` with a linear β schedule."""
+
+    kind: Literal["ou", "vp"] = "ou"
+    T: PosFloat = 4.0
+    beta_min: PosFloat = 0.1
+    beta_max: PosFloat = 20.0
+
+
+class ScoreConfig(_Strict):
+    """Score model. analytic: exact score of q_i (oracle); kde: finite KDE on the training set;
+    population_kde: the N → ∞ KDE (law stays a Gaussian mixture); mlp: trained by DSM."""
+
+    kind: Literal["analytic", "kde", "population_kde", "mlp"] = "kde"
+    bandwidth: PosFloat = 0.6
+    hidden: PosInt = 128
+    layers: PosInt = 3
+    train_steps: PosInt = 2000
+    batch_size: PosInt = 512
+    lr: PosFloat = 2e-3
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    warm_start: bool = False
+
+
+class SamplerConfig(_Strict):
+    """Reverse-time sampler from T to t0 with ``steps`` steps (paper: 500, t0 = 0.02)."""
+
+    kind: Literal["euler_maruyama", "ddpm"] = "euler_maruyama"
+    steps: PosInt = 500
+    t0: Annotated[float, Field(ge=0.0)] = 0.02
+
+
+class LoopConfig(_Strict):
+    """The recursion: policy building q_i's training set, generations, set sizes."""
+
+    policy: Literal[
+        "fresh_mixture", "replace", "accumulate", "accumulate_subsample", "augmentation"
+    ] = "fresh_mixture"
+    generations: PosInt = 5
+    n_train: PosInt = 2000
+    n_samples: PosInt | None = None
+    augmentation_lambda: Annotated[float, Field(ge=0.0)] = 1.0
+
+    @property
+    def samples(self) -> int:
+        return self.n_samples or self.n_train
+
+
+class EstimatorConfig(_Strict):
+    """Which divergence estimators run each generation and with how many points."""
+
+    exact: bool = True
+    sample_based: list[Literal["classifier", "knn"]] = ["knn"]
+    n_mc: PosInt = 20000
+    n_eval: PosInt = 2000
+    extra: list[Literal["second_moment", "sliced_w2", "mmd"]] = ["second_moment", "sliced_w2"]
+
+
+class SweepConfig(_Strict):
+    alphas: list[Prob] = [0.1, 0.5, 0.9]
+    seeds: list[Annotated[int, Field(ge=0)]] = [0, 1]
+
+    @model_validator(mode="after")
+    def _nonempty(self):
+        if not self.alphas:
+            raise ValueError("alphas: give at least one fresh-data fraction in [0, 1]")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one non-negative integer seed")
+        return self
+
+
+class Config(_Strict):
+    name: str = "custom"
+    description: str = ""
+    target: TargetConfig = TargetConfig()
+    process: ProcessConfig = ProcessConfig()
+    score: ScoreConfig = ScoreConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    loop: LoopConfig = LoopConfig()
+    estimators: EstimatorConfig = EstimatorConfig()
+    sweep: SweepConfig = SweepConfig()
+    device: Literal["cpu", "cuda"] | str = "cpu"
+    notes: str = ""
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.sampler.t0 >= self.process.T:
+            raise ValueError("sampler.t0: must be smaller than process.T")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError("device: allowed values are cpu, cuda, cuda:N")
+        if self.process.kind == "vp" and self.process.beta_max < self.process.beta_min:
+            raise ValueError("process.beta_max: must be >= process.beta_min")
+        return self
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- loading ----------------------------------------------------------------------------
+def list_presets() -> dict[str, str]:
+    """Preset name → one-line description."""
+    out = {}
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        out[path.stem] = str(data.get("description", "")).strip().splitlines()[0:1]
+        out[path.stem] = out[path.stem][0] if out[path.stem] else ""
+    return out
+
+
+def _read_source(source: str | Path) -> dict:
+    path = Path(source)
+    if not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
+        path = PRESET_DIR / f"{source}.yaml"
+    if not path.exists():
+        names = ", ".join(list_presets())
+        raise ConfigError("config", f"no preset or file named '{source}' (presets: {names})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(str(path), f"not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "the top level must be a mapping of keys")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``key.path=value``; the value is parsed as YAML so lists and numbers work."""
+    if "=" not in text:
+        raise ConfigError("--set", f"expected key.path=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError("--set", f"empty key in '{text}'")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(path), f"'{part}' is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _format_error(err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return ConfigError(".".join(loc), "unknown key (check the spelling; see the presets)")
+    if first["type"] == "literal_error":
+        return ConfigError(".".join(loc), msg.replace("Input should be", "allowed values are"))
+    # Errors raised by our validators carry "field: message"; qualify the field by its section.
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+        if ": " in msg:
+            field, rest = msg.split(": ", 1)
+            prefix = loc[:1] if loc and "." not in field else []
+            return ConfigError(".".join(prefix + [field]), rest)
+    got = first.get("input")
+    if got is not None and not isinstance(got, dict | list):
+        msg = f"{msg} (got {got!r})"
+    return ConfigError(".".join(loc) or "config", msg)
+
+
+def build_config(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise _format_error(err) from None
+
+
+def load_config(source: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a preset name or YAML file, apply ``--set`` overrides, validate everything."""
+    data = _read_source(source)
+    for text in overrides:
+        path, value = parse_override(text)
+        apply_override(data, path, value)
+    return build_config(data)

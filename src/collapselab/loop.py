@@ -1,0 +1,265 @@
+"""One recursive chain (α, seed): generations 0..G−1, resumable (PAPER.md §1).
+
+Generation i builds q_i's training set (policies), fits a score model on it (scores), samples
+the reverse SDE (samplers) to get p̂_{i+1}, and measures D_{i+1} = χ²(p̂_{i+1} ‖ p) and
+I_i = χ²(p̂_{i+1} ‖ q_i) with their KL twins (estimators). Everything a later generation needs
+is read back from the run directory, so a chain killed at any point resumes after its last
+completed generation with the same numbers: each generation draws its randomness from its own
+streams seeded by (seed, generation, purpose) — independent of α, so generation 0 is the same
+for every α of a seed and different α share common random numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import estimators as est
+from .config import Config
+from .estimate import Estimate
+from .policies import TrainingSet, build_training_set, training_law_weights
+from .processes import OU, VPProcess, time_grid
+from .samplers import SAMPLERS
+from .scores.analytic import AnalyticScore
+from .scores.kde import KDEScore
+from .store import RunStore, atomic_save_npy, atomic_write_json, load_npy, read_json
+from .targets import GaussianMixture, mix_laws, paper_gmm_means, ring
+
+_STREAMS = {"real": 1, "policy": 2, "train": 3, "sample": 4, "eval": 5, "eval_real": 6}
+
+
+def build_target(cfg: Config) -> GaussianMixture:
+    t = cfg.target
+    if t.kind == "ring":
+        return ring(t.n_components, t.radius, t.std if isinstance(t.std, float) else 0.5)
+    means = paper_gmm_means(t.dim) if t.kind == "paper_gmm" else torch.tensor(t.means)
+    std = torch.as_tensor(t.std, dtype=torch.float64)
+    weights = None if t.weights is None else torch.tensor(t.weights, dtype=torch.float64)
+    return GaussianMixture.isotropic(means, std, weights)
+
+
+def build_process(cfg: Config) -> VPProcess:
+    p = cfg.process
+    if p.kind == "ou":
+        return OU(T=p.T)
+    return VPProcess(beta_min=p.beta_min, beta_max=p.beta_max, T=p.T)
+
+
+def streams(seed: int, generation: int, purpose: str) -> tuple[torch.Generator, np.random.Generator]:
+    """Independent torch and numpy generators for one (seed, generation, purpose)."""
+    ss = np.random.SeedSequence([seed, generation, _STREAMS[purpose]])
+    torch_seed = int(ss.generate_state(2, dtype=np.uint64)[0] % (2**63 - 1))
+    return torch.Generator().manual_seed(torch_seed), np.random.default_rng(ss)
+
+
+@dataclass
+class ChainContext:
+    """What one chain needs that does not change across generations."""
+
+    cfg: Config
+    alpha: float
+    seed: int
+    store: RunStore
+    target: GaussianMixture = field(init=False)
+    process: VPProcess = field(init=False)
+
+    def __post_init__(self):
+        self.target = build_target(self.cfg)
+        self.process = build_process(self.cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.cfg.device)
+
+
+# ---- score models --------------------------------------------------------------------------
+def fit_score(ctx: ChainContext, generation: int, train: TrainingSet, q_law):
+    """Fit generation i's score model. Returns (score, state_dict or None)."""
+    s = ctx.cfg.score
+    if s.kind == "analytic":
+        return AnalyticScore(q_law, ctx.process), None
+    if s.kind == "population_kde":
+        return AnalyticScore(q_law, ctx.process, bandwidth=s.bandwidth), None
+    if s.kind == "kde":
+        centres = torch.from_numpy(train.x).to(ctx.device)
+        return KDEScore(centres, s.bandwidth, ctx.process), None
+    if s.kind == "mlp":
+        from .scores.neural import fit_mlp
+
+        return fit_mlp(ctx, generation, train)
+    raise ValueError(f"unknown score kind {s.kind}")
+
+
+def draw_samples(ctx: ChainContext, score, n: int, generation: int) -> np.ndarray:
+    """n draws of p̂_{i+1}: the reverse SDE from N(0, I) at T down to t0."""
+    gen, _ = streams(ctx.seed, generation, "sample")
+    sc = ctx.cfg.sampler
+    x = torch.randn(n, ctx.target.dim, generator=gen, dtype=torch.float32).to(ctx.device)
+    times = time_grid(ctx.process.T, sc.t0, sc.steps)
+    y = SAMPLERS[sc.kind](score, x, times, ctx.process, generator=gen)
+    return y.float().cpu().numpy()
+
+
+# ---- laws (exact densities where the model's output law is known) ---------------------------
+def output_law(ctx: ChainContext, score):
+    law_fn = getattr(score, "output_law", None)
+    return None if law_fn is None else law_fn(ctx.cfg.sampler.t0)
+
+
+def training_law(ctx: ChainContext, generation: int, laws: dict[int, object]):
+    """q_i as an exact law over {p, p̂_g}, or None when some part's law is unknown."""
+    weights = training_law_weights(
+        ctx.cfg.loop.policy, generation, ctx.alpha, ctx.cfg.loop.augmentation_lambda
+    )
+    parts = []
+    for g, w in weights.items():
+        law = ctx.target if g == 0 else laws.get(g)
+        if law is None:
+            return None
+        parts.append((w, law))
+    return mix_laws(parts)
+
+
+# ---- measurements --------------------------------------------------------------------------
+def _row(ctx: ChainContext, generation: int, metric: str, e: Estimate) -> dict:
+    return {
+        "alpha": float(ctx.alpha),
+        "seed": int(ctx.seed),
+        "generation": int(generation),
+        "metric": metric,
+        **e.as_row(),
+    }
+
+
+def measure(ctx, generation, samples, train: TrainingSet, law_next, q_law) -> list[dict]:
+    """Rows for D_{i+1} (on row i+1), I_i (on row i) and the extra per-generation metrics."""
+    ecfg = ctx.cfg.estimators
+    gen, rng = streams(ctx.seed, generation, "eval")
+    rows = []
+    nxt = generation + 1
+    if ecfg.exact and law_next is not None:
+        rows.append(_row(ctx, nxt, "accumulated_chi2", est.mc_chi2(law_next, ctx.target, ecfg.n_mc, gen)))
+        rows.append(_row(ctx, nxt, "accumulated_kl", est.mc_kl(law_next, ctx.target, ecfg.n_mc, gen)))
+        if q_law is not None:
+            rows.append(_row(ctx, generation, "intra_chi2", est.mc_chi2(law_next, q_law, ecfg.n_mc, gen)))
+            rows.append(_row(ctx, generation, "intra_kl", est.mc_kl(law_next, q_law, ecfg.n_mc, gen)))
+    n_eval = min(ecfg.n_eval, len(samples))
+    x = samples[rng.choice(len(samples), n_eval, replace=False)].astype(np.float64)
+    real = ctx.target.sample(n_eval, gen).numpy()
+    tr = train.x[rng.choice(len(train), min(n_eval, len(train)), replace=False)].astype(np.float64)
+    for kind in ecfg.sample_based:
+        if kind == "knn":
+            rows.append(_row(ctx, nxt, "accumulated_kl", est.knn_kl(x, real)))
+            rows.append(_row(ctx, generation, "intra_kl", est.knn_kl(x, tr)))
+        elif kind == "classifier":
+            d = est.classifier_divergences(x, real, seed=int(rng.integers(2**31)))
+            i = est.classifier_divergences(x, tr, seed=int(rng.integers(2**31)))
+            rows.append(_row(ctx, nxt, "accumulated_chi2", d["chi2"]))
+            rows.append(_row(ctx, nxt, "accumulated_kl", d["kl"]))
+            rows.append(_row(ctx, generation, "intra_chi2", i["chi2"]))
+            rows.append(_row(ctx, generation, "intra_kl", i["kl"]))
+    for kind in ecfg.extra:
+        if kind == "second_moment":
+            rows.append(_row(ctx, nxt, "second_moment", est.second_moment(x)))
+        elif kind == "sliced_w2":
+            rows.append(_row(ctx, nxt, "sliced_w2", est.sliced_w2(x, real, generator=gen)))
+        elif kind == "mmd":
+            rows.append(_row(ctx, nxt, "mmd", est.mmd(x, real)))
+    rows.append(_row(ctx, generation, "fraction_real", Estimate(train.fraction_real, 0.0, "exact")))
+    return rows
+
+
+def generation_zero_rows(ctx: ChainContext) -> list[dict]:
+    """Row 0: p̂_0 = p by convention, so D_0 = 0 exactly (PAPER.md §1)."""
+    zero = Estimate(0.0, 0.0, "exact", "p̂_0 = p by convention")
+    return [_row(ctx, 0, "accumulated_chi2", zero), _row(ctx, 0, "accumulated_kl", zero)]
+
+
+# ---- the chain -----------------------------------------------------------------------------
+def _law_history(ctx: ChainContext, upto: int) -> dict[int, object]:
+    """Exact laws of p̂_1..p̂_upto, rebuilt from completed cells (deterministic, cheap)."""
+    laws: dict[int, object] = {}
+    if ctx.cfg.score.kind in ("analytic", "population_kde"):
+        for g in range(upto):
+            q = training_law(ctx, g, laws)
+            laws[g + 1] = output_law(ctx, fit_score(ctx, g, None, q)[0])
+    elif ctx.cfg.score.kind == "kde":
+        for g in range(max(0, upto - 1), upto):  # only p̂_upto is needed (and kept) from here
+            centres = torch.from_numpy(load_npy(ctx.store.cell(ctx.alpha, ctx.seed, g) / "train.npy"))
+            laws[g + 1] = output_law(ctx, KDEScore(centres, ctx.cfg.score.bandwidth, ctx.process))
+    return laws
+
+
+def _load_training_set(cell) -> TrainingSet:
+    return TrainingSet(load_npy(cell / "train.npy"), load_npy(cell / "provenance.npy"))
+
+
+def run_chain(
+    cfg: Config,
+    alpha: float,
+    seed: int,
+    store: RunStore,
+    on_generation: Callable[[int, float], None] | None = None,
+) -> int:
+    """Run (or resume) one chain; returns the number of generations computed now."""
+    ctx = ChainContext(cfg, alpha, seed, store)
+    G = cfg.loop.generations
+    start = store.completed(alpha, seed)
+    if start >= G:
+        return 0
+    laws = _law_history(ctx, start)
+    previous = _load_training_set(store.cell(alpha, seed, start - 1)) if start else None
+    latest = load_npy(store.cell(alpha, seed, start - 1) / "samples.npy") if start else None
+    for i in range(start, G):
+        t_start = time.perf_counter()
+        cell = store.cell(alpha, seed, i)
+        real_gen, _ = streams(seed, i, "real")
+        _, policy_rng = streams(seed, i, "policy")
+        train = build_training_set(
+            cfg.loop.policy,
+            i,
+            alpha=alpha,
+            n_train=cfg.loop.n_train,
+            draw_real=lambda n, g=real_gen: ctx.target.sample(n, g).float().numpy(),
+            pools={i: latest} if i else {},
+            previous=previous,
+            rng=policy_rng,
+            augmentation_lambda=cfg.loop.augmentation_lambda,
+        )
+        q_law = training_law(ctx, i, laws)
+        score, state = fit_score(ctx, i, train, q_law)
+        t_fit = time.perf_counter()
+        samples = draw_samples(ctx, score, cfg.loop.samples, i)
+        t_sample = time.perf_counter()
+        law_next = output_law(ctx, score)
+        laws[i + 1] = law_next
+        rows = measure(ctx, i, samples, train, law_next, q_law)
+        if i == 0:
+            rows = generation_zero_rows(ctx) + rows
+        t_end = time.perf_counter()
+        atomic_save_npy(cell / "train.npy", train.x)
+        atomic_save_npy(cell / "provenance.npy", train.origin)
+        atomic_save_npy(cell / "samples.npy", samples)
+        if state is not None:
+            from .scores.neural import save_model
+
+            save_model(cell / "model.safetensors", state)
+        timings = {"fit": t_fit - t_start, "sample": t_sample - t_fit, "measure": t_end - t_sample}
+        atomic_write_json(cell / "metrics.json", {"rows": rows, "timings": timings})
+        previous, latest = train, samples
+        if cfg.score.kind == "kde":
+            laws.pop(i, None)  # finite-KDE laws hold the whole training set: keep only p̂_{i+1}
+        if on_generation is not None:
+            on_generation(i, t_end - t_start)
+    return G - start
+
+
+def chain_rows(store: RunStore, alpha: float, seed: int) -> list[dict]:
+    rows = []
+    for g in range(store.completed(alpha, seed)):
+        rows.extend(read_json(store.cell(alpha, seed, g) / "metrics.json")["rows"])
+    return rows

@@ -1,0 +1,86 @@
+"""Forward noising processes (PAPER.md §2).
+
+Every process here is a variance-preserving SDE ``dX = -½ β(t) X dt + √β(t) dB`` on [0, T].
+Its marginal given X_0 = x is N(scale(t)·x, var(t)·I) with ``scale = exp(-½ B(t))`` and
+``var = 1 - exp(-B(t))``, where B(t) = ∫₀ᵗ β. The paper's Ornstein–Uhlenbeck process is β ≡ 1.
+The reverse SDE with a score s is ``dY = [½ β Y + β s(Y, t)] dt + √β dB̄``, run from T down.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _as_tensor(t, like: Tensor | None = None) -> Tensor:
+    if isinstance(t, Tensor):
+        return t
+    dtype = like.dtype if like is not None else torch.float64
+    device = like.device if like is not None else None
+    return torch.as_tensor(t, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class VPProcess:
+    """Variance-preserving SDE with a linear β schedule β(t) = β_min + (β_max − β_min)·t/T.
+
+    ``VPProcess(beta_min=1, beta_max=1, T=4)`` is the paper's OU process (see :class:`OU`).
+    """
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    T: float = 1.0
+
+    def beta(self, t):
+        """β(t)."""
+        return self.beta_min + (self.beta_max - self.beta_min) * t / self.T
+
+    def integral(self, t):
+        """B(t) = ∫₀ᵗ β(s) ds."""
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t / self.T
+
+    def scale(self, t):
+        """Mean factor of the marginal: X_t | X_0 = x has mean scale(t)·x."""
+        if isinstance(t, Tensor):
+            return torch.exp(-0.5 * self.integral(t))
+        return math.exp(-0.5 * self.integral(t))
+
+    def var(self, t):
+        """Variance of the marginal: 1 − exp(−B(t)) (PAPER.md §2: 1 − e^{−t} for OU)."""
+        if isinstance(t, Tensor):
+            return -torch.expm1(-self.integral(t))
+        return -math.expm1(-self.integral(t))
+
+    def noise(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """X_t = scale(t)·x0 + √var(t)·ε for a per-sample time vector ``t`` of shape (n,)."""
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        t = _as_tensor(t, x0)
+        return self.scale(t).reshape(shape) * x0 + self.var(t).sqrt().reshape(shape) * eps
+
+    def reverse_drift(self, y: Tensor, t, score: Tensor) -> Tensor:
+        """Drift of the reverse SDE in reverse time: ½ β y + β s (PAPER.md §2)."""
+        b = self.beta(t)
+        return 0.5 * b * y + b * score
+
+
+@dataclass(frozen=True)
+class OU(VPProcess):
+    """The paper's forward process dX = −½ X dt + dB: scale e^{−t/2}, variance 1 − e^{−t}."""
+
+    beta_min: float = 1.0
+    beta_max: float = 1.0
+    T: float = 4.0
+
+    def beta(self, t):
+        return 1.0 if not isinstance(t, Tensor) else torch.ones_like(t)
+
+    def integral(self, t):
+        return t
+
+
+def time_grid(T: float, t0: float, steps: int, dtype=torch.float64) -> Tensor:
+    """Uniform reverse-time grid T = t_0 > t_1 > ... > t_steps = t0 (steps + 1 points)."""
+    return torch.linspace(T, t0, steps + 1, dtype=dtype)
