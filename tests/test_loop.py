@@ -113,3 +113,15 @@ def test_population_kde_law_stays_a_gaussian_mixture_and_grows_linearly(tmp_path
     a2 = math.exp(-cfg.sampler.t0)
     v = a2 * (0.25 + cfg.score.bandwidth**2) + 1 - a2
     torch.testing.assert_close(laws[1].covs[0], v * torch.eye(2, dtype=torch.float64))
+
+
+def test_swept_keys_become_columns_and_directories(tmp_path):
+    cfg = load_config("quickstart", SMALL + ["loop.generations=1", "score.kind=population_kde",
+                                             "sweep.score.bandwidth=[0.2, 0.4]"])
+    store = prepare_run_dir(cfg, tmp_path / "s")
+    df = run_experiment(cfg, store)
+    assert set(df["score.bandwidth"]) == {0.2, 0.4}
+    assert store.is_done(0.5, 0, 0, {"score.bandwidth": 0.4})
+    d1 = df[(df.metric == "accumulated_kl") & (df.generation == 1) & (df.estimator == "monte_carlo")]
+    small, large = (d1[d1["score.bandwidth"] == h].value.item() for h in (0.2, 0.4))
+    assert large > small  # a wider population KDE drifts further from p

@@ -60,9 +60,10 @@ def run(source, out, overrides, quiet, no_report):
     cfg = load_config(source, list(overrides))  # validation happens before anything is written
     store = prepare_run_dir(cfg, Path(out) if out else default_out(cfg))
     _setup_logging(store.log_path)
-    todo = [(a, s) for a, s in chains(cfg)]
+    todo = chains(cfg)
     total = len(todo) * cfg.loop.generations
-    done = sum(min(store.completed(a, s), cfg.loop.generations) for a, s in todo)
+    done = sum(min(store.completed(c.alpha, c.seed, c.param_dict), cfg.loop.generations)
+               for c in todo)
     try:
         if quiet:
             df = run_experiment(cfg, store)
@@ -75,8 +76,8 @@ def run(source, out, overrides, quiet, no_report):
                           transient=False) as prog:
                 task = prog.add_task(f"{cfg.name}: generations", total=total, completed=done)
 
-                def tick(a, s, g, secs):
-                    prog.update(task, advance=1, description=f"{cfg.name}: α={a:g} seed={s} gen {g}")
+                def tick(chain, g, secs):
+                    prog.update(task, advance=1, description=f"{cfg.name}: {chain.label()} gen {g}")
 
                 df = run_experiment(cfg, store, on_generation=tick)
     except ChainFailed as exc:

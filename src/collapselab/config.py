@@ -126,8 +126,33 @@ class EstimatorConfig(_Strict):
 
 
 class SweepConfig(_Strict):
+    """The grid of chains: α × seeds × any other swept key (``score.bandwidth: [0.3, 0.6]``).
+
+    ``alpha``/``seed`` are accepted as spellings of ``alphas``/``seeds``; every other key is a
+    dotted path of the configuration with a list of values, and becomes a column of the results.
+    """
+
     alphas: list[Prob] = [0.1, 0.5, 0.9]
     seeds: list[Annotated[int, Field(ge=0)]] = [0, 1]
+    grid: dict[str, list[Any]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_grid(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for single, plural in (("alpha", "alphas"), ("seed", "seeds")):
+            if single in data:
+                if plural in data:
+                    raise ValueError(f"{single}: give either {single} or {plural}, not both")
+                data[plural] = data.pop(single)
+        grid = dict(data.pop("grid", None) or {})
+        for key in list(data):
+            if key not in ("alphas", "seeds"):
+                grid[key] = data.pop(key)
+        data["grid"] = grid
+        return data
 
     @model_validator(mode="after")
     def _nonempty(self):
@@ -135,7 +160,22 @@ class SweepConfig(_Strict):
             raise ValueError("alphas: give at least one fresh-data fraction in [0, 1]")
         if not self.seeds:
             raise ValueError("seeds: give at least one non-negative integer seed")
+        for key, values in self.grid.items():
+            if key.split(".")[0] in ("sweep", "name", "description", "notes"):
+                raise ValueError(f"{key}: this key cannot be swept")
+            if "." not in key:
+                raise ValueError(f"{key}: unknown key (sweep alphas, seeds or a dotted config "
+                                 "key such as score.bandwidth)")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{key}: give a non-empty list of values to sweep")
         return self
+
+    def combinations(self) -> list[dict[str, Any]]:
+        """Every assignment of the swept keys other than α and seed (one empty dict if none)."""
+        combos: list[dict[str, Any]] = [{}]
+        for key, values in self.grid.items():
+            combos = [{**c, key: v} for c in combos for v in values]
+        return combos
 
 
 class Config(_Strict):
@@ -159,7 +199,22 @@ class Config(_Strict):
             raise ValueError("device: allowed values are cpu, cuda, cuda:N")
         if self.process.kind == "vp" and self.process.beta_max < self.process.beta_min:
             raise ValueError("process.beta_max: must be >= process.beta_min")
+        for params in self.sweep.combinations() if self.sweep.grid else []:
+            try:
+                self.with_params(params)
+            except ConfigError as exc:
+                raise ValueError(f"sweep.{exc.field}: {str(exc).split(': ', 1)[1]}") from None
         return self
+
+    def with_params(self, params: dict[str, Any]) -> Config:
+        """The configuration of one chain of the grid: swept keys set, grid emptied."""
+        if not params:
+            return self
+        data = self.model_dump(mode="json")
+        data["sweep"]["grid"] = {}
+        for key, value in params.items():
+            apply_override(data, key.split("."), value)
+        return build_config(data)
 
     def dump(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

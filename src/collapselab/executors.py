@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -20,8 +21,31 @@ from .store import RunStore, atomic_write_text
 log = logging.getLogger("collapselab")
 
 
-def chains(cfg: Config) -> list[tuple[float, int]]:
-    return [(a, s) for a in cfg.sweep.alphas for s in cfg.sweep.seeds]
+@dataclass(frozen=True)
+class ChainSpec:
+    """One chain of the grid: α, seed and the values of the other swept keys."""
+
+    alpha: float
+    seed: int
+    params: tuple = ()
+
+    @property
+    def param_dict(self) -> dict:
+        return dict(self.params)
+
+    def label(self) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in self.params)
+        return f"{extra + ' ' if extra else ''}alpha={self.alpha:g} seed={self.seed}"
+
+
+def chains(cfg: Config) -> list[ChainSpec]:
+    """Every chain of the sweep, in a fixed order (swept keys, then α, then seed)."""
+    return [
+        ChainSpec(a, s, tuple(p.items()))
+        for p in cfg.sweep.combinations()
+        for a in cfg.sweep.alphas
+        for s in cfg.sweep.seeds
+    ]
 
 
 def prepare_run_dir(cfg: Config, out: Path) -> RunStore:
@@ -45,10 +69,10 @@ def prepare_run_dir(cfg: Config, out: Path) -> RunStore:
 
 
 class ChainFailed(RuntimeError):
-    def __init__(self, alpha, seed, generation, log_path, cause):
-        self.alpha, self.seed, self.generation = alpha, seed, generation
+    def __init__(self, chain: ChainSpec, generation, log_path, cause):
+        self.chain, self.generation = chain, generation
         super().__init__(
-            f"chain alpha={alpha} seed={seed} failed at generation {generation}: "
+            f"chain {chain.label()} failed at generation {generation}: "
             f"{type(cause).__name__}: {cause} (log: {log_path})"
         )
 
@@ -56,24 +80,25 @@ class ChainFailed(RuntimeError):
 def run_experiment(
     cfg: Config,
     store: RunStore,
-    on_generation: Callable[[float, int, int, float], None] | None = None,
+    on_generation: Callable[[ChainSpec, int, float], None] | None = None,
 ):
     """Run or resume every chain, then write results.parquet. Returns the results table."""
-    for alpha, seed in chains(cfg):
-        start = store.completed(alpha, seed)
-        log.info("chain alpha=%s seed=%s: %d/%d generations done", alpha, seed, start,
-                 cfg.loop.generations)
+    for chain in chains(cfg):
+        params = chain.param_dict
+        start = store.completed(chain.alpha, chain.seed, params)
+        log.info("chain %s: %d/%d generations done", chain.label(), start, cfg.loop.generations)
 
-        def cb(g, seconds, a=alpha, s=seed):
-            log.info("alpha=%s seed=%s generation %d done in %.2fs", a, s, g, seconds)
+        def cb(g, seconds, c=chain):
+            log.info("%s generation %d done in %.2fs", c.label(), g, seconds)
             if on_generation is not None:
-                on_generation(a, s, g, seconds)
+                on_generation(c, g, seconds)
 
         try:
-            run_chain(cfg, alpha, seed, store, on_generation=cb)
+            run_chain(cfg, chain.alpha, chain.seed, store, on_generation=cb, params=params)
         except Exception as exc:  # the cell and generation go into the message and the log
-            log.exception("chain alpha=%s seed=%s failed", alpha, seed)
-            raise ChainFailed(alpha, seed, store.completed(alpha, seed), store.log_path, exc) from exc
+            log.exception("chain %s failed", chain.label())
+            done = store.completed(chain.alpha, chain.seed, params)
+            raise ChainFailed(chain, done, store.log_path, exc) from exc
     return store.write_results()
 
 

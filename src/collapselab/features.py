@@ -166,7 +166,7 @@ class FeatureExtractor:
 
         epochs: None picks about 1000 optimiser steps, between 2 and 50 epochs. arch: None picks
         "cnn" when both image sides are ≥ 16, else "mlp". width: channels of the first conv
-        (default 32) or hidden units of the MLP (default 256). ``test`` only sets
+        (default 16) or hidden units of the MLP (default 256). ``test`` only sets
         ``test_accuracy``; it is not part of the hash. cache_dir: default
         :func:`default_cache_dir`; entries live in ``<cache_dir>/features``.
         """
@@ -174,7 +174,7 @@ class FeatureExtractor:
             raise ValueError("empty training set")
         c, h, w = train.shape
         arch = arch or ("cnn" if min(h, w) >= 16 else "mlp")
-        width = width or (32 if arch == "cnn" else 256)
+        width = width or (16 if arch == "cnn" else 256)
         if epochs is None:
             steps_per_epoch = math.ceil(len(train) / batch_size)
             epochs = int(min(50, max(2, math.ceil(1000 / steps_per_epoch))))

@@ -187,19 +187,29 @@ def _chunk_sizes(n: int, n_centres: int, chunk: int | None) -> tuple[int, int]:
     return query_block, centre_block
 
 
-def _stream(q: Tensor, keys: Tensor, inv_var: float, chunk: int | None, values: bool):
+def _stream(
+    q: Tensor,
+    keys: Tensor,
+    inv_var: float,
+    chunk: int | None,
+    values: bool,
+    probe: Tensor | None = None,
+    offset: Tensor | None = None,
+):
     """Online softmax of ``q·k_j / v`` over centre blocks (streamed logsumexp merge).
 
     Returns ``(lse, mean)``: ``lse_i = log Σ_j exp(q_i·k_j / v)`` and, if ``values``,
-    ``mean_i = Σ_j softmax_j(q_i·k_j / v) k_j`` (else None). Works in q's dtype and is
-    differentiable (in-place arithmetic is used only when no gradient is recorded). Exponents
-    below ``_EXP_FLOOR`` are clamped there: the weights they stand for are < e^{−80} relative
-    to the largest, far below rounding, and clamping keeps subnormal numbers (which are ~10×
-    slower on x86) out of the exp and matmul.
+    ``mean_i = Σ_j w_ij k_j`` with ``w_i = softmax_j(q_i·k_j / v)`` (else None). With a
+    ``probe`` (n, w) and ``offset`` (n,), the accumulated value is instead
+    ``Σ_j w_ij (probe_i·k_j − offset_i) k_j`` (a weighted covariance times a vector, used by
+    the backward pass). Works in q's dtype and is differentiable (in-place arithmetic only when
+    no gradient is recorded). Exponents below ``_EXP_FLOOR`` are clamped there: the weights
+    they stand for are < e^{−80} relative to the largest, far below rounding, and clamping
+    keeps subnormal numbers (~10× slower on x86) out of the exp and the matmuls.
     """
     n, n_centres = q.shape[0], keys.shape[0]
     query_block, centre_block = _chunk_sizes(n, n_centres, chunk)
-    floor = _EXP_FLOOR[q.dtype] if q.dtype in _EXP_FLOOR else _EXP_FLOOR[torch.float32]
+    floor = _EXP_FLOOR.get(q.dtype, _EXP_FLOOR[torch.float32])
     inplace = not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad))
     q = q * inv_var
     lse_parts, mean_parts = [], []
@@ -216,6 +226,11 @@ def _stream(q: Tensor, keys: Tensor, inv_var: float, chunk: int | None, values: 
             else:
                 p = torch.exp((logits - new_max).clamp(min=floor))
             block_sum = p.sum(1, keepdim=True)
+            if probe is not None:  # backward only: never recorded, always in place
+                weighted = (probe[i : i + query_block] @ kj.T).sub_(
+                    offset[i : i + query_block, None]
+                )
+                p = weighted.mul_(p)
             if run_max is None:
                 run_sum = block_sum
                 acc = p @ kj if values else None
@@ -234,6 +249,63 @@ def _stream(q: Tensor, keys: Tensor, inv_var: float, chunk: int | None, values: 
             mean_parts.append(acc / run_sum)
     lse = torch.cat(lse_parts)
     return lse, (torch.cat(mean_parts) if values else None)
+
+
+def _weighted_mean(
+    q: Tensor, keys: KDEKeys, inv_var: float, mode: str, backend: str, chunk: int | None
+) -> Tensor:
+    """``Σ_j softmax_j(q·k_j / v) k_j`` through the chosen backend (sdpa falls back)."""
+    if mode == "sdpa":
+        step = chunk or q.shape[0]
+        parts = []
+        for i in range(0, q.shape[0], step):
+            out = _fused_attention(q[i : i + step], keys.keys, inv_var)
+            if out is None:
+                break
+            parts.append(out)
+        else:
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+        if backend == "sdpa":
+            warnings.warn(
+                "kde_score: no fused scaled_dot_product_attention kernel accepts "
+                f"dtype={q.dtype} on {q.device}; using the chunked backend",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        chunk = None  # the sdpa chunk counts queries, not centres
+    return _stream(q, keys.keys, inv_var, chunk, values=True)[1]
+
+
+class _KDEScore(torch.autograd.Function):
+    """kde_score with a streamed backward in ``y`` (the fused CPU SDPA backward is ~300× slower
+    than its forward; this one costs about one chunked forward pass and O(block) memory).
+
+    ∂s_i/∂y_i = (a²/v²) Cov_{w_i}(c) − I/v (PAPER.md §5 score differentiated in y), so the
+    vector–Jacobian product is ``(a²/v²) Σ_j w_ij ((c_j − μ_i)·g_i) c_j − g_i/v``.
+    """
+
+    @staticmethod
+    def forward(ctx, y, keys, scale, var, mode, backend, chunk):
+        y_shift, q = _queries(y, keys, scale)
+        mean = _weighted_mean(q, keys, 1.0 / var, mode, backend, chunk)[:, : keys.dim]
+        ctx.save_for_backward(y, mean)
+        ctx.keys, ctx.scale, ctx.var = keys, scale, var
+        ctx.chunk = chunk if mode == "chunked" else None
+        return (scale * mean - y_shift) / var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        y, mean = ctx.saved_tensors
+        keys, scale, var = ctx.keys, ctx.scale, ctx.var
+        grad = grad.to(y.dtype)
+        _, q = _queries(y, keys, scale)
+        probe = torch.zeros_like(q)
+        probe[:, : keys.dim] = grad
+        offset = (mean * grad).sum(1)
+        _, cov_g = _stream(q, keys.keys, 1.0 / var, ctx.chunk, True, probe, offset)
+        grad_y = (scale * scale / (var * var)) * cov_g[:, : keys.dim] - grad / var
+        return grad_y, None, None, None, None, None, None
 
 
 def _resolve_backend(backend: str, y: Tensor) -> str:
@@ -275,38 +347,19 @@ def kde_score(
     mode = _resolve_backend(backend, y)
     if y.shape[0] == 0:
         return y.new_zeros(y.shape)
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     dtype = _compute_dtype(y)
     keys = _as_keys(centres, dtype, y.device)
     y_c = y.to(dtype)
-    y_shift, q = _queries(y_c, keys, scale)
-    inv_var = 1.0 / var
-    d = keys.dim
-
-    mean = None
-    if chunk is not None and chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    if mode == "sdpa":
-        step = chunk or q.shape[0]
-        parts = []
-        for i in range(0, q.shape[0], step):
-            out = _fused_attention(q[i : i + step], keys.keys, inv_var)
-            if out is None:
-                break
-            parts.append(out)
-        else:
-            mean = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if mean is None:
-            if backend == "sdpa":
-                warnings.warn(
-                    "kde_score: no fused scaled_dot_product_attention kernel accepts "
-                    f"dtype={dtype} on {y.device}; using the chunked backend",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            chunk = None  # the sdpa chunk counts queries, not centres
-    if mean is None:
-        _, mean = _stream(q, keys.keys, inv_var, chunk, values=True)
-    score = (scale * mean[:, :d] - y_shift) * inv_var
+    if torch.is_grad_enabled() and keys.keys.requires_grad:
+        # Gradient wanted in the centres: plain autograd through the chunked stream
+        # (its saved tensors total n×N; use only at small sizes).
+        y_shift, q = _queries(y_c, keys, scale)
+        _, mean = _stream(q, keys.keys, 1.0 / var, chunk if mode == "chunked" else None, True)
+        score = (scale * mean[:, : keys.dim] - y_shift) / var
+    else:
+        score = _KDEScore.apply(y_c, keys, scale, var, mode, backend, chunk)
     return score.to(y.dtype)
 
 

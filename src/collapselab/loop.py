@@ -26,7 +26,7 @@ from .processes import OU, VPProcess, time_grid
 from .samplers import SAMPLERS
 from .scores.analytic import AnalyticScore
 from .scores.kde import KDEScore
-from .store import RunStore, atomic_save_npy, atomic_write_json, load_npy, read_json
+from .store import RunStore, atomic_save_npy, atomic_write_json, load_npy
 from .targets import GaussianMixture, mix_laws, paper_gmm_means, ring
 
 _STREAMS = {"real": 1, "policy": 2, "train": 3, "sample": 4, "eval": 5, "eval_real": 6}
@@ -64,6 +64,7 @@ class ChainContext:
     alpha: float
     seed: int
     store: RunStore
+    params: dict = field(default_factory=dict)
     target: GaussianMixture = field(init=False)
     process: VPProcess = field(init=False)
 
@@ -132,6 +133,7 @@ def _row(ctx: ChainContext, generation: int, metric: str, e: Estimate) -> dict:
         "generation": int(generation),
         "metric": metric,
         **e.as_row(),
+        **ctx.params,
     }
 
 
@@ -189,7 +191,7 @@ def _law_history(ctx: ChainContext, upto: int) -> dict[int, object]:
             laws[g + 1] = output_law(ctx, fit_score(ctx, g, None, q)[0])
     elif ctx.cfg.score.kind == "kde":
         for g in range(max(0, upto - 1), upto):  # only p̂_upto is needed (and kept) from here
-            centres = torch.from_numpy(load_npy(ctx.store.cell(ctx.alpha, ctx.seed, g) / "train.npy"))
+            centres = torch.from_numpy(load_npy(ctx.store.cell(ctx.alpha, ctx.seed, g, ctx.params) / "train.npy"))
             laws[g + 1] = output_law(ctx, KDEScore(centres, ctx.cfg.score.bandwidth, ctx.process))
     return laws
 
@@ -204,19 +206,26 @@ def run_chain(
     seed: int,
     store: RunStore,
     on_generation: Callable[[int, float], None] | None = None,
+    params: dict | None = None,
 ) -> int:
-    """Run (or resume) one chain; returns the number of generations computed now."""
-    ctx = ChainContext(cfg, alpha, seed, store)
+    """Run (or resume) one chain; returns the number of generations computed now.
+
+    ``params`` are the chain's values of swept keys other than α and seed (``cfg`` is the
+    experiment's configuration; the chain runs ``cfg.with_params(params)``).
+    """
+    params = dict(params or {})
+    cfg = cfg.with_params(params)
+    ctx = ChainContext(cfg, alpha, seed, store, params)
     G = cfg.loop.generations
-    start = store.completed(alpha, seed)
+    start = store.completed(alpha, seed, params)
     if start >= G:
         return 0
     laws = _law_history(ctx, start)
-    previous = _load_training_set(store.cell(alpha, seed, start - 1)) if start else None
-    latest = load_npy(store.cell(alpha, seed, start - 1) / "samples.npy") if start else None
+    previous = _load_training_set(store.cell(alpha, seed, start - 1, params)) if start else None
+    latest = load_npy(store.cell(alpha, seed, start - 1, params) / "samples.npy") if start else None
     for i in range(start, G):
         t_start = time.perf_counter()
-        cell = store.cell(alpha, seed, i)
+        cell = store.cell(alpha, seed, i, params)
         real_gen, _ = streams(seed, i, "real")
         _, policy_rng = streams(seed, i, "policy")
         train = build_training_set(
@@ -258,8 +267,3 @@ def run_chain(
     return G - start
 
 
-def chain_rows(store: RunStore, alpha: float, seed: int) -> list[dict]:
-    rows = []
-    for g in range(store.completed(alpha, seed)):
-        rows.extend(read_json(store.cell(alpha, seed, g) / "metrics.json")["rows"])
-    return rows

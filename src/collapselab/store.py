@@ -94,6 +94,12 @@ def fmt_key(v) -> str:
     return str(v)
 
 
+def extra_first(df: pd.DataFrame) -> list[str]:
+    """Sort order of the results table: swept keys, then α, seed, generation, metric."""
+    swept = [c for c in df.columns if c not in RESULT_COLUMNS and "." in c]
+    return swept + ["alpha", "seed", "generation", "metric", "estimator"]
+
+
 class RunStore:
     """Paths and completion state of one run directory."""
 
@@ -116,25 +122,29 @@ class RunStore:
     def log_path(self) -> Path:
         return self.root / "run.log"
 
-    def chain_dir(self, alpha: float, seed: int) -> Path:
-        return self.root / "cells" / f"alpha={fmt_key(alpha)}" / f"seed={seed}"
+    def chain_dir(self, alpha: float, seed: int, params: dict | None = None) -> Path:
+        """cells/[<key>=<value>/ for each swept key]alpha=<a>/seed=<s>."""
+        path = self.root / "cells"
+        for key, value in (params or {}).items():
+            path = path / f"{key}={fmt_key(value)}"
+        return path / f"alpha={fmt_key(alpha)}" / f"seed={seed}"
 
-    def cell(self, alpha: float, seed: int, generation: int) -> Path:
-        return self.chain_dir(alpha, seed) / f"generation={generation}"
+    def cell(self, alpha: float, seed: int, generation: int, params: dict | None = None) -> Path:
+        return self.chain_dir(alpha, seed, params) / f"generation={generation}"
 
-    def is_done(self, alpha: float, seed: int, generation: int) -> bool:
-        return (self.cell(alpha, seed, generation) / "metrics.json").exists()
+    def is_done(self, alpha: float, seed: int, generation: int, params: dict | None = None) -> bool:
+        return (self.cell(alpha, seed, generation, params) / "metrics.json").exists()
 
-    def completed(self, alpha: float, seed: int) -> int:
+    def completed(self, alpha: float, seed: int, params: dict | None = None) -> int:
         """Number of consecutive completed generations 0, 1, … of a chain."""
         g = 0
-        while self.is_done(alpha, seed, g):
+        while self.is_done(alpha, seed, g, params):
             g += 1
         return g
 
     def rows(self) -> list[dict]:
         out = []
-        for path in sorted((self.root / "cells").glob("alpha=*/seed=*/generation=*/metrics.json")):
+        for path in sorted((self.root / "cells").rglob("metrics.json")):
             out.extend(read_json(path)["rows"])
         return out
 
@@ -146,7 +156,7 @@ class RunStore:
             df = pd.DataFrame(columns=RESULT_COLUMNS)
         extra = [c for c in df.columns if c not in RESULT_COLUMNS]
         df = df[RESULT_COLUMNS + extra]
-        df = df.sort_values(["alpha", "seed", "generation", "metric", "estimator"], kind="stable")
+        df = df.sort_values(extra_first(df), kind="stable")
         return df.reset_index(drop=True)
 
     def write_results(self) -> pd.DataFrame:
