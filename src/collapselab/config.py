@@ -262,7 +262,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    path = key.strip().split(".")
+    if path[0] == "sweep" and len(path) > 2:  # sweep.score.bandwidth: one swept dotted key
+        path = ["sweep", ".".join(path[1:])]
+    return path, value
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:
