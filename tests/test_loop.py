@@ -125,3 +125,19 @@ def test_swept_keys_become_columns_and_directories(tmp_path):
     d1 = df[(df.metric == "accumulated_kl") & (df.generation == 1) & (df.estimator == "monte_carlo")]
     small, large = (d1[d1["score.bandwidth"] == h].value.item() for h in (0.2, 0.4))
     assert large > small  # a wider population KDE drifts further from p
+
+
+def test_generation_zero_is_shared_across_alpha(tmp_path, monkeypatch):
+    from collapselab import loop
+
+    cfg = load_config("quickstart", SMALL + ["loop.generations=2", "sweep.alphas=[0.1, 0.9]"])
+    ref = run_experiment(cfg, prepare_run_dir(cfg, tmp_path / "ref"))
+    fits = []
+    real_fit = loop.fit_score
+    monkeypatch.setattr(loop, "fit_score", lambda ctx, g, *a: fits.append(g) or real_fit(ctx, g, *a))
+    store = prepare_run_dir(cfg, tmp_path / "shared")
+    run_chain(cfg, 0.1, 0, store)
+    assert loop.adopt_generation_zero(store, 0.1, 0.9, 0)
+    run_chain(cfg, 0.9, 0, store)
+    assert fits.count(0) == 1 and fits.count(1) == 2
+    pd.testing.assert_frame_equal(ref, store.write_results())

@@ -26,7 +26,14 @@ from .processes import OU, VPProcess, time_grid
 from .samplers import SAMPLERS
 from .scores.analytic import AnalyticScore
 from .scores.kde import KDEScore
-from .store import RunStore, atomic_save_npy, atomic_write_json, load_npy
+from .store import (
+    RunStore,
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_npy,
+    read_json,
+)
 from .targets import GaussianMixture, mix_laws, paper_gmm_means, ring
 
 _STREAMS = {"real": 1, "policy": 2, "train": 3, "sample": 4, "eval": 5, "eval_real": 6}
@@ -194,6 +201,29 @@ def _law_history(ctx: ChainContext, upto: int) -> dict[int, object]:
             centres = torch.from_numpy(load_npy(ctx.store.cell(ctx.alpha, ctx.seed, g, ctx.params) / "train.npy"))
             laws[g + 1] = output_law(ctx, KDEScore(centres, ctx.cfg.score.bandwidth, ctx.process))
     return laws
+
+
+def adopt_generation_zero(store: RunStore, src_alpha: float, alpha: float, seed: int,
+                          params: dict | None = None) -> bool:
+    """Reuse generation 0 of the chain (src_alpha, seed, params) for α = ``alpha``.
+
+    Generation 0 trains on p alone and its randomness does not depend on α, so its files and
+    rows are identical for every α except the α column. Returns False when the source is not
+    done (or the target already is). The copied metrics.json is written last, atomically.
+    """
+    src = store.cell(src_alpha, seed, 0, params)
+    dst = store.cell(alpha, seed, 0, params)
+    if not (src / "metrics.json").exists() or (dst / "metrics.json").exists():
+        return False
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.name != "metrics.json" and not f.name.startswith("."):
+            atomic_write_bytes(dst / f.name, f.read_bytes())
+    meta = read_json(src / "metrics.json")
+    meta["rows"] = [{**r, "alpha": float(alpha)} for r in meta["rows"]]
+    meta["shared_from_alpha"] = float(src_alpha)
+    atomic_write_json(dst / "metrics.json", meta)
+    return True
 
 
 def _load_training_set(cell) -> TrainingSet:
