@@ -15,8 +15,10 @@ from collapselab.errors import ConfigError
         ({"score": {"bandwidth": 0}}, "score.bandwidth"),
         ({"loop": {"policy": "keep_all"}}, "loop.policy"),
         ({"sampler": {"t0": 5.0}}, "sampler.t0"),
-        ({"target": {"kind": "gmm", "dim": 2, "means": [[0, 0], [1, 1]], "weights": [0.5]}},
-         "target.weights"),
+        (
+            {"target": {"kind": "gmm", "dim": 2, "means": [[0, 0], [1, 1]], "weights": [0.5]}},
+            "target.weights",
+        ),
         ({"device": "tpu"}, "device"),
     ],
 )
@@ -37,8 +39,9 @@ def test_every_preset_validates():
 
 
 def test_overrides_scalars_and_lists():
-    cfg = load_config("quickstart", ["sweep.alphas=[0.2, 0.3]", "loop.generations=2",
-                                     "score.kind=population_kde"])
+    cfg = load_config(
+        "quickstart", ["sweep.alphas=[0.2, 0.3]", "loop.generations=2", "score.kind=population_kde"]
+    )
     assert cfg.sweep.alphas == [0.2, 0.3]
     assert cfg.loop.generations == 2 and cfg.score.kind == "population_kde"
     with pytest.raises(ConfigError, match="^loop.nope"):

@@ -61,8 +61,16 @@ def test_rerun_recomputes_nothing(tmp_path):
 def test_rows_follow_the_metric_contract(tmp_path):
     cfg = load_config("quickstart", SMALL + ["score.kind=population_kde"])
     df = run_experiment(cfg, prepare_run_dir(cfg, tmp_path / "c"))
-    assert list(df.columns[:8]) == ["alpha", "seed", "generation", "metric", "estimator", "value",
-                                    "stderr", "note"]
+    assert list(df.columns[:8]) == [
+        "alpha",
+        "seed",
+        "generation",
+        "metric",
+        "estimator",
+        "value",
+        "stderr",
+        "note",
+    ]
     got = set(zip(df.metric, df.generation, strict=True))
     G = cfg.loop.generations
     for g in range(G + 1):
@@ -93,8 +101,9 @@ def test_analytic_chain_d1_is_the_t0_shrink(tmp_path):
         ],
     )
     df = run_experiment(cfg, prepare_run_dir(cfg, tmp_path / "a"))
-    row = df[(df.metric == "accumulated_chi2") & (df.generation == 1)
-             & (df.estimator == "monte_carlo")].iloc[0]
+    row = df[
+        (df.metric == "accumulated_chi2") & (df.generation == 1) & (df.estimator == "monte_carlo")
+    ].iloc[0]
     s2, a2 = 0.25, math.exp(-0.02)
     v1 = a2 * s2 + 1 - a2
     exact = s2 / (math.sqrt(v1) * math.sqrt(2 * s2 - v1)) - 1
@@ -116,13 +125,18 @@ def test_population_kde_law_stays_a_gaussian_mixture_and_grows_linearly(tmp_path
 
 
 def test_swept_keys_become_columns_and_directories(tmp_path):
-    cfg = load_config("quickstart", SMALL + ["loop.generations=1", "score.kind=population_kde",
-                                             "sweep.score.bandwidth=[0.2, 0.4]"])
+    cfg = load_config(
+        "quickstart",
+        SMALL
+        + ["loop.generations=1", "score.kind=population_kde", "sweep.score.bandwidth=[0.2, 0.4]"],
+    )
     store = prepare_run_dir(cfg, tmp_path / "s")
     df = run_experiment(cfg, store)
     assert set(df["score.bandwidth"]) == {0.2, 0.4}
     assert store.is_done(0.5, 0, 0, {"score.bandwidth": 0.4})
-    d1 = df[(df.metric == "accumulated_kl") & (df.generation == 1) & (df.estimator == "monte_carlo")]
+    d1 = df[
+        (df.metric == "accumulated_kl") & (df.generation == 1) & (df.estimator == "monte_carlo")
+    ]
     small, large = (d1[d1["score.bandwidth"] == h].value.item() for h in (0.2, 0.4))
     assert large > small  # a wider population KDE drifts further from p
 
@@ -134,7 +148,9 @@ def test_generation_zero_is_shared_across_alpha(tmp_path, monkeypatch):
     ref = run_experiment(cfg, prepare_run_dir(cfg, tmp_path / "ref"))
     fits = []
     real_fit = loop.fit_score
-    monkeypatch.setattr(loop, "fit_score", lambda ctx, g, *a: fits.append(g) or real_fit(ctx, g, *a))
+    monkeypatch.setattr(
+        loop, "fit_score", lambda ctx, g, *a: fits.append(g) or real_fit(ctx, g, *a)
+    )
     store = prepare_run_dir(cfg, tmp_path / "shared")
     run_chain(cfg, 0.1, 0, store)
     assert loop.adopt_generation_zero(store, 0.1, 0.9, 0)

@@ -51,8 +51,13 @@ def check_moments(x, mean, var):
 def test_euler_maruyama_matches_its_exact_law_and_the_target(gen):
     proc = OU(T=4.0)
     times = time_grid(4.0, 0.02, 500)
-    x = euler_maruyama(gauss_score(proc), torch.randn(40_000, 1, dtype=torch.float64, generator=gen),
-                       times, proc, generator=gen)
+    x = euler_maruyama(
+        gauss_score(proc),
+        torch.randn(40_000, 1, dtype=torch.float64, generator=gen),
+        times,
+        proc,
+        generator=gen,
+    )
     mean, var = em_moments(proc, times, 0.0, 1.0)
     check_moments(x, mean, var)
     # The exact EM law is close to the ideal output q_t0 = N(a M, a² S² + 1 − a²).
@@ -63,8 +68,13 @@ def test_euler_maruyama_matches_its_exact_law_and_the_target(gen):
 def test_ddpm_ancestral_matches_its_exact_law_and_the_target(gen):
     proc = VPProcess(beta_min=0.1, beta_max=20.0, T=1.0)
     times = time_grid(1.0, 0.0, 1000)
-    x = ddpm_ancestral(gauss_score(proc), torch.randn(40_000, 1, dtype=torch.float64, generator=gen),
-                       times, proc, generator=gen)
+    x = ddpm_ancestral(
+        gauss_score(proc),
+        torch.randn(40_000, 1, dtype=torch.float64, generator=gen),
+        times,
+        proc,
+        generator=gen,
+    )
     mean, var = ddpm_moments(proc, times, 0.0, 1.0)
     check_moments(x, mean, var)
     assert abs(mean - M) < 0.02 and abs(var / S**2 - 1) < 0.03
@@ -90,6 +100,12 @@ def test_em_reproduces_mixture_moments(gen):
 def test_callback_sees_every_step(gen):
     proc = OU()
     seen = []
-    euler_maruyama(gauss_score(proc), torch.zeros(3, 1, dtype=torch.float64), time_grid(4, 0.02, 7),
-                   proc, generator=gen, callback=lambda i, *rest: seen.append(i))
+    euler_maruyama(
+        gauss_score(proc),
+        torch.zeros(3, 1, dtype=torch.float64),
+        time_grid(4, 0.02, 7),
+        proc,
+        generator=gen,
+        callback=lambda i, *rest: seen.append(i),
+    )
     assert seen == list(range(7))

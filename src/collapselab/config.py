@@ -164,8 +164,10 @@ class SweepConfig(_Strict):
             if key.split(".")[0] in ("sweep", "name", "description", "notes"):
                 raise ValueError(f"{key}: this key cannot be swept")
             if "." not in key:
-                raise ValueError(f"{key}: unknown key (sweep alphas, seeds or a dotted config "
-                                 "key such as score.bandwidth)")
+                raise ValueError(
+                    f"{key}: unknown key (sweep alphas, seeds or a dotted config "
+                    "key such as score.bandwidth)"
+                )
             if not isinstance(values, list) or not values:
                 raise ValueError(f"{key}: give a non-empty list of values to sweep")
         return self

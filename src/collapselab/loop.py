@@ -56,7 +56,9 @@ def build_process(cfg: Config) -> VPProcess:
     return VPProcess(beta_min=p.beta_min, beta_max=p.beta_max, T=p.T)
 
 
-def streams(seed: int, generation: int, purpose: str) -> tuple[torch.Generator, np.random.Generator]:
+def streams(
+    seed: int, generation: int, purpose: str
+) -> tuple[torch.Generator, np.random.Generator]:
     """Independent torch and numpy generators for one (seed, generation, purpose)."""
     ss = np.random.SeedSequence([seed, generation, _STREAMS[purpose]])
     torch_seed = int(ss.generate_state(2, dtype=np.uint64)[0] % (2**63 - 1))
@@ -151,11 +153,19 @@ def measure(ctx, generation, samples, train: TrainingSet, law_next, q_law) -> li
     rows = []
     nxt = generation + 1
     if ecfg.exact and law_next is not None:
-        rows.append(_row(ctx, nxt, "accumulated_chi2", est.mc_chi2(law_next, ctx.target, ecfg.n_mc, gen)))
-        rows.append(_row(ctx, nxt, "accumulated_kl", est.mc_kl(law_next, ctx.target, ecfg.n_mc, gen)))
+        rows.append(
+            _row(ctx, nxt, "accumulated_chi2", est.mc_chi2(law_next, ctx.target, ecfg.n_mc, gen))
+        )
+        rows.append(
+            _row(ctx, nxt, "accumulated_kl", est.mc_kl(law_next, ctx.target, ecfg.n_mc, gen))
+        )
         if q_law is not None:
-            rows.append(_row(ctx, generation, "intra_chi2", est.mc_chi2(law_next, q_law, ecfg.n_mc, gen)))
-            rows.append(_row(ctx, generation, "intra_kl", est.mc_kl(law_next, q_law, ecfg.n_mc, gen)))
+            rows.append(
+                _row(ctx, generation, "intra_chi2", est.mc_chi2(law_next, q_law, ecfg.n_mc, gen))
+            )
+            rows.append(
+                _row(ctx, generation, "intra_kl", est.mc_kl(law_next, q_law, ecfg.n_mc, gen))
+            )
     n_eval = min(ecfg.n_eval, len(samples))
     x = samples[rng.choice(len(samples), n_eval, replace=False)].astype(np.float64)
     real = ctx.target.sample(n_eval, gen).numpy()
@@ -198,13 +208,16 @@ def _law_history(ctx: ChainContext, upto: int) -> dict[int, object]:
             laws[g + 1] = output_law(ctx, fit_score(ctx, g, None, q)[0])
     elif ctx.cfg.score.kind == "kde":
         for g in range(max(0, upto - 1), upto):  # only p̂_upto is needed (and kept) from here
-            centres = torch.from_numpy(load_npy(ctx.store.cell(ctx.alpha, ctx.seed, g, ctx.params) / "train.npy"))
+            centres = torch.from_numpy(
+                load_npy(ctx.store.cell(ctx.alpha, ctx.seed, g, ctx.params) / "train.npy")
+            )
             laws[g + 1] = output_law(ctx, KDEScore(centres, ctx.cfg.score.bandwidth, ctx.process))
     return laws
 
 
-def adopt_generation_zero(store: RunStore, src_alpha: float, alpha: float, seed: int,
-                          params: dict | None = None) -> bool:
+def adopt_generation_zero(
+    store: RunStore, src_alpha: float, alpha: float, seed: int, params: dict | None = None
+) -> bool:
     """Reuse generation 0 of the chain (src_alpha, seed, params) for α = ``alpha``.
 
     Generation 0 trains on p alone and its randomness does not depend on α, so its files and
@@ -295,5 +308,3 @@ def run_chain(
         if on_generation is not None:
             on_generation(i, t_end - t_start)
     return G - start
-
-

@@ -69,7 +69,9 @@ def build_training_set(
     if policy in ("fresh_mixture", "replace"):
         a = alpha if policy == "fresh_mixture" else 0.0
         n_fresh = int(rng.binomial(n_train, a))
-        return _concat([(draw_real(n_fresh), 0), (_pick(latest, n_train - n_fresh, rng), generation)])
+        return _concat(
+            [(draw_real(n_fresh), 0), (_pick(latest, n_train - n_fresh, rng), generation)]
+        )
     if policy in ("accumulate", "accumulate_subsample"):
         grown = _concat([(previous.x, -1), (_pick(latest, n_train, rng), generation)])
         grown.origin[: len(previous)] = previous.origin

@@ -141,7 +141,9 @@ class GaussianMixture:
         keep_w, keep_m, keep_c = [], [], []
         for w, m, c in zip(self.weights, self.means, self.covs, strict=True):
             for j in range(len(keep_w)):
-                if torch.allclose(keep_m[j], m, atol=tol) and torch.allclose(keep_c[j], c, atol=tol):
+                if torch.allclose(keep_m[j], m, atol=tol) and torch.allclose(
+                    keep_c[j], c, atol=tol
+                ):
                     keep_w[j] = keep_w[j] + w
                     break
             else:
@@ -211,7 +213,9 @@ class LawMixture:
         return x
 
     def log_prob(self, x: Tensor) -> Tensor:
-        parts = [math.log(w) + law.log_prob(x) for w, law in zip(self.weights, self.laws, strict=True)]
+        parts = [
+            math.log(w) + law.log_prob(x) for w, law in zip(self.weights, self.laws, strict=True)
+        ]
         return torch.logsumexp(torch.stack(parts, 1), dim=1)
 
 

@@ -58,7 +58,7 @@ class TrainConfig:
     """Hyper-parameters of :func:`train_dsm`.
 
     steps / epochs: length of the run; ``epochs`` (if set) overrides ``steps`` with
-        ⌈epochs · n_train / batch_size⌉ steps. Batches are drawn without replacement within an
+        ⌈epochs · ⌊n_train / batch_size⌋⌉ steps. Batches are drawn without replacement within an
         epoch (the incomplete last batch is dropped); batch_size is capped at n_train.
     optimizer: 'adam' (L2 weight decay) or 'adamw' (decoupled weight decay).
     schedule: 'constant' or 'cosine' (decays to lr·min_lr_ratio at the last step), after
@@ -241,10 +241,13 @@ def train_dsm(net: nn.Module, data: Tensor, process, cfg: TrainConfig | None = N
     data = torch.as_tensor(data)
     data = data.to(device=device, dtype=next(net.parameters()).dtype)
     n = data.shape[0]
-    n_val = int(round(cfg.val_fraction * n)) if cfg.val_fraction > 0 else 0
-    n_val = min(max(n_val, 1 if cfg.val_fraction > 0 else 0), n - 1)
-    if n - n_val < 1:
-        raise ValueError(f"need at least 2 data points for a validation split, got {n}")
+    if n < 1:
+        raise ValueError("no training data")
+    n_val = 0
+    if cfg.val_fraction > 0:
+        if n < 2:
+            raise ValueError(f"need at least 2 data points for a validation split, got {n}")
+        n_val = min(max(int(round(cfg.val_fraction * n)), 1), n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed)).to(device)
     train_x, val_x = data[perm[n_val:]], data[perm[:n_val]]
     n_train = train_x.shape[0]
@@ -294,9 +297,14 @@ def train_dsm(net: nn.Module, data: Tensor, process, cfg: TrainConfig | None = N
             eb.copy_(rb)
 
     # Dropout draws from the global RNG: fork it so the run is seeded yet leaves no trace.
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(drop_seed)
+    cuda_idx = None
+    if device.type == "cuda":
+        cuda_idx = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[] if cuda_idx is None else [cuda_idx]):
+        torch.random.default_generator.manual_seed(drop_seed)
+        if cuda_idx is not None:
+            with torch.cuda.device(cuda_idx):
+                torch.cuda.manual_seed(drop_seed)
         for step in range(1, total + 1):
             if pos + bsz > n_train:
                 order, pos = torch.randperm(n_train, generator=g, device=device), 0
