@@ -14,7 +14,6 @@ import torch
 from scipy.integrate import quad
 
 from collapselab.estimators import (
-    MixtureLaw,
     chi2_finiteness,
     classifier_divergences,
     gaussian_chi2,
@@ -22,6 +21,7 @@ from collapselab.estimators import (
     knn_kl,
     knn_kl_known_b,
     mc_chi2,
+    mc_divergences,
     mc_kl,
     mixture_log_prob,
     mmd,
@@ -29,7 +29,7 @@ from collapselab.estimators import (
     second_moment,
     sliced_w2,
 )
-from collapselab.targets import GaussianMixture, paper_gmm_means
+from collapselab.targets import GaussianMixture, LawMixture, paper_gmm_means
 
 F64 = torch.float64
 
@@ -103,7 +103,7 @@ def test_gaussian_full_covariance_vs_monte_carlo():
         assert abs(est.value - exact.value) < 4 * est.stderr
 
 
-# ---- Monte Carlo with exact densities -------------------------------------------------------------
+# ---- Monte Carlo with exact densities ----------------------------------------------------------
 @pytest.mark.parametrize("m1,s1,m2,s2", [(0.5, 1.0, 0.0, 1.0), (0.3, 0.8, -0.2, 1.0),
                                          (1.0, 1.05, 0.0, 1.0)])
 def test_mc_vs_closed_form_1d(m1, s1, m2, s2):
@@ -140,7 +140,7 @@ def test_fresh_data_contraction(alpha):
     err = math.hypot(lhs.stderr, (1 - alpha) ** 2 * rhs.stderr)
     assert abs(lhs.value - (1 - alpha) ** 2 * rhs.value) < 4 * err
     # The generic mixture law (no analytic shortcut) agrees too.
-    generic = mc_chi2(MixtureLaw(Opaque(p), Opaque(r), alpha), Opaque(p), 100_000, gen(7))
+    generic = mc_chi2(LawMixture([(alpha, Opaque(p)), (1 - alpha, Opaque(r))]), Opaque(p), 100_000, gen(7))
     assert abs(generic.value - lhs.value) < 4 * math.hypot(generic.stderr, lhs.stderr)
 
 
@@ -204,7 +204,8 @@ def test_finiteness_full_covariance():
     assert chi2_finiteness(a_inf, b) is False
     # Undecided by both sufficient conditions (N(0, 3I) is too wide for each component of b
     # alone, yet no direction is too wide for both): None.
-    a_und = GaussianMixture([1.0], torch.zeros(1, 2, dtype=F64), 3.0 * torch.eye(2, dtype=F64)[None])
+    a_und = GaussianMixture([1.0], torch.zeros(1, 2, dtype=F64),
+                            3.0 * torch.eye(2, dtype=F64)[None])
     assert chi2_finiteness(a_und, b) is None
 
 
@@ -269,7 +270,7 @@ def truths():
     out = {}
     for d in (2, 10):
         a, b = mixture_pair(d)
-        out[d] = (mc_chi2(a, b, 200_000, gen(20 + d)), mc_kl(a, b, 200_000, gen(30 + d)))
+        out[d] = (mc_chi2(a, b, 100_000, gen(20 + d)), mc_kl(a, b, 100_000, gen(30 + d)))
     return out  # d=2: χ² ≈ 0.40, KL ≈ 0.149; d=10: χ² ≈ 0.155, KL ≈ 0.065
 
 
@@ -341,16 +342,24 @@ def test_classifier_flags_infinite_chi2():
 # ---- extra per-generation metrics ----------------------------------------------------------------
 def test_extra_metrics():
     g = gen(51)
-    x = torch.randn(3000, 3, dtype=F64, generator=g) * 1.5
+    x = torch.randn(1500, 3, dtype=F64, generator=g) * 1.5
     sm = second_moment(x)
     assert abs(sm.value - 3 * 1.5**2) < 4 * sm.stderr
-    y = torch.randn(3000, 3, dtype=F64, generator=g)
-    same = mmd(torch.randn(3000, 3, dtype=F64, generator=g), y)
+    y = torch.randn(1500, 3, dtype=F64, generator=g)
+    same = mmd(torch.randn(1500, 3, dtype=F64, generator=g), y)
     diff = mmd(x, y)
     assert abs(same.value) < 0.01 and diff.value > 10 * diff.stderr > 0
     # Sliced W2 between N(0, s²I) and N(0, I): every projection has W2 = |s − 1| exactly.
     sw = sliced_w2(x, y, 64, g)
     assert sw.value == pytest.approx(0.5, abs=0.05)
     # Pure translation by c: every projection has W2² = (θ·c)² → SW2 = |c|/√d in expectation.
-    shifted = sliced_w2(y + torch.tensor([3.0, 0.0, 0.0], dtype=F64), y, 2000, g)
+    shifted = sliced_w2(y + torch.tensor([3.0, 0.0, 0.0], dtype=F64), y, 500, g)
     assert abs(shifted.value - 3 / math.sqrt(3)) < 4 * shifted.stderr
+
+
+def test_mc_divergences_equals_the_separate_estimates():
+    p = GaussianMixture.isotropic([[0.0, 0.0]], 1.0)
+    r = GaussianMixture.isotropic([[0.5, 0.0]], 0.8)
+    both = mc_divergences(r, p, 5000, torch.Generator().manual_seed(3))
+    assert both["chi2"] == mc_chi2(r, p, 5000, torch.Generator().manual_seed(3))
+    assert both["kl"] == mc_kl(r, p, 5000, torch.Generator().manual_seed(3))

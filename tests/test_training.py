@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -54,6 +57,18 @@ class ExactEps(nn.Module):
         t = t.double()
         a, v = self.process.scale(t)[:, None], self.process.var(t)[:, None]
         return (v.sqrt() * (x.double() - a * M.double()) / (a * a * S * S + v)).to(x.dtype)
+
+
+def load_digits_pixels() -> torch.Tensor:
+    """sklearn's 8×8 digits (1797 × 64, values 0…16), read from the CSV that sklearn ships:
+    importing sklearn itself costs seconds on a loaded machine."""
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if csv is None or not csv.exists():
+        from sklearn.datasets import load_digits
+
+        return torch.tensor(load_digits().data, dtype=torch.float32)
+    return torch.tensor(np.loadtxt(csv, delimiter=",")[:, :64], dtype=torch.float32)
 
 
 def small_cfg(**kw) -> TrainConfig:
@@ -131,9 +146,7 @@ def test_mlp_dsm_learns_gaussian_score():
 
 
 def test_loss_decreases_on_digits():
-    from sklearn.datasets import load_digits
-
-    x = torch.tensor(load_digits().data, dtype=torch.float32) / 8 - 1  # [-1, 1], 64-dim
+    x = load_digits_pixels() / 8 - 1  # [-1, 1], 64-dim
     torch.manual_seed(0)
     res = train_dsm(MLPNet(64, hidden=128), x, VPProcess(),
                     TrainConfig(steps=90, batch_size=128, lr=2e-3, val_fraction=0.1,
@@ -149,9 +162,7 @@ def test_loss_decreases_on_digits():
 
 
 def test_loss_decreases_with_small_unet_on_digit_images():
-    from sklearn.datasets import load_digits
-
-    x = torch.tensor(load_digits().data[:512], dtype=torch.float32).reshape(-1, 1, 8, 8) / 8 - 1
+    x = load_digits_pixels()[:512].reshape(-1, 1, 8, 8) / 8 - 1
     torch.manual_seed(0)
     net = UNet(1, base_channels=8, channel_mults=(1, 2), groups=4)
     res = train_dsm(net, x, VPProcess(), TrainConfig(steps=25, batch_size=32, lr=2e-3))

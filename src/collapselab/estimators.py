@@ -42,14 +42,15 @@ from .targets import GaussianMixture
 __all__ = [
     "chi2_finiteness",
     "classifier_divergences",
+    "classifier_log_ratio",
     "gaussian_chi2",
     "gaussian_kl",
     "knn_kl",
     "knn_kl_known_b",
     "mc_chi2",
     "mc_kl",
+    "mc_divergences",
     "mixture_log_prob",
-    "MixtureLaw",
     "mmd",
     "pareto_khat",
     "second_moment",
@@ -267,29 +268,6 @@ def mixture_log_prob(alpha: float, log_p, log_r) -> Tensor:
     return torch.logaddexp(math.log(alpha) + log_p, math.log1p(-alpha) + log_r)
 
 
-class MixtureLaw:
-    """The law α p + (1 − α) r of two laws with exact densities (Law protocol), e.g. q_i for any
-    score model whose output law is known. Sampling draws Binomial(n, α) points from p."""
-
-    def __init__(self, p, r, alpha: float):
-        if p.dim != r.dim:
-            raise ValueError("cannot mix laws of different dimensions")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.p, self.r, self.alpha, self.dim = p, r, float(alpha), p.dim
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        from_p = torch.rand(n, generator=generator, dtype=torch.float64) < self.alpha
-        n_p = int(from_p.sum())
-        x = torch.empty(n, self.dim, dtype=torch.float64)
-        x[from_p] = self.p.sample(n_p, generator).to(torch.float64)
-        x[~from_p] = self.r.sample(n - n_p, generator).to(torch.float64)
-        return x
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        return mixture_log_prob(self.alpha, self.p.log_prob(x), self.r.log_prob(x))
-
-
 # ================================================================================================
 # Tail diagnostic: Pareto k̂ (PSIS, Vehtari, Simpson, Gelman, Yao & Gabry 2015/2024)
 # ================================================================================================
@@ -366,24 +344,22 @@ def _log_ratio_samples(a, b, n: int, generator) -> Tensor:
     return (a.log_prob(x).to(torch.float64) - b.log_prob(x).to(torch.float64)).reshape(-1)
 
 
-def mc_chi2(a, b, n: int = 100_000, generator: torch.Generator | None = None) -> Estimate:
-    """χ²(a‖b) = E_a[w] − 1, w = a/b, by importance sampling from a (D_i, I_i; PAPER.md §3).
+def _chi2_known(a, b) -> tuple[bool | None, Estimate | None]:
+    """Analytic finiteness when both laws are Gaussian mixtures; an inf Estimate if infinite."""
+    if not (isinstance(a, GaussianMixture) and isinstance(b, GaussianMixture)):
+        return None, None
+    known = chi2_finiteness(a, b)
+    if known is False:
+        return False, Estimate(
+            _INF, 0.0, "exact",
+            "χ² infinite: some component of the first law has at least twice the "
+            "variance of the second law along a direction (chi2_finiteness)",
+        )
+    return known, None
 
-    ``a`` and ``b`` follow the Law protocol (exact ``log_prob``; ``a`` is sampled). The mean of
-    w is taken in log space (logsumexp) and χ² = expm1(log mean w); stderr = std(w)/√n. When
-    both are :class:`GaussianMixture` the analytic :func:`chi2_finiteness` runs first: an
-    infinite χ² is returned as ``inf`` (estimator "exact") without sampling. Otherwise the
-    Pareto k̂ of the weights guards the result (see :func:`pareto_khat`): k̂ ≥ 0.5 gives ``nan``
-    with k̂ and the raw number in the note, a decisively infinite mean gives ``inf``.
-    """
-    known = None
-    if isinstance(a, GaussianMixture) and isinstance(b, GaussianMixture):
-        known = chi2_finiteness(a, b)
-        if known is False:
-            return Estimate(_INF, 0.0, "exact",
-                            "χ² infinite: some component of the first law has at least twice the "
-                            "variance of the second law along a direction (chi2_finiteness)")
-    logw = _log_ratio_samples(a, b, n, generator)
+
+def _chi2_from_logw(logw: Tensor, known: bool | None) -> Estimate:
+    n = logw.numel()
     if torch.isnan(logw).any():
         raise ValueError("log densities gave NaN on samples of a")
     if torch.isposinf(logw).any():  # b vanishes where a does not: a is not ≪ b
@@ -402,19 +378,46 @@ def mc_chi2(a, b, n: int = 100_000, generator: torch.Generator | None = None) ->
     return out
 
 
-def mc_kl(a, b, n: int = 100_000, generator: torch.Generator | None = None) -> Estimate:
-    """KL(a‖b) = E_a[log a − log b] by Monte Carlo from a (KL twins of D_i, I_i; PAPER.md §3).
-
-    stderr = std(log a − log b)/√n. The log ratio of laws with Gaussian tails has Gaussian-like
-    tails, so no tail guard is needed; an infinite log ratio (b = 0 on a's support) gives inf.
-    """
-    logw = _log_ratio_samples(a, b, n, generator)
+def _kl_from_logw(logw: Tensor) -> Estimate:
+    n = logw.numel()
     if torch.isnan(logw).any():
         raise ValueError("log densities gave NaN on samples of a")
     if torch.isposinf(logw).any():
         return Estimate(_INF, 0.0, "monte_carlo",
                         "KL infinite: the second law has zero density at samples of the first")
     return Estimate(float(logw.mean()), float(logw.std()) / math.sqrt(n), "monte_carlo")
+
+
+def mc_chi2(a, b, n: int = 100_000, generator: torch.Generator | None = None) -> Estimate:
+    """χ²(a‖b) = E_a[w] − 1, w = a/b, by importance sampling from a (D_i, I_i; PAPER.md §3).
+
+    ``a`` and ``b`` follow the Law protocol (exact ``log_prob``; ``a`` is sampled). The mean of
+    w is taken in log space (logsumexp) and χ² = expm1(log mean w); stderr = std(w)/√n. When
+    both are :class:`GaussianMixture` the analytic :func:`chi2_finiteness` runs first: an
+    infinite χ² is returned as ``inf`` (estimator "exact") without sampling. Otherwise the
+    Pareto k̂ of the weights guards the result (see :func:`pareto_khat`): k̂ ≥ 0.5 gives ``nan``
+    with k̂ and the raw number in the note, a decisively infinite mean gives ``inf``.
+    """
+    known, inf = _chi2_known(a, b)
+    if inf is not None:
+        return inf
+    return _chi2_from_logw(_log_ratio_samples(a, b, n, generator), known)
+
+
+def mc_kl(a, b, n: int = 100_000, generator: torch.Generator | None = None) -> Estimate:
+    """KL(a‖b) = E_a[log a − log b] by Monte Carlo from a (KL twins of D_i, I_i; PAPER.md §3).
+
+    stderr = std(log a − log b)/√n. The log ratio of laws with Gaussian tails has Gaussian-like
+    tails, so no tail guard is needed; an infinite log ratio (b = 0 on a's support) gives inf.
+    """
+    return _kl_from_logw(_log_ratio_samples(a, b, n, generator))
+
+
+def mc_divergences(a, b, n: int = 100_000, generator=None) -> dict[str, Estimate]:
+    """{"chi2": mc_chi2, "kl": mc_kl} from one set of n samples of a (half the density calls)."""
+    known, inf = _chi2_known(a, b)
+    logw = _log_ratio_samples(a, b, n, generator)
+    return {"chi2": inf or _chi2_from_logw(logw, known), "kl": _kl_from_logw(logw)}
 
 
 # ================================================================================================

@@ -1,13 +1,32 @@
-"""Run every (α, seed) chain of an experiment and gather the results table.
+"""Run every chain of an experiment — in-process, in a process pool or on Ray — and gather the
+results table, the summary over seeds and the failure records.
 
-``local`` runs chains one after another in this process. Results do not depend on the order
-or on the executor: each chain (and each generation) draws from its own seeded streams.
+Results do not depend on the order or on the executor: each chain (and each generation) draws
+from its own streams seeded by (seed, generation, purpose), and every chain writes its cells to
+the shared run directory, from which results.parquet is collected in a fixed order.
+
+Scheduling. Generation 0 trains on p alone, so it is the same for every α of a (seed, swept
+params) group: the first α of each group (the *leader*) runs first; as soon as its generation 0
+is done, the other α adopt it (:func:`loop.adopt_generation_zero`) and start from generation 1.
+Progress is observed by polling the run directory (metrics.json marks a finished generation),
+which works the same for the in-process, pool and Ray executors.
+
+Failures. A chain that raises, produces non-finite samples or whose worker dies is recorded in
+its chain directory (failure.json: error, traceback, generation reached) and in DIR/failures.json;
+the other chains go on; :class:`ChainFailed` is raised at the end. Re-running resumes every chain
+after its last completed generation, so only what is missing is computed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
+import traceback as tb
+from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +35,28 @@ import yaml
 from .config import Config, build_config
 from .errors import ConfigError
 from .loop import run_chain
-from .store import RunStore, atomic_write_text
+from .store import (
+    RunStore,
+    atomic_write_json,
+    atomic_write_text,
+    clear_failure,
+    failures,
+    load_npy,
+    read_json,
+    record_failure,
+    write_summary,
+)
 
 log = logging.getLogger("collapselab")
+
+EXECUTORS = ("local", "ray")
+# Test hooks, read by the worker that runs a chain (documented in docs/distributed.md):
+# FAULT_ENV = JSON {"alpha", "seed", "generation", "kind": exit|raise|nan} injects a failure into
+# that chain's generation (exit = the worker process dies mid-generation); FIT_LOG_ENV = a file to
+# which every score fit appends "alpha seed generation" (counts what was actually trained).
+FAULT_ENV = "COLLAPSELAB_FAULT"
+FIT_LOG_ENV = "COLLAPSELAB_FIT_LOG"
+POLL_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -36,6 +74,15 @@ class ChainSpec:
     def label(self) -> str:
         extra = " ".join(f"{k}={v}" for k, v in self.params)
         return f"{extra + ' ' if extra else ''}alpha={self.alpha:g} seed={self.seed}"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each chain asks the scheduler for (Ray); ``num_gpus`` may be fractional (0.25 lets
+    four small chains share one GPU). The pool always gives one CPU thread per worker."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
 
 
 def chains(cfg: Config) -> list[ChainSpec]:
@@ -56,9 +103,8 @@ def prepare_run_dir(cfg: Config, out: Path) -> RunStore:
             old = build_config(yaml.safe_load(store.config_path.read_text()))
         except ConfigError:
             old = None
-        if old is None or old.model_dump(exclude={"name", "description", "notes"}) != cfg.model_dump(
-            exclude={"name", "description", "notes"}
-        ):
+        meta = {"name", "description", "notes"}
+        if old is None or old.model_dump(exclude=meta) != cfg.model_dump(exclude=meta):
             raise ConfigError(
                 "--out", f"{out} holds a run with a different configuration; choose a new --out"
             )
@@ -69,37 +115,469 @@ def prepare_run_dir(cfg: Config, out: Path) -> RunStore:
 
 
 class ChainFailed(RuntimeError):
-    def __init__(self, chain: ChainSpec, generation, log_path, cause):
-        self.chain, self.generation = chain, generation
+    """One or more chains failed; the message is one line naming the first one."""
+
+    def __init__(self, chain: ChainSpec, generation, log_path, cause, others: int = 0):
+        self.chain, self.generation, self.others = chain, generation, others
+        more = f"; {others} more chain(s) failed, see failures.json" if others else ""
+        cause = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
         super().__init__(
             f"chain {chain.label()} failed at generation {generation}: "
-            f"{type(cause).__name__}: {cause} (log: {log_path})"
+            f"{_one_line(cause)} (log: {log_path}){more}"
         )
+
+
+class NonFiniteSamples(FloatingPointError):
+    """A generation's samples contain NaN/Inf (a diverged model); the chain stops there."""
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---- the worker side: one chain, in any process on any machine ----------------------------
+def read_hooks() -> dict:
+    """The test hooks set in this (driver) process's environment, passed on to the workers."""
+    hooks = {}
+    if os.environ.get(FAULT_ENV):
+        hooks["fault"] = json.loads(os.environ[FAULT_ENV])
+    if os.environ.get(FIT_LOG_ENV):
+        hooks["fit_log"] = os.environ[FIT_LOG_ENV]
+    return hooks
+
+
+def _fault(kind: str, generation: int):
+    if kind == "exit":
+        os._exit(17)  # a killed worker: no cleanup, no exception, files of this generation absent
+    if kind == "nan":
+        from .scores.training import TrainingDivergedError
+
+        raise TrainingDivergedError(1, float("nan"))
+    raise RuntimeError(f"injected fault at generation {generation}")
+
+
+@contextmanager
+def _installed_hooks(hooks: dict, alpha: float, seed: int):
+    """Wrap loop.fit_score for the duration of one chain when test hooks are given."""
+    if not hooks:
+        yield
+        return
+    from . import loop
+
+    real_fit = loop.fit_score
+    fault = hooks.get("fault") or {}
+    hit = (fault and float(fault["alpha"]) == float(alpha) and int(fault["seed"]) == int(seed))
+
+    def fit(ctx, generation, *args, **kwargs):
+        if hit and int(fault["generation"]) == generation:
+            _fault(fault.get("kind", "raise"), generation)
+        if hooks.get("fit_log"):
+            with open(hooks["fit_log"], "a") as f:  # O_APPEND: one short line per fit
+                f.write(f"{float(alpha)!r} {int(seed)} {generation} {json.dumps(ctx.params)}\n")
+        return real_fit(ctx, generation, *args, **kwargs)
+
+    loop.fit_score = fit
+    try:
+        yield
+    finally:
+        loop.fit_score = real_fit
+
+
+def execute_chain(cfg_data: dict, root: str, alpha: float, seed: int, params: dict,
+                  hooks: dict | None = None, threads: int | None = None,
+                  on_generation: Callable[[int, float], None] | None = None) -> dict:
+    """Run (or resume) one chain and report how it went; never raises for a chain's failure.
+
+    The entry point of every executor (in-process, pool worker, Ray task): plain arguments, a
+    plain dict back — ``ok``, ``start`` (generations done before), ``computed``, and on failure
+    ``error`` / ``traceback``.
+    """
+    import numpy as np
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    cfg = build_config(cfg_data)
+    store = RunStore(Path(root))
+    start = store.completed(alpha, seed, params)
+    t0 = time.perf_counter()
+
+    def guarded(generation: int, seconds: float):
+        # NaN/Inf samples would poison every later generation: un-mark the cell and stop.
+        cell = store.cell(alpha, seed, generation, params)
+        if not np.isfinite(load_npy(cell / "samples.npy")).all():
+            (cell / "metrics.json").unlink(missing_ok=True)
+            raise NonFiniteSamples(f"generation {generation} produced NaN/Inf samples "
+                                   "(the score model diverged)")
+        if on_generation is not None:
+            on_generation(generation, seconds)
+
+    try:
+        with _installed_hooks(hooks or {}, alpha, seed):
+            computed = run_chain(cfg, alpha, seed, store, on_generation=guarded, params=params)
+    except Exception as exc:  # the chain's failure is data for the driver, not a crash
+        done = store.completed(alpha, seed, params)
+        return {"ok": False, "start": start, "computed": done - start,
+                "error": f"{type(exc).__name__}: {exc}", "traceback": tb.format_exc(),
+                "seconds": time.perf_counter() - t0}
+    return {"ok": True, "start": start, "computed": computed, "seconds": time.perf_counter() - t0}
+
+
+def _worker_main(conn) -> None:
+    """A pool worker: one torch thread, one chain at a time, until it receives None."""
+    import torch
+
+    torch.set_num_threads(1)
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        conn.send(execute_chain(**task))
+
+
+# ---- back-ends: submit(task_id, kwargs), wait(timeout) -> [(task_id, result)], close() --------
+def _died(message: str) -> dict:
+    return {"ok": False, "error": message, "traceback": ""}
+
+
+class _InProcess:
+    """Chains one after another in this process; progress is polled from inside each chain."""
+
+    capacity = 1
+
+    def __init__(self, poll: Callable[[], None]):
+        self.poll, self.queue = poll, deque()
+
+    def submit(self, task_id, kwargs):
+        self.queue.append((task_id, kwargs))
+
+    def wait(self, timeout):
+        if not self.queue:
+            return []
+        task_id, kwargs = self.queue.popleft()
+        return [(task_id, execute_chain(**kwargs, on_generation=lambda g, s: self.poll()))]
+
+    def close(self):
+        pass
+
+
+class _Pool:
+    """Long-lived spawned workers, each running one chain at a time over its own pipe, so a
+    worker that dies is attributed to exactly one chain and no other chain is disturbed (a
+    concurrent.futures pool would break as a whole). A dead worker is replaced on demand."""
+
+    def __init__(self, workers: int):
+        import multiprocessing as mp
+
+        self.ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and locks
+        self.capacity = workers
+        self.slots: list[dict | None] = [None] * workers
+
+    def _start(self, i):
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker_main, args=(child,), daemon=True,
+                                name=f"collapselab-worker-{i}")
+        proc.start()
+        child.close()
+        self.slots[i] = {"proc": proc, "conn": parent, "task": None}
+
+    def submit(self, task_id, kwargs):
+        for i, slot in enumerate(self.slots):
+            if slot is None:
+                self._start(i)
+                slot = self.slots[i]
+            if slot["task"] is None:
+                slot["task"] = task_id
+                slot["conn"].send(kwargs)
+                return
+        raise RuntimeError("no idle worker")  # the driver never submits beyond capacity
+
+    def wait(self, timeout):
+        from multiprocessing.connection import wait
+
+        busy = [s for s in self.slots if s is not None and s["task"] is not None]
+        if not busy:
+            return []
+        ready = wait([s["conn"] for s in busy] + [s["proc"].sentinel for s in busy], timeout)
+        out = []
+        for i, slot in enumerate(self.slots):
+            if slot is None or slot["task"] is None:
+                continue
+            if slot["conn"] not in ready and slot["proc"].sentinel not in ready:
+                continue
+            try:
+                result = slot["conn"].recv()
+            except (EOFError, OSError):
+                slot["proc"].join(5)
+                code = slot["proc"].exitcode
+                result = _died(f"worker process died (exit code {code}) while running the chain")
+                slot["conn"].close()
+                self.slots[i] = None
+                out.append((slot["task"], result))
+                continue
+            out.append((slot["task"], result))
+            slot["task"] = None
+        return out
+
+    def close(self):
+        for slot in self.slots:
+            if slot is None:
+                continue
+            try:
+                slot["conn"].send(None)
+            except OSError:
+                pass
+        for slot in self.slots:
+            if slot is None:
+                continue
+            slot["proc"].join(10)
+            if slot["proc"].is_alive():
+                slot["proc"].terminate()
+                slot["proc"].join(5)
+            slot["conn"].close()
+
+
+class _Ray:
+    """One Ray task per chain with the given resources; a local Ray is started (and shut down)
+    for the run when no address is given. Ray does not retry a chain (max_retries=0): a crash
+    is recorded like any failure and the re-run resumes it."""
+
+    def __init__(self, address: str | None, workers: int, resources: Resources):
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--executor", "ray is not installed (pip install "
+                              "'collapselab[ray]')") from None
+        self.ray = ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=workers, num_gpus=None, include_dashboard=False,
+                         log_to_driver=False)
+        self.capacity = 1 << 30  # Ray queues by resources; keep every ready chain submitted
+        self.remote = ray.remote(execute_chain).options(
+            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_retries=0
+        )
+        self.threads = max(1, int(resources.num_cpus))
+        self.refs: dict = {}
+
+    def submit(self, task_id, kwargs):
+        self.refs[self.remote.remote(**{**kwargs, "threads": self.threads})] = task_id
+
+    def wait(self, timeout):
+        if not self.refs:
+            return []
+        ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=timeout)
+        if ready:
+            ready, _ = self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)
+        out = []
+        for ref in ready:
+            task_id = self.refs.pop(ref)
+            try:
+                out.append((task_id, self.ray.get(ref)))
+            except Exception as exc:  # a crashed worker or node: recorded, not raised
+                out.append((task_id, _died(f"ray task failed: {_one_line(type(exc).__name__)}: "
+                                           f"{_one_line(str(exc), 200)}")))
+        return out
+
+    def close(self):
+        for ref in list(self.refs):
+            self.ray.cancel(ref, force=True)
+        if self.started:
+            self.ray.shutdown()
+
+
+# ---- the driver ------------------------------------------------------------------------------
+class _Driver:
+    def __init__(self, cfg: Config, store: RunStore, on_generation, hooks: dict):
+        self.cfg, self.store, self.on_generation = cfg, store, on_generation
+        self.G = cfg.loop.generations
+        self.cfg_data = cfg.model_dump(mode="json")
+        self.hooks = hooks
+        self.seen: dict[ChainSpec, int] = {}
+        self.initial: dict[ChainSpec, int] = {}
+        self.running: set[ChainSpec] = set()
+        self.ready: deque[ChainSpec] = deque()
+        self.leader: dict[tuple, ChainSpec] = {}
+        self.followers: dict[tuple, list[ChainSpec]] = {}
+        self.failed: dict[ChainSpec, dict] = {}
+        self.gen0_trained = 0
+
+    @staticmethod
+    def group(c: ChainSpec) -> tuple:
+        return (c.params, c.seed)
+
+    def kwargs(self, c: ChainSpec) -> dict:
+        return dict(cfg_data=self.cfg_data, root=str(self.store.root), alpha=c.alpha,
+                    seed=c.seed, params=c.param_dict, hooks=self.hooks)
+
+    def plan(self, specs: list[ChainSpec]) -> None:
+        """Leaders first (their generation 0 unblocks the rest), then chains that can start."""
+        groups: dict[tuple, list[ChainSpec]] = {}
+        for c in specs:
+            self.seen[c] = self.store.completed(c.alpha, c.seed, c.param_dict)
+            self.initial[c] = self.seen[c]
+            if self.seen[c] >= self.G:
+                clear_failure(self.store, c.alpha, c.seed, c.param_dict)
+                continue
+            groups.setdefault(self.group(c), []).append(c)
+        later = []
+        for key, members in groups.items():
+            src = self._gen0_source(key, members)
+            if src is not None:
+                self._adopt(src, members)
+                later.extend(members)
+            else:
+                self.ready.append(members[0])
+                self.leader[key] = members[0]
+                self.followers[key] = members[1:]
+        self.ready.extend(later)
+
+    def _gen0_source(self, key, members) -> float | None:
+        params, seed = dict(key[0]), key[1]
+        for a in self.cfg.sweep.alphas:
+            if self.store.is_done(a, seed, 0, params):
+                return a
+        return None
+
+    def _adopt(self, src_alpha: float, members: list[ChainSpec]) -> None:
+        from .loop import adopt_generation_zero
+
+        for c in members:
+            if adopt_generation_zero(self.store, src_alpha, c.alpha, c.seed, c.param_dict):
+                log.info("%s: generation 0 adopted from alpha=%g", c.label(), src_alpha)
+
+    def poll(self) -> None:
+        """Report newly finished generations; release followers once a leader's gen 0 is done."""
+        for c in list(self.running):
+            while self.seen[c] < self.G and self.store.is_done(c.alpha, c.seed, self.seen[c],
+                                                                c.param_dict):
+                g = self.seen[c]
+                self.seen[c] += 1
+                meta = read_json(self.store.cell(c.alpha, c.seed, g, c.param_dict) / "metrics.json")
+                secs = float(sum((meta.get("timings") or {}).values()))
+                log.info("%s generation %d done in %.2fs", c.label(), g, secs)
+                if self.on_generation is not None:
+                    self.on_generation(c, g, secs)
+            key = self.group(c)
+            if self.leader.get(key) == c and self.seen[c] >= 1:
+                self._release(key, c.alpha)
+
+    def _release(self, key, src_alpha: float) -> None:
+        members = self.followers.pop(key, [])
+        self.leader.pop(key, None)
+        self._adopt(src_alpha, members)
+        self.ready.extend(members)
+
+    def finished(self, c: ChainSpec, result: dict) -> None:
+        self.running.discard(c)
+        self.poll_one(c)
+        cell0 = self.store.cell(c.alpha, c.seed, 0, c.param_dict) / "metrics.json"
+        if self.initial[c] == 0 and cell0.exists() and "shared_from_alpha" not in read_json(cell0):
+            self.gen0_trained += 1
+        if result["ok"]:
+            clear_failure(self.store, c.alpha, c.seed, c.param_dict)
+            log.info("%s: finished (%d generations computed)", c.label(), result["computed"])
+            return
+        reached = self.store.completed(c.alpha, c.seed, c.param_dict)
+        rec = record_failure(self.store, c.alpha, c.seed, c.param_dict, label=c.label(),
+                             generation=reached, error=result["error"],
+                             traceback=result.get("traceback", ""))
+        self.failed[c] = rec
+        log.error("%s failed at generation %d: %s\n%s", c.label(), reached, result["error"],
+                  result.get("traceback", ""))
+        key = self.group(c)
+        if self.leader.get(key) == c:
+            # Generation 0 never finished: the next α of the group computes it itself.
+            members = self.followers.get(key, [])
+            if members:
+                self.leader[key], self.followers[key] = members[0], members[1:]
+                self.ready.append(members[0])
+            else:
+                self.leader.pop(key, None)
+
+    def poll_one(self, c: ChainSpec) -> None:
+        self.running.add(c)
+        self.poll()
+        self.running.discard(c)
+
+    def run(self, backend) -> None:
+        ids: dict[int, ChainSpec] = {}
+        try:
+            while self.ready or self.running:
+                while self.ready and len(self.running) < backend.capacity:
+                    c = self.ready.popleft()
+                    self.running.add(c)
+                    ids[id(c)] = c
+                    log.info("%s: starting at generation %d", c.label(), self.seen[c])
+                    backend.submit(id(c), self.kwargs(c))
+                for task_id, result in backend.wait(POLL_SECONDS):
+                    self.finished(ids[task_id], result)
+                self.poll()
+        finally:
+            backend.close()
 
 
 def run_experiment(
     cfg: Config,
     store: RunStore,
     on_generation: Callable[[ChainSpec, int, float], None] | None = None,
+    *,
+    executor: str = "local",
+    workers: int | None = None,
+    address: str | None = None,
+    resources: Resources | None = None,
+    stats: dict | None = None,
 ):
-    """Run or resume every chain, then write results.parquet. Returns the results table."""
-    for chain in chains(cfg):
-        params = chain.param_dict
-        start = store.completed(chain.alpha, chain.seed, params)
-        log.info("chain %s: %d/%d generations done", chain.label(), start, cfg.loop.generations)
+    """Run or resume every chain, then write results.parquet and summary.{parquet,csv}.
 
-        def cb(g, seconds, c=chain):
-            log.info("%s generation %d done in %.2fs", c.label(), g, seconds)
-            if on_generation is not None:
-                on_generation(c, g, seconds)
-
-        try:
-            run_chain(cfg, chain.alpha, chain.seed, store, on_generation=cb, params=params)
-        except Exception as exc:  # the cell and generation go into the message and the log
-            log.exception("chain %s failed", chain.label())
-            done = store.completed(chain.alpha, chain.seed, params)
-            raise ChainFailed(chain, done, store.log_path, exc) from exc
-    return store.write_results()
+    executor: ``local`` — in this process when ``workers`` is 1 (the default), else a pool of
+        ``workers`` spawned processes with one torch thread each; ``ray`` — one Ray task per
+        chain on the cluster at ``address`` (``auto``, ``ray://host:10001``) or on a local Ray
+        started for the run with ``workers`` CPUs (default: all cores).
+    resources: what each Ray task asks for (default 1 CPU, and 1 GPU when ``cfg.device`` is
+        cuda; fractional GPUs allowed).
+    stats: filled with ``generation_zero_trained`` (chains that computed generation 0 now) and
+        ``failed`` (labels of failed chains).
+    Returns the results table; raises :class:`ChainFailed` after every other chain has finished
+    when one or more chains failed (results.parquet then holds what was completed).
+    """
+    if executor not in EXECUTORS:
+        raise ConfigError("--executor", f"allowed values are {', '.join(EXECUTORS)}")
+    if workers is not None and workers < 1:
+        raise ConfigError("--workers", "must be a positive integer")
+    if resources is None:
+        resources = Resources(num_gpus=1.0 if cfg.device.startswith("cuda") else 0.0)
+    driver = _Driver(cfg, store, on_generation, read_hooks())
+    driver.plan(chains(cfg))
+    if executor == "ray":
+        backend = _Ray(address, workers or os.cpu_count() or 1, resources)
+    elif (workers or 1) > 1:
+        backend = _Pool(workers)
+    else:
+        backend = _InProcess(driver.poll)
+    driver.run(backend)
+    df = store.write_results()
+    write_summary(store, df)
+    recs = failures(store)
+    if recs:
+        atomic_write_json(store.root / "failures.json", recs)
+    else:
+        (store.root / "failures.json").unlink(missing_ok=True)
+    if stats is not None:
+        stats.update(generation_zero_trained=driver.gen0_trained,
+                     failed=[c.label() for c in driver.failed])
+    if driver.failed:
+        first, rec = next(iter(driver.failed.items()))
+        raise ChainFailed(first, rec["generation"], store.log_path, rec["error"],
+                          others=len(driver.failed) - 1)
+    return df
 
 
 def default_out(cfg: Config) -> Path:

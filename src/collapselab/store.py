@@ -165,3 +165,83 @@ class RunStore:
         df.to_parquet(buf, index=False)
         atomic_write_bytes(self.results_path, buf.getvalue())
         return df
+
+
+# ---- failures (additions for the executors) ------------------------------------------------
+def failure_path(store: RunStore, alpha: float, seed: int, params: dict | None = None) -> Path:
+    """Per-chain failure record: present while the chain's last attempt failed."""
+    return store.chain_dir(alpha, seed, params) / "failure.json"
+
+
+def record_failure(store: RunStore, alpha: float, seed: int, params: dict | None, *,
+                   label: str, generation: int, error: str, traceback: str = "") -> dict:
+    """Write the chain's failure.json atomically: what failed, where, and the generation reached
+    (the number of completed generations, i.e. the generation that was being computed)."""
+    rec = {
+        "chain": label,
+        "alpha": float(alpha),
+        "seed": int(seed),
+        "params": dict(params or {}),
+        "generation": int(generation),
+        "error": error,
+        "traceback": traceback,
+        "log": str(store.log_path),
+    }
+    atomic_write_json(failure_path(store, alpha, seed, params), rec)
+    return rec
+
+
+def clear_failure(store: RunStore, alpha: float, seed: int, params: dict | None = None) -> None:
+    failure_path(store, alpha, seed, params).unlink(missing_ok=True)
+
+
+def failures(store: RunStore) -> list[dict]:
+    """Every chain's current failure record, in a stable order."""
+    cells = store.root / "cells"
+    if not cells.exists():
+        return []
+    return [read_json(p) for p in sorted(cells.rglob("failure.json"))]
+
+
+# ---- aggregation over seeds ----------------------------------------------------------------
+SUMMARY_COLUMNS = ["alpha", "generation", "metric", "estimator", "mean", "ci_low", "ci_high",
+                   "half_width", "std", "n", "n_nonfinite"]
+
+
+def summarize(df: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Per (swept keys, α, generation, metric, estimator): mean over seeds of the finite values,
+    a ``level`` t-interval (mean ± t_{n−1} s/√n; NaN with fewer than two finite seeds), the
+    count of finite values and the number of non-finite (inf/NaN) values, which are left out of
+    the mean and counted instead so that they are never averaged into a finite number."""
+    from scipy import stats
+
+    swept = [c for c in df.columns if c not in RESULT_COLUMNS and "." in c]
+    keys = swept + ["alpha", "generation", "metric", "estimator"]
+    if df.empty:
+        return pd.DataFrame(columns=swept + SUMMARY_COLUMNS)
+    out = []
+    for key, grp in df.groupby(keys, sort=True, dropna=False):
+        v = grp["value"].to_numpy(float)
+        fin = v[np.isfinite(v)]
+        n = len(fin)
+        mean = float(fin.mean()) if n else math.nan
+        std = float(fin.std(ddof=1)) if n > 1 else math.nan
+        t = stats.t.ppf(0.5 + level / 2, n - 1) if n > 1 else math.nan
+        half = float(t * std / math.sqrt(n)) if n > 1 else math.nan
+        out.append({**dict(zip(keys, key, strict=True)), "mean": mean, "ci_low": mean - half,
+                    "ci_high": mean + half, "half_width": half, "std": std, "n": n,
+                    "n_nonfinite": int(len(v) - n)})
+    res = pd.DataFrame(out)
+    return res[swept + SUMMARY_COLUMNS].reset_index(drop=True)
+
+
+def write_summary(store: RunStore, df: pd.DataFrame | None = None) -> pd.DataFrame:
+    """DIR/summary.parquet and DIR/summary.csv from the results table (atomically)."""
+    if df is None:
+        df = pd.read_parquet(store.results_path) if store.results_path.exists() else store.collect()
+    summ = summarize(df)
+    buf = io.BytesIO()
+    summ.to_parquet(buf, index=False)
+    atomic_write_bytes(store.root / "summary.parquet", buf.getvalue())
+    atomic_write_text(store.root / "summary.csv", summ.to_csv(index=False))
+    return summ
