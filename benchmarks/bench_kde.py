@@ -12,12 +12,13 @@ repeated; the table reports the median (and the best) of the repeats. Methods:
   (a') numpy-blas     NumPy float64 with the BLAS expansion y·c − ‖c‖²/2 (a stronger baseline).
   (b)  kde_score      collapselab.kernels.kde_score(y, centres, a, v) with backend="auto" on
                       float32 inputs (centre preparation included in the time).
+  (b") ... + KDEKeys  kde_score with centres prepared once (how a sampler calls it per step).
   (b') kde_score f64  kde_score on float64 inputs (the exact, chunked backend).
   (c)  bare sdpa      torch.nn.functional.scaled_dot_product_attention alone, on the very folded
                       q / k tensors kde_score builds (the machine's reference limit).
 
-Peak memory is the growth of the peak resident set (VmHWM reset through /proc/self/clear_refs)
-while one call runs; for NumPy also the tracemalloc peak.
+Peak memory is the largest growth of the peak resident set (VmHWM, reset through
+/proc/self/clear_refs before every timed call) over the resident set at the call's start.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import os
 import platform
 import statistics
 import time
-import tracemalloc
 
 import numpy as np
 import torch
@@ -95,25 +95,14 @@ def _status_mb(name: str) -> float | None:
     return None
 
 
-def peak_rss_growth_mb(fn) -> float | None:
+def reset_peak_rss() -> bool:
+    """Reset the peak resident set (VmHWM) of this process; False where unsupported."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
+        return True
     except OSError:
-        return None
-    start = _status_mb("VmRSS:")
-    fn()
-    peak = _status_mb("VmHWM:")
-    return None if start is None or peak is None else peak - start
-
-
-def tracemalloc_peak_mb(fn) -> float:
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1] / 2**20
-    finally:
-        tracemalloc.stop()
+        return False
 
 
 def run_scale(n, n_centres, d, t, bandwidth, repeats, numpy_repeats, label):
@@ -129,32 +118,37 @@ def run_scale(n, n_centres, d, t, bandwidth, repeats, numpy_repeats, label):
         "(a) numpy-direct f64": (lambda: numpy_direct(y64, c64, a, v), numpy_repeats),
         "(a') numpy-blas f64": (lambda: numpy_blas(y64, c64, a, v), numpy_repeats),
         "(b) kde_score auto f32": (lambda: kde_score(y32, c32, a, v), repeats),
+        '(b") kde_score f32 + KDEKeys': (lambda: kde_score(y32, keys, a, v), repeats),
         "(b') kde_score f64": (lambda: kde_score(y_t64, c_t64, a, v), repeats),
         "(c) bare sdpa f32": (
             lambda: F.scaled_dot_product_attention(q4, k4, k4, scale=1.0 / v),
             repeats,
         ),
     }
-    rows = {name: {"times": []} for name in methods}
+    rows = {name: {"times": [], "peak_rss_mb": None} for name in methods}
+    outputs = {}
     with torch.no_grad():
-        # Memory pass (also the warm-up), one call each.
-        for name, (fn, _) in methods.items():
-            rows[name]["peak_rss_mb"] = peak_rss_growth_mb(fn)
-            if "numpy" in name:
-                rows[name]["tracemalloc_mb"] = tracemalloc_peak_mb(fn)
-        # Timing, interleaved across methods.
+        for name, (fn, _) in methods.items():  # warm-up (threads, allocator) for torch only
+            if "numpy" not in name:
+                fn()
+        # Timing, interleaved across methods; every timed call also records its peak RSS growth.
         for r in range(repeats):
             for name, (fn, reps) in methods.items():
                 if r >= reps:
                     continue
+                reset = reset_peak_rss()
+                start = _status_mb("VmRSS:")
                 t0 = time.perf_counter()
-                fn()
+                outputs[name] = fn()
                 rows[name]["times"].append(time.perf_counter() - t0)
-        ref = numpy_blas(y64, c64, a, v)
+                peak = _status_mb("VmHWM:")
+                if reset and start is not None and peak is not None:
+                    prev = rows[name]["peak_rss_mb"] or 0.0
+                    rows[name]["peak_rss_mb"] = max(prev, peak - start)
+        ref = outputs["(a') numpy-blas f64"]
         err = {
-            "(a) numpy-direct f64": numpy_direct(y64, c64, a, v),
-            "(b) kde_score auto f32": kde_score(y32, c32, a, v).double().numpy(),
-            "(b') kde_score f64": kde_score(y_t64, c_t64, a, v).numpy(),
+            name: np.asarray(outputs[name], dtype=np.float64)
+            for name in ("(a) numpy-direct f64", "(b) kde_score auto f32", "(b') kde_score f64")
         }
     scale_ref = np.abs(ref).max()
     pairs = n * n_centres
@@ -196,8 +190,6 @@ def print_scale(res):
     for name, row in res["rows"].items():
         rss = row["peak_rss_mb"]
         rss_s = "n/a" if rss is None else f"{rss:.0f}"
-        if "tracemalloc_mb" in row:
-            rss_s += f" ({row['tracemalloc_mb']:.0f})"
         err = f"{row['max_err_rel']:.1e}" if "max_err_rel" in row else "-"
         print(
             f"{name:26s} {row['median_s']:9.3f} {row['best_s']:8.3f} "

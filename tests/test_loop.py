@@ -157,3 +157,21 @@ def test_generation_zero_is_shared_across_alpha(tmp_path, monkeypatch):
     run_chain(cfg, 0.9, 0, store)
     assert fits.count(0) == 1 and fits.count(1) == 2
     pd.testing.assert_frame_equal(ref, store.write_results())
+
+
+def test_mlp_chain_with_warm_start_resumes_identically(tmp_path):
+    over = SMALL + [
+        "score.kind=mlp",
+        "score.train_steps=40",
+        "score.batch_size=128",
+        "score.warm_start=true",
+        "loop.generations=2",
+    ]
+    cfg = load_config("quickstart", over)
+    full = run_experiment(cfg, prepare_run_dir(cfg, tmp_path / "full"))
+    store = prepare_run_dir(cfg, tmp_path / "cut")
+    with pytest.raises(Boom):
+        run_chain(cfg, 0.5, 0, store, on_generation=lambda g, s: (_ for _ in ()).throw(Boom()))
+    assert store.completed(0.5, 0) == 1
+    assert (store.cell(0.5, 0, 0) / "model.safetensors").exists()
+    pd.testing.assert_frame_equal(full, run_experiment(cfg, store))

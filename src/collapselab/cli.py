@@ -50,36 +50,83 @@ def _setup_logging(path: Path) -> None:
 @click.option("--out", "out", type=click.Path(file_okay=False), help="run directory")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="override any config key (YAML value; lists too)")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="chains run at once (local: 1 = in this process, N > 1 = a process pool; "
+                   "ray: CPUs of the local Ray started for the run)")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="where chains run")
+@click.option("--address", default=None, metavar="auto|ray://HOST:PORT",
+              help="Ray cluster to use (with --executor ray; default: start a local Ray)")
+@click.option("--cpus-per-chain", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, help="CPUs each Ray task asks for (its torch threads)")
+@click.option("--gpus-per-chain", type=click.FloatRange(min=0), default=None,
+              help="GPUs each Ray task asks for, fractional allowed (default: 1 when "
+                   "device is cuda, else 0)")
 @click.option("--quiet", is_flag=True, help="no progress display")
 @click.option("--no-report", is_flag=True, help="skip figures and report.html")
-def run(source, out, overrides, quiet, no_report):
+def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus_per_chain,
+        quiet, no_report):
     """Run (or resume) an experiment: a preset name or a YAML file."""
+    import importlib.util
+
     from .config import load_config
-    from .executors import ChainFailed, chains, default_out, prepare_run_dir, run_experiment
+    from .errors import ConfigError
+    from .executors import (
+        ChainFailed,
+        Resources,
+        chains,
+        default_out,
+        prepare_run_dir,
+        run_experiment,
+    )
 
     cfg = load_config(source, list(overrides))  # validation happens before anything is written
+    if executor != "ray":
+        for name, value in (("--address", address), ("--gpus-per-chain", gpus_per_chain)):
+            if value is not None:
+                raise ConfigError(name, "only used with --executor ray")
+    elif importlib.util.find_spec("ray") is None:
+        raise ConfigError("--executor", "ray is not installed (pip install 'collapselab[ray]')")
+    if gpus_per_chain is None:
+        gpus_per_chain = 1.0 if cfg.device.startswith("cuda") else 0.0
+    resources = Resources(num_cpus=cpus_per_chain, num_gpus=gpus_per_chain)
     store = prepare_run_dir(cfg, Path(out) if out else default_out(cfg))
     _setup_logging(store.log_path)
+    logging.getLogger("collapselab").info(
+        "run %s: executor=%s workers=%s address=%s resources=%s", cfg.name, executor, workers,
+        address, resources)
     todo = chains(cfg)
-    total = len(todo) * cfg.loop.generations
-    done = sum(min(store.completed(c.alpha, c.seed, c.param_dict), cfg.loop.generations)
-               for c in todo)
+    G = cfg.loop.generations
+    progress = [min(store.completed(c.alpha, c.seed, c.param_dict), G) for c in todo]
+    kwargs = dict(executor=executor, workers=workers, address=address, resources=resources)
     try:
         if quiet:
-            df = run_experiment(cfg, store)
+            df = run_experiment(cfg, store, **kwargs)
         else:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                           transient=False) as prog:
-                task = prog.add_task(f"{cfg.name}: generations", total=total, completed=done)
+                gens = prog.add_task(f"{cfg.name}: generations", total=len(todo) * G,
+                                     completed=sum(progress))
+                done_chains = prog.add_task("chains", total=len(todo),
+                                            completed=sum(p >= G for p in progress))
 
                 def tick(chain, g, secs):
-                    prog.update(task, advance=1, description=f"{cfg.name}: {chain.label()} gen {g}")
+                    prog.update(gens, advance=1, description=f"{cfg.name}: generations "
+                                f"(last: {chain.label()} gen {g}, {secs:.1f}s)")
+                    if g == G - 1:
+                        prog.update(done_chains, advance=1)
 
-                df = run_experiment(cfg, store, on_generation=tick)
+                df = run_experiment(cfg, store, on_generation=tick, **kwargs)
     except ChainFailed as exc:
         _fail(str(exc), 1)
     if not no_report:
@@ -92,8 +139,37 @@ def run(source, out, overrides, quiet, no_report):
         table = final_table(df)
         click.echo(f"run directory: {store.root}")
         for _, r in table.iterrows():
-            click.echo(f"  alpha={r.alpha:g}: {r.metric}[{r.estimator}] at generation "
+            extra = "".join(f"{k}={r[k]} " for k in table.columns if "." in k)
+            click.echo(f"  {extra}alpha={r.alpha:g}: {r.metric}[{r.estimator}] at generation "
                        f"{int(r.generation)} = {r['mean']:.4g} ± {r.half:.2g} (95%, {r.n} seeds)")
+
+
+@main.command()
+@click.option("--eps2", type=float, required=True,
+              help="per-generation score error ε² (measured ε⋆², e.g. from a pilot run)")
+@click.option("--tol", type=float, required=True, help="largest acceptable drift D = χ²(p̂ ‖ p)")
+@click.option("--horizon", type=int, default=None,
+              help="number of generations to plan for (default: all generations)")
+@click.option("--d0", type=float, default=0.0, show_default=True, help="starting drift D_0")
+def plan(eps2, tol, horizon, d0):
+    """Smallest fresh-data fraction α keeping the predicted drift below --tol (PAPER.md §4)."""
+    from .errors import CollapselabError
+    from .theory import plan_alpha
+
+    try:
+        res = plan_alpha(eps2, tol, horizon, d0)
+    except ValueError as exc:
+        msg = str(exc)
+        for name, flag in (("eps_sq", "--eps2"), ("tolerance", "--tol"), ("D0", "--d0"),
+                           ("horizon", "--horizon")):
+            if msg.startswith(name + " "):
+                msg = f"{flag}: {msg[len(name) + 1:]}"
+        raise CollapselabError(msg) from None
+    click.echo(f"alpha: {res.alpha:.6g}")
+    click.echo(f"predicted worst D: {res.worst_D:.6g}")
+    click.echo(f"feasible: {'yes' if res.feasible else 'no'}")
+    click.echo(f"horizon: {'all generations' if res.horizon is None else res.horizon}")
+    click.echo(f"reason: {res.reason}")
 
 
 @main.command()

@@ -26,15 +26,21 @@ class _Strict(BaseModel):
 
 
 class TargetConfig(_Strict):
-    """The target law p. ``gmm``: means (K×dim) or the paper layout; ``ring``: 2-D toy."""
+    """The target law p. ``gmm``: means (K×dim); ``paper_gmm``: the paper's layout; ``ring``:
+    2-D toy; ``dataset``: images from a local dataset (p is its empirical law)."""
 
-    kind: Literal["gmm", "ring", "paper_gmm"] = "ring"
+    kind: Literal["gmm", "ring", "paper_gmm", "dataset"] = "ring"
     dim: PosInt = 2
     means: list[list[float]] | None = None
     std: PosFloat | list[PosFloat] = 0.5
     weights: list[Annotated[float, Field(ge=0.0)]] | None = None
     n_components: PosInt = 8
     radius: PosFloat = 4.0
+    dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10", "npy", "npz"] = "digits"
+    root: str | None = None
+    classes: list[Annotated[int, Field(ge=0)]] | None = None
+    downsample: PosInt | None = None
+    limit: PosInt | None = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -42,6 +48,10 @@ class TargetConfig(_Strict):
             raise ValueError("dim: the ring target is 2-D; use dim: 2")
         if self.kind == "paper_gmm" and self.dim < 2:
             raise ValueError("dim: the paper layout needs dim >= 2")
+        if self.kind == "dataset":
+            if self.dataset in ("npy", "npz") and not self.root:
+                raise ValueError("root: required for dataset npy/npz (path of the array file)")
+            return self
         if self.means is not None:
             if self.kind != "gmm":
                 raise ValueError("means: only allowed with kind: gmm")
@@ -78,17 +88,38 @@ class ProcessConfig(_Strict):
 
 class ScoreConfig(_Strict):
     """Score model. analytic: exact score of q_i (oracle); kde: finite KDE on the training set;
-    population_kde: the N → ∞ KDE (law stays a Gaussian mixture); mlp: trained by DSM."""
+    population_kde: the N → ∞ KDE (law stays a Gaussian mixture); mlp / unet: ε-prediction
+    networks trained by denoising score matching (EMA weights sample)."""
 
-    kind: Literal["analytic", "kde", "population_kde", "mlp"] = "kde"
+    kind: Literal["analytic", "kde", "population_kde", "mlp", "unet"] = "kde"
     bandwidth: PosFloat = 0.6
+    # networks
     hidden: PosInt = 128
     layers: PosInt = 3
+    base_channels: PosInt = 32
+    channel_mults: list[PosInt] = [1, 2]
+    num_res_blocks: PosInt = 1
+    attention_levels: list[Annotated[int, Field(ge=0)]] = []
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    # training (denoising score matching)
     train_steps: PosInt = 2000
+    epochs: PosFloat | None = None
+    epochs_first: PosFloat | None = None
     batch_size: PosInt = 512
     lr: PosFloat = 2e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    optimizer: Literal["adam", "adamw"] = "adam"
+    schedule: Literal["constant", "cosine"] = "constant"
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    patience: PosInt | None = None
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     warm_start: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.patience is not None and self.val_fraction == 0:
+            raise ValueError("patience: early stopping needs a validation split (val_fraction > 0)")
+        return self
 
 
 class SamplerConfig(_Strict):
@@ -116,13 +147,24 @@ class LoopConfig(_Strict):
 
 
 class EstimatorConfig(_Strict):
-    """Which divergence estimators run each generation and with how many points."""
+    """Which divergence estimators run each generation and with how many points.
+
+    For image targets the divergences are measured in the feature space of a classifier
+    trained in-project (``feature_dim``, ``feature_epochs``); ``extra`` may then also hold
+    fid_local, kid, precision_recall and density_coverage."""
 
     exact: bool = True
     sample_based: list[Literal["classifier", "knn"]] = ["knn"]
     n_mc: PosInt = 20000
     n_eval: PosInt = 2000
-    extra: list[Literal["second_moment", "sliced_w2", "mmd"]] = ["second_moment", "sliced_w2"]
+    extra: list[
+        Literal[
+            "second_moment", "sliced_w2", "mmd", "fid_local", "kid", "precision_recall",
+            "density_coverage",
+        ]
+    ] = ["second_moment", "sliced_w2"]
+    feature_dim: PosInt = 32
+    feature_epochs: PosFloat | None = None
 
 
 class SweepConfig(_Strict):
@@ -197,6 +239,11 @@ class Config(_Strict):
     def _cross(self):
         if self.sampler.t0 >= self.process.T:
             raise ValueError("sampler.t0: must be smaller than process.T")
+        image = self.target.kind == "dataset"
+        if image and self.score.kind not in ("mlp", "unet"):
+            raise ValueError("score.kind: image targets need a network score (mlp or unet)")
+        if not image and self.score.kind == "unet":
+            raise ValueError("score.kind: unet needs an image target (target.kind: dataset)")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError("device: allowed values are cpu, cuda, cuda:N")
         if self.process.kind == "vp" and self.process.beta_max < self.process.beta_min:

@@ -51,9 +51,10 @@ log = logging.getLogger("collapselab")
 
 EXECUTORS = ("local", "ray")
 # Test hooks, read by the worker that runs a chain (documented in docs/distributed.md):
-# FAULT_ENV = JSON {"alpha", "seed", "generation", "kind": exit|raise|nan} injects a failure into
-# that chain's generation (exit = the worker process dies mid-generation); FIT_LOG_ENV = a file to
-# which every score fit appends "alpha seed generation" (counts what was actually trained).
+# FAULT_ENV = JSON {"alpha", "seed", "generation", "kind": exit|raise|nan} (or a list of them)
+# injects a failure into that chain's generation (exit = the worker process dies mid-generation);
+# FIT_LOG_ENV = a file to which every score fit appends "alpha seed generation params" (counts
+# what was actually trained).
 FAULT_ENV = "COLLAPSELAB_FAULT"
 FIT_LOG_ENV = "COLLAPSELAB_FIT_LOG"
 POLL_SECONDS = 0.25
@@ -166,12 +167,14 @@ def _installed_hooks(hooks: dict, alpha: float, seed: int):
     from . import loop
 
     real_fit = loop.fit_score
-    fault = hooks.get("fault") or {}
-    hit = (fault and float(fault["alpha"]) == float(alpha) and int(fault["seed"]) == int(seed))
+    faults = hooks.get("fault") or []
+    faults = [faults] if isinstance(faults, dict) else faults
+    mine = {int(f["generation"]): f.get("kind", "raise") for f in faults
+            if float(f["alpha"]) == float(alpha) and int(f["seed"]) == int(seed)}
 
     def fit(ctx, generation, *args, **kwargs):
-        if hit and int(fault["generation"]) == generation:
-            _fault(fault.get("kind", "raise"), generation)
+        if generation in mine:
+            _fault(mine[generation], generation)
         if hooks.get("fit_log"):
             with open(hooks["fit_log"], "a") as f:  # O_APPEND: one short line per fit
                 f.write(f"{float(alpha)!r} {int(seed)} {generation} {json.dumps(ctx.params)}\n")
@@ -554,6 +557,12 @@ def run_experiment(
         raise ConfigError("--workers", "must be a positive integer")
     if resources is None:
         resources = Resources(num_gpus=1.0 if cfg.device.startswith("cuda") else 0.0)
+    from .report import environment
+
+    atomic_write_json(store.root / "environment.json",
+                      {**environment(), "device": cfg.device, "executor": executor,
+                       "workers": workers or 1, "address": address,
+                       "resources_per_chain": vars(resources)})
     driver = _Driver(cfg, store, on_generation, read_hooks())
     driver.plan(chains(cfg))
     if executor == "ray":

@@ -97,10 +97,22 @@ def fit_score(ctx: ChainContext, generation: int, train: TrainingSet, q_law):
     if s.kind == "kde":
         centres = torch.from_numpy(train.x).to(ctx.device)
         return KDEScore(centres, s.bandwidth, ctx.process), None
-    if s.kind == "mlp":
-        from .scores.neural import fit_mlp
+    if s.kind in ("mlp", "unet"):
+        from .scores.neural import fit_neural, raw_state
 
-        return fit_mlp(ctx, generation, train)
+        prev = ctx.store.cell(ctx.alpha, ctx.seed, generation - 1, ctx.params) / "model.safetensors"
+        init = raw_state(prev) if s.warm_start and generation > 0 and prev.exists() else None
+        _, rng = streams(ctx.seed, generation, "train")
+        return fit_neural(
+            s,
+            ctx.process,
+            torch.from_numpy(train.x),
+            generation=generation,
+            seed=int(rng.integers(2**31)),
+            t_min=max(ctx.cfg.sampler.t0, 1e-3),
+            device=ctx.device,
+            init_state=init,
+        )
     raise ValueError(f"unknown score kind {s.kind}")
 
 
@@ -305,7 +317,7 @@ def run_chain(
         if state is not None:
             from .scores.neural import save_model
 
-            save_model(cell / "model.safetensors", state)
+            save_model(cell / "model.safetensors", state, {"generation": i, "alpha": alpha})
         timings = {"fit": t_fit - t_start, "sample": t_sample - t_fit, "measure": t_end - t_sample}
         atomic_write_json(cell / "metrics.json", {"rows": rows, "timings": timings})
         previous, latest = train, samples

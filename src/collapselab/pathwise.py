@@ -573,19 +573,22 @@ def observability(
     a = M * F
     num = float(a.mean())
     eta = num / den
+    # Standard error. First order, Cov(M, f̂) behaves like the efficient estimator of E[f²]
+    # (f = E[M|Y]): influence 2 M F − F² (the f̂-estimation error adds a second f·ε term, so
+    # the naive M·F influence would be too small). To that the cross-fold coupling adds
+    # 2 σ² Var_noise(F)/n (F_i depends on the noise of M_j in its training folds and F_j on
+    # that of M_i), while the plug-in 4 F² ε² overstates 4 f² ε² by 4 σ² Var_noise(F): net
+    # −2 σ² Var_noise(F)/n, with σ² ≈ mean (M − F)² and Var_noise(F) ≈ mean F² − Cov.
+    # Checked against the spread over repeated runs (tests/test_pathwise.py).
+    phi = 2.0 * M * F - F**2
     if eps_star_sq is None:
-        # Ratio of two means over the same paths: influence (a_i − η M_i²)/mean(M²).
-        phi = (a - eta * M**2) / den
-        var = float(phi.var()) / n
-    else:
-        var = float(a.var()) / den**2 / n + (eta * den_se / den) ** 2
-    # The influence term misses the cross-fold coupling: F_i depends on the noise of M_j in its
-    # training folds and F_j on that of M_i (Σ_ij h_ij h_ji σ_i²σ_j² for a linear smoother h),
-    # which about doubles the variance when E[M|Y] ≈ 0. Estimate it from the noise variance of
-    # M (mean M² − Cov) and of the fitted values (mean F² − Cov), both ≈ 0-bias proxies.
+        phi = phi - eta * M**2  # ratio of means over the same paths (delta method)
+    var = float(phi.var()) / n / den**2
     noise_f = max(float(np.mean(F**2)) - num, 0.0)
-    noise_m = max(var_m - num, 0.0)
-    se = math.sqrt(var + noise_f * noise_m / n / den**2)
+    sigma2 = float(np.mean((M - F) ** 2))
+    var = max(var - 2.0 * sigma2 * noise_f / n / den**2, float(a.var()) / n / den**2)
+    var += (eta * den_se / den) ** 2
+    se = math.sqrt(var)
     r2 = 1.0 - float(np.mean((M - F) ** 2)) / var_m
     diag = {
         "r2_oos": r2,

@@ -1,0 +1,110 @@
+"""report.html: one self-contained file that opens with the answer; every figure embedded."""
+
+import base64
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from collapselab.config import load_config
+from collapselab.executors import prepare_run_dir, run_experiment
+from collapselab.report import build_report, image_grid
+from collapselab.store import atomic_save_npy, atomic_write_json
+
+SMALL = ["loop.generations=2", "loop.n_train=200", "sampler.steps=20", "estimators.n_mc=1000",
+         "estimators.n_eval=200", "sweep.alphas=[0.1, 0.9]", "sweep.seeds=[0, 1]",
+         "score.kind=population_kde", "sweep.score.bandwidth=[0.2, 0.4]"]
+SECTIONS = ["answer", "drift", "intra", "nonfinite", "bounds", "samples", "timing", "config",
+            "environment"]
+
+
+def embedded(html: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'<img [^>]*src="data:image/png;base64,'
+                                                    r'([A-Za-z0-9+/=]+)"', html)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    cfg = load_config("quickstart", SMALL)
+    store = prepare_run_dir(cfg, tmp_path_factory.mktemp("rep") / "run")
+    df = run_experiment(cfg, store)
+    # Rows other modules add (bounds, pathwise) and an infinite value: rendered generically.
+    extra = []
+    for (a, s, h), _ in df.groupby(["alpha", "seed", "score.bandwidth"]):
+        for g in range(2):
+            base = dict(alpha=a, seed=s, generation=g, stderr=0.0, **{"score.bandwidth": h})
+            extra += [
+                dict(base, metric="bound_kl_upper", estimator="exact", value=0.5, note="",
+                     measured=0.4, held=g == 0),
+                dict(base, metric="score_energy_ideal", estimator="monte_carlo", value=0.1,
+                     note=""),
+                dict(base, metric="observability", estimator="monte_carlo", value=0.7, note=""),
+            ]
+    extra.append(dict(alpha=0.1, seed=1, generation=2, metric="accumulated_chi2",
+                      estimator="classifier", value=np.inf, stderr=np.nan,
+                      note="density ratio unbounded", **{"score.bandwidth": 0.2}))
+    full = pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
+    full.to_parquet(store.results_path, index=False)
+    return store
+
+
+def test_report_is_self_contained_and_opens_with_the_answer(run_dir):
+    figs = build_report(run_dir.root)
+    html = (run_dir.root / "report.html").read_text()
+    names = {p.name for p in figs}
+    assert {"final_drift.png", "accumulated.png", "intra.png", "bounds.png", "pathwise.png",
+            "samples_0.png", "samples_1.png", "timings.png"} <= names
+    # Every figure is on disk and embedded byte for byte; nothing is linked from outside.
+    assert sorted(embedded(html)) == sorted(p.read_bytes() for p in figs)
+    assert all(p.parent == run_dir.figures for p in figs)
+    assert not re.search(r'src="(?!data:)', html)
+    pos = [html.index(f'<section id="{s}"') for s in SECTIONS]
+    assert pos == sorted(pos)  # the answer comes first
+    answer = re.search(r'class="answer">([^<]*)', html).group(1)
+    assert "α" in answer and "generation 2" in answer
+    assert "score.bandwidth=0.2" in answer and "score.bandwidth=0.4" in answer
+    assert "density ratio unbounded" in html and "inf/NaN" in html
+    assert "FAILED" in html and "held" in html  # the bound table's flag column
+    for key in ("python", "torch", "collapselab", "numpy", "device"):
+        assert f"<td>{key}</td>" in html
+    summary = pd.read_csv(run_dir.root / "summary.csv")
+    assert {"score.bandwidth", "alpha", "generation", "metric", "estimator", "mean", "ci_low",
+            "ci_high", "n", "n_nonfinite"} <= set(summary.columns)
+    row = summary[(summary.metric == "accumulated_chi2") & (summary.estimator == "classifier")]
+    assert row.n_nonfinite.item() == 1 and row.n.item() == 0
+
+
+def test_image_runs_get_sample_grids(tmp_path):
+    cfg = load_config("quickstart", ["loop.generations=1", "sweep.alphas=[0.5]",
+                                     "sweep.seeds=[0]"])
+    store = prepare_run_dir(cfg, tmp_path / "img")
+    rng = np.random.default_rng(0)
+    cell = store.cell(0.5, 0, 0)
+    atomic_save_npy(cell / "train.npy", rng.normal(size=(80, 1, 8, 8)).astype(np.float32))
+    atomic_save_npy(cell / "samples.npy", rng.normal(size=(80, 1, 8, 8)).astype(np.float32))
+    atomic_write_json(cell / "metrics.json", {"rows": [
+        dict(alpha=0.5, seed=0, generation=g, metric="accumulated_kl", estimator="exact",
+             value=0.1 * g, stderr=0.0, note="") for g in (0, 1)], "timings": {"fit": 1.0}})
+    store.write_results()
+    figs = build_report(store.root)
+    assert {"grid.png", "samples.png"} <= {p.name for p in figs}
+    html = (store.root / "report.html").read_text()
+    assert '<section id="grids"' in html and len(embedded(html)) == len(figs)
+    g = image_grid(rng.normal(size=(64, 3, 4, 4)))
+    assert g.shape == (8 * 5 + 1, 8 * 5 + 1, 3) and 0 <= g.min() and g.max() <= 1
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no headless Chromium")
+def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    build_report(run_dir.root)
+    page = tmp_path / "report.html"
+    shutil.copy(run_dir.root / "report.html", page)
+    r = subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                        "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(embedded(r.stdout)) == len(list(run_dir.figures.glob("*.png")))
+    assert '<section id="answer"' in r.stdout
