@@ -69,3 +69,60 @@ def test_run_then_report_then_resume(tmp_path):
     assert r.returncode == 2 and "different configuration" in r.stderr
     r = cli("report", str(tmp_path / "missing"))
     assert r.returncode == 2 and "config.yaml" in r.stderr
+
+
+
+def invoke(*args, env=None):
+    """In-process CLI call (no interpreter start-up): exit code and the two streams."""
+    from click.testing import CliRunner
+
+    from collapselab.cli import main
+
+    res = CliRunner().invoke(main, list(args), env=env)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)
+
+def test_plan_prints_alpha_and_rejects_bad_numbers():
+    r = invoke("plan", "--eps2", "0.01", "--tol", "0.05", "--horizon", "10")
+    assert r.returncode == 0, r.stderr
+    out = dict(line.split(": ", 1) for line in r.stdout.strip().splitlines())
+    assert 0 < float(out["alpha"]) < 1 and out["feasible"] == "yes"
+    assert float(out["predicted worst D"]) <= 0.05 + 1e-12 and out["reason"]
+    r = invoke("plan", "--eps2", "0.1", "--tol", "0.05")
+    assert r.returncode == 0 and "feasible: no" in r.stdout
+    for bad, field in [(["--eps2", "-1", "--tol", "0.05"], "--eps2"),
+                       (["--eps2", "0.01", "--tol", "0"], "--tol"),
+                       (["--eps2", "0.01", "--tol", "0.05", "--horizon", "0"], "--horizon"),
+                       (["--eps2", "abc", "--tol", "0.05"], "--eps2")]:
+        r = invoke("plan", *bad)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and field in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("args, field", [(["--workers", "0"], "--workers"),
+                                         (["--address", "auto"], "--address"),
+                                         (["--executor", "spark"], "--executor")])
+def test_bad_executor_options_exit_2_before_writing(tmp_path, args, field):
+    out = tmp_path / "run"
+    r = invoke("run", "quickstart", "--out", str(out), *args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and field in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_failed_chain_exits_1_with_one_line_and_rerun_completes(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    fault = {"alpha": 0.9, "seed": 0, "generation": 1, "kind": "raise"}
+    r = invoke("run", "quickstart", "--out", str(out), "--quiet", "--no-report", *SMALL,
+               env={"COLLAPSELAB_FAULT": json.dumps(fault)})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "alpha=0.9 seed=0" in lines[0] and "generation 1" in lines[0]
+    assert str(out / "run.log") in lines[0] and "injected fault" in (out / "run.log").read_text()
+    assert (out / "failures.json").exists() and (out / "summary.csv").exists()
+    r = invoke("run", "quickstart", "--out", str(out), "--quiet", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert not (out / "failures.json").exists() and (out / "report.html").exists()

@@ -220,23 +220,30 @@ def test_eta_zero_when_no_error(gen):
 
 
 def test_eta_ordering_aligned_random_timeonly(gen):
-    """Fig. 2 ordering η(aligned) > η(random linear) > η(time-only, fast) ≈ 0, on a centred
-    2-component GMM in d = 6. (In d = 2 a random matrix is mostly symmetric and η(random
-    linear) ≈ η(aligned); the gap opens with d as the rotation part, invisible for a nearly
-    isotropic law, takes half of A's energy. A *constant* time-only error has large η.)"""
-    d = 6
+    """Fig. 2 ordering η(aligned) > E_A η(random linear A) > η(time-only, fast) ≈ 0, on a
+    centred 2-component GMM in d = 10.
+
+    η of one random matrix varies a lot with the draw (0.09-0.21 here), so the random-linear
+    value is the mean over 8 matrices with the stderr from their spread (MC + draw-to-draw).
+    In d = 2 a random matrix is mostly symmetric and η(random linear) ≈ η(aligned); the gap
+    opens with d as the rotation part (nearly invisible for a nearly isotropic law) takes about
+    half of A's energy. A *constant* time-only error has a large η (see the Gaussian test)."""
+    d = 10
     means = torch.zeros(2, d, dtype=torch.float64)
     means[0, 0], means[1, 0] = 1.0, -1.0
     law = GaussianMixture.isotropic(means, 0.7)
     u = torch.zeros(d, dtype=torch.float64)
     u[0] = 1.0
-    etas = {}
-    for name, err in [("aligned", aligned(1.0)), ("random_linear", random_linear(d, gen)),
-                      ("time_only", time_oscillating(u, 5.0))]:
+
+    def eta(err, n):
         score = PerturbedScore(AnalyticScore(law, P), err, 0.3)
-        r = measure_observability(score, law, P, T0, T, 100, 3000, gen, regressor="poly2")
-        etas[name] = r["eta"]
-    a, r, t = etas["aligned"], etas["random_linear"], etas["time_only"]
-    assert a.value - r.value > 4 * math.hypot(a.stderr, r.stderr), etas
-    assert r.value - t.value > 4 * math.hypot(r.stderr, t.stderr), etas
-    assert abs(t.value) <= 4 * t.stderr + 2e-3, etas
+        return measure_observability(score, law, P, T0, T, 100, n, gen, regressor="poly2")["eta"]
+
+    a = eta(aligned(1.0), 3000)
+    t = eta(time_oscillating(u, 5.0), 3000)
+    rl = torch.tensor([eta(random_linear(d, gen), 1500).value for _ in range(8)])
+    r, r_se = float(rl.mean()), float(rl.std() / math.sqrt(len(rl)))
+    msg = (a, t, rl)
+    assert a.value - r > 4 * math.hypot(a.stderr, r_se), msg
+    assert r - t.value > 4 * math.hypot(r_se, t.stderr), msg
+    assert abs(t.value) <= 4 * t.stderr + 2e-3, msg

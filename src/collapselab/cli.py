@@ -121,10 +121,9 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
                                             completed=sum(p >= G for p in progress))
 
                 def tick(chain, g, secs):
-                    prog.update(gens, advance=1, description=f"{cfg.name}: generations "
-                                f"(last: {chain.label()} gen {g}, {secs:.1f}s)")
-                    if g == G - 1:
-                        prog.update(done_chains, advance=1)
+                    prog.update(gens, advance=1)
+                    prog.update(done_chains, advance=int(g == G - 1),
+                                description=f"chains (last: {chain.label()} gen {g})")
 
                 df = run_experiment(cfg, store, on_generation=tick, **kwargs)
     except ChainFailed as exc:

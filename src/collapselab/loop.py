@@ -34,13 +34,22 @@ from .store import (
     load_npy,
     read_json,
 )
-from .targets import GaussianMixture, mix_laws, paper_gmm_means, ring
+from .targets import EmpiricalTarget, GaussianMixture, mix_laws, paper_gmm_means, ring
 
 _STREAMS = {"real": 1, "policy": 2, "train": 3, "sample": 4, "eval": 5, "eval_real": 6}
 
 
-def build_target(cfg: Config) -> GaussianMixture:
+def build_target(cfg: Config) -> GaussianMixture | EmpiricalTarget:
     t = cfg.target
+    if t.kind == "dataset":
+        from .datasets import load_dataset
+
+        kw = dict(root=t.root, classes=t.classes, downsample=t.downsample)
+        test_split = "train" if t.dataset in ("npy", "npz") else "test"
+        return EmpiricalTarget(
+            load_dataset(t.dataset, split="train", limit=t.limit, **kw),
+            load_dataset(t.dataset, split=test_split, **kw),
+        )
     if t.kind == "ring":
         return ring(t.n_components, t.radius, t.std if isinstance(t.std, float) else 0.5)
     means = paper_gmm_means(t.dim) if t.kind == "paper_gmm" else torch.tensor(t.means)
@@ -74,12 +83,38 @@ class ChainContext:
     seed: int
     store: RunStore
     params: dict = field(default_factory=dict)
-    target: GaussianMixture = field(init=False)
+    target: GaussianMixture | EmpiricalTarget = field(init=False)
     process: VPProcess = field(init=False)
+    _features: object = field(default=None, init=False)
 
     def __post_init__(self):
         self.target = build_target(self.cfg)
         self.process = build_process(self.cfg)
+
+    @property
+    def is_image(self) -> bool:
+        return isinstance(self.target, EmpiricalTarget)
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return self.target.event_shape if self.is_image else (self.target.dim,)
+
+    def features(self):
+        """The feature classifier of image runs: trained once on p's training split, cached
+        by content hash (same seed, data and settings give the same network everywhere)."""
+        if self._features is None:
+            from .features import FeatureExtractor
+
+            e = self.cfg.estimators
+            self._features = FeatureExtractor.fit_or_load(
+                self.target.train,
+                self.target.test,
+                seed=0,
+                feature_dim=e.feature_dim,
+                epochs=e.feature_epochs,
+                device=str(self.device),
+            )
+        return self._features
 
     @property
     def device(self) -> torch.device:
@@ -120,10 +155,15 @@ def draw_samples(ctx: ChainContext, score, n: int, generation: int) -> np.ndarra
     """n draws of p̂_{i+1}: the reverse SDE from N(0, I) at T down to t0."""
     gen, _ = streams(ctx.seed, generation, "sample")
     sc = ctx.cfg.sampler
-    x = torch.randn(n, ctx.target.dim, generator=gen, dtype=torch.float32).to(ctx.device)
+    x = torch.randn((n, *ctx.event_shape), generator=gen, dtype=torch.float32)
     times = time_grid(ctx.process.T, sc.t0, sc.steps)
-    y = SAMPLERS[sc.kind](score, x, times, ctx.process, generator=gen)
-    return y.float().cpu().numpy()
+    # Chunks bound the memory of network forwards; each chunk's noise follows from the stream.
+    chunk = n if not ctx.is_image else 512
+    out = [
+        SAMPLERS[sc.kind](score, x[i : i + chunk].to(ctx.device), times, ctx.process, generator=gen)
+        for i in range(0, n, chunk)
+    ]
+    return torch.cat(out).float().cpu().numpy()
 
 
 # ---- laws (exact densities where the model's output law is known) ---------------------------
@@ -138,6 +178,8 @@ def training_law(ctx: ChainContext, generation: int, laws: dict[int, object]):
         ctx.cfg.loop.policy, generation, ctx.alpha, ctx.cfg.loop.augmentation_lambda
     )
     parts = []
+    if ctx.is_image:
+        return None
     for g, w in weights.items():
         law = ctx.target if g == 0 else laws.get(g)
         if law is None:
@@ -158,8 +200,58 @@ def _row(ctx: ChainContext, generation: int, metric: str, e: Estimate) -> dict:
     }
 
 
+def measure_images(ctx, generation, samples, train: TrainingSet) -> list[dict]:
+    """Image runs: D_{i+1} and I_i in the feature space of a classifier (PAPER.md §5: the
+    Gaussian χ² proxy; KL, Fréchet distance, KID, precision/recall, density/coverage too).
+    D compares with p's held-out split, I with the training set of q_i."""
+    from . import feature_metrics as fm
+
+    ecfg = ctx.cfg.estimators
+    _, rng = streams(ctx.seed, generation, "eval")
+    fx = ctx.features()
+    n_eval = min(ecfg.n_eval, len(samples))
+    test = ctx.target.test.images
+    f_x = fx.features(samples[rng.choice(len(samples), n_eval, replace=False)])
+    f_p = fx.features(test[rng.choice(len(test), min(n_eval, len(test)), replace=False)])
+    f_q = fx.features(train.x[rng.choice(len(train), min(n_eval, len(train)), replace=False)])
+    seed = int(rng.integers(2**31))
+    nxt, rows = generation + 1, []
+    for ref, g, name in ((f_p, nxt, "accumulated"), (f_q, generation, "intra")):
+        rows.append(_row(ctx, g, f"{name}_chi2", fm.feature_gaussian_chi2(f_x, ref, seed=seed)))
+        rows.append(_row(ctx, g, f"{name}_kl", fm.feature_gaussian_kl(f_x, ref, seed=seed)))
+    for kind in ecfg.extra:
+        if kind == "fid_local":
+            rows.append(_row(ctx, nxt, "fid_local", fm.frechet_distance(f_x, f_p, seed=seed)))
+        elif kind == "kid":
+            rows.append(_row(ctx, nxt, "kid", fm.kid(f_x, f_p, seed=seed)))
+        elif kind == "precision_recall":
+            pr = fm.precision_recall(f_p, f_x)
+            rows += [_row(ctx, nxt, "precision", pr.precision), _row(ctx, nxt, "recall", pr.recall)]
+        elif kind == "density_coverage":
+            dc = fm.density_coverage(f_p, f_x)
+            rows += [_row(ctx, nxt, "density", dc.density), _row(ctx, nxt, "coverage", dc.coverage)]
+        elif kind == "second_moment":
+            rows.append(
+                _row(
+                    ctx, nxt, "second_moment", est.second_moment(samples.reshape(len(samples), -1))
+                )
+            )
+    rows.append(_row(ctx, generation, "fraction_real", Estimate(train.fraction_real, 0.0, "exact")))
+    if generation == 0:
+        acc = Estimate(
+            fx.test_accuracy,
+            float("nan"),
+            "feature_classifier",
+            f"test accuracy of the feature classifier ({fx.content_hash[:12]})",
+        )
+        rows.append(_row(ctx, 0, "feature_test_accuracy", acc))
+    return rows
+
+
 def measure(ctx, generation, samples, train: TrainingSet, law_next, q_law) -> list[dict]:
     """Rows for D_{i+1} (on row i+1), I_i (on row i) and the extra per-generation metrics."""
+    if ctx.is_image:
+        return measure_images(ctx, generation, samples, train)
     ecfg = ctx.cfg.estimators
     gen, rng = streams(ctx.seed, generation, "eval")
     rows = []
@@ -295,6 +387,7 @@ def run_chain(
             alpha=alpha,
             n_train=cfg.loop.n_train,
             draw_real=lambda n, g=real_gen: ctx.target.sample(n, g).float().numpy(),
+            # (images: resampled from the training split; mixtures: fresh exact draws)
             pools={i: latest} if i else {},
             previous=previous,
             rng=policy_rng,

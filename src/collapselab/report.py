@@ -76,6 +76,20 @@ def pick_estimator(df: pd.DataFrame, metric: str) -> str | None:
     return have[0] if have else None
 
 
+def best_rows(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The rows of ``metric`` from the most trusted estimator available in each (swept keys, α,
+    generation) cell (ESTIMATOR_ORDER; exact first): estimators can differ between cells (a
+    closed form where the law allows it, Monte Carlo elsewhere; D_0 = 0 is exact)."""
+    sub = df[df.metric == metric]
+    if sub.empty:
+        return sub
+    rank = {e: k for k, e in enumerate(ESTIMATOR_ORDER)}
+    r = sub.estimator.map(lambda e: rank.get(e, len(rank)))
+    keys = swept_columns(sub) + ["alpha", "generation"]
+    best = r.groupby([sub[k] for k in keys], dropna=False).transform("min")
+    return sub[r == best]
+
+
 def seed_summary(df: pd.DataFrame, metric: str, estimator: str) -> pd.DataFrame:
     """Per (swept keys, α, generation): mean over seeds, 95% t half-width ``half``, count ``n``
     of finite values and ``nonfinite`` (see :func:`store.summarize`)."""
@@ -101,16 +115,14 @@ def _mark_nonfinite(ax, summ: pd.DataFrame, x: str = "generation") -> None:
 
 def plot_metric(df: pd.DataFrame, metric: str, title: str, ax, params: dict | None = None) -> bool:
     """Mean over seeds per α with a 95% band; seeds with inf/NaN marked by a red ×."""
-    df = _select(df, params or {})
-    est = pick_estimator(df, metric)
-    if est is None:
+    sub = best_rows(_select(df, params or {}), metric)
+    if sub.empty:
         return False
-    sub = df[(df.metric == metric) & (df.estimator == est)]
-    if metric.startswith("accumulated_") and est != "exact":
-        # D_0 = 0 exactly (p̂_0 = p): draw it as the start of every estimator's curve.
-        zero = df[(df.metric == metric) & (df.estimator == "exact") & (df.generation == 0)]
-        sub = pd.concat([zero[~zero.generation.isin(sub.generation)], sub])
-    summ = summarize(sub).rename(columns={"half_width": "half", "n_nonfinite": "nonfinite"})
+    est = "/".join(dict.fromkeys(e for e in ESTIMATOR_ORDER + sorted(set(sub.estimator))
+                                 if e in set(sub.estimator)))
+    # One curve per α: cells measured by different estimators are joined along generations.
+    summ = summarize(sub.assign(estimator=est)).rename(
+        columns={"half_width": "half", "n_nonfinite": "nonfinite"})
     for a, grp in summ.groupby("alpha"):
         grp = grp.sort_values("generation")
         line, = ax.plot(grp.generation, grp["mean"], marker="o", ms=3, label=f"α = {a:g}")
@@ -324,18 +336,21 @@ def final_table(df: pd.DataFrame) -> pd.DataFrame:
     α?'. Columns: swept keys, alpha, generation, metric, estimator, mean, half, n, nonfinite."""
     out, fallback = pd.DataFrame(), None
     for metric in ("accumulated_chi2", "accumulated_kl"):
-        est = pick_estimator(df, metric)
-        if est is None:
+        sub = best_rows(df, metric)
+        if sub.empty:
             continue
-        summ = seed_summary(df, metric, est)
-        last = summ[summ.generation == summ.generation.max()]
-        cols = swept_columns(summ) + ["alpha", "generation", "metric", "estimator", "mean",
-                                      "half", "n", "nonfinite"]
-        out = last[cols].reset_index(drop=True)
+        swept = swept_columns(sub)
+        last_g = sub.groupby(swept, dropna=False).generation.transform("max") if swept else \
+            sub.generation.max()
+        sub = sub[sub.generation == last_g]
+        summ = summarize(sub).rename(columns={"half_width": "half", "n_nonfinite": "nonfinite"})
+        cols = swept + ["alpha", "generation", "metric", "estimator", "mean", "half", "n",
+                        "nonfinite"]
+        out = summ[cols].reset_index(drop=True)
         if np.isfinite(out["mean"].to_numpy(float)).any():
             break
         # χ² unreliable for every α at the last generation (e.g. heavy tails): fall back to KL.
-        fallback = f"{metric} [{est}] has no finite mean at the last generation"
+        fallback = f"{metric} has no finite mean at the last generation"
     if fallback and len(out) and out.metric.iloc[0] != "accumulated_chi2":
         out.attrs["fallback"] = fallback
     return out

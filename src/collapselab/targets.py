@@ -233,3 +233,22 @@ def mix_laws(parts):
             torch.cat([law.covs for _, law in parts]),
         ).merged()
     return LawMixture(parts)
+
+
+class EmpiricalTarget:
+    """p for image experiments: the empirical law of a dataset's training split.
+
+    ``sample`` draws real images with replacement (fresh data from a finite set is a resample
+    of it); ``test`` is the held-out split the divergences compare against. No density: the
+    loop measures images in the feature space of a classifier instead.
+    """
+
+    def __init__(self, train, test):
+        self.train, self.test = train, test  # datasets.ImageData
+        self.images = torch.from_numpy(train.images)
+        self.event_shape = tuple(train.images.shape[1:])
+        self.dim = int(math.prod(self.event_shape))
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        idx = torch.randint(len(self.images), (n,), generator=generator)
+        return self.images[idx]
