@@ -43,7 +43,7 @@ from torch import Tensor
 from .estimate import Estimate
 from .processes import time_grid
 from .samplers import euler_maruyama
-from .scores.analytic import AnalyticScore
+from .scores.analytic import AnalyticScore, exact_score
 from .scores.perturbed import PerturbedScore, affine_parts
 from .targets import GaussianMixture
 
@@ -98,7 +98,7 @@ def _affine_energy(law_t: GaussianMixture, W: Tensor, b: Tensor) -> float:
 
 def error_function(score, law: GaussianMixture, process) -> Callable[[Tensor, float], Tensor]:
     """e(y, t) = ŝ(y, t) − ∇log q_t(y) (PAPER.md §3), evaluated in float64."""
-    exact = AnalyticScore(law, process)
+    exact = exact_score(law, process)
 
     def e(y: Tensor, t) -> Tensor:
         y = y.to(torch.float64)
@@ -281,7 +281,7 @@ def dsm_constant(
                                   limit=200)
         return Estimate(val, err, "exact", "single Gaussian: J(q_t) = tr(Σ_t⁻¹)")
 
-    exact = AnalyticScore(law, process)
+    exact = exact_score(law, process)
     rule = _rule(t0, T, n_times, quadrature, grid)
 
     def node(t: float):
@@ -348,7 +348,7 @@ def score_energy_learned(
     left-point sum Σ_k β_k ‖e(Y_k, t_k)‖² Δt_k (twice the exact KL between the learned and the
     ideal EM chains); the stderr is across paths. Time discretisation is not part of stderr.
     """
-    exact = AnalyticScore(law, process)
+    exact = exact_score(law, process)
     rec = _Recorder(score)
     acc = torch.zeros(n_paths, dtype=torch.float64)
 
@@ -387,7 +387,7 @@ def girsanov_martingale(
     ``'normal'`` starts from N(0, I). With ``return_energy`` also returns each path's
     Σ β‖e‖²Δt (its quadratic variation, another unbiased estimate of ε⋆²).
     """
-    exact = _Recorder(AnalyticScore(law, process))
+    exact = _Recorder(exact_score(law, process))
     M = torch.zeros(n_paths, dtype=torch.float64)
     Q = torch.zeros(n_paths, dtype=torch.float64)
 

@@ -42,3 +42,31 @@ class AnalyticScore:
     def output_law(self, t0: float) -> GaussianMixture:
         """Law of the ideal reverse process stopped at t0: the forward marginal at t0."""
         return self.base.marginal(self.process, t0)
+
+
+class LawScore:
+    """Exact score ∇log q_t of any law with ``marginal(process, t)`` returning a law that has
+    ``score`` (GaussianMixture, finite-KDE laws, mixtures of them): the reference ∇log q_{i,t}
+    the pathwise quantities compare a model with (PAPER.md §3)."""
+
+    def __init__(self, law, process):
+        self.law, self.process = law, process
+
+    def __call__(self, x: Tensor, t) -> Tensor:
+        if isinstance(t, Tensor) and t.dim() > 0:
+            out = torch.empty_like(x)
+            for tv in torch.unique(t):
+                idx = t == tv
+                out[idx] = self(x[idx], float(tv))
+            return out
+        return self.law.marginal(self.process, float(t)).score(x.double()).to(x.dtype)
+
+    def output_law(self, t0: float):
+        return self.law.marginal(self.process, t0)
+
+
+def exact_score(law, process):
+    """The exact score of ``law``'s forward marginals (cached per t for Gaussian mixtures)."""
+    return (
+        AnalyticScore(law, process) if isinstance(law, GaussianMixture) else LawScore(law, process)
+    )

@@ -48,13 +48,23 @@ class KDEScore:
 
 
 class KDELaw:
-    """(1/N) Σ_j N(a c_j, v I): exact sampling and exact (streamed) log density."""
+    """(1/N) Σ_j N(a c_j, v I): exact sampling, exact (streamed) log density and score, and
+    its forward marginals (still of this form: a → scale(t)·a, v → scale(t)²v + var(t))."""
 
-    def __init__(self, centres: Tensor, scale: float, var: float):
+    def __init__(self, centres: Tensor, scale: float, var: float, _keys: KDEKeys | None = None):
         self.centres = centres.to(torch.float64)
         self.scale, self.var = float(scale), float(var)
         self.dim = centres.shape[1]
-        self._keys = KDEKeys.prepare(self.centres)
+        self._keys = _keys if _keys is not None else KDEKeys.prepare(self.centres)
+
+    def marginal(self, process, t: float) -> KDELaw:
+        a = float(process.scale(t))
+        v = a * a * self.var + float(process.var(t))
+        return KDELaw(self.centres, a * self.scale, v, _keys=self._keys)
+
+    def score(self, x: Tensor) -> Tensor:
+        # The fused CPU attention kernel is exact in float64 and faster than the chunked path.
+        return kde_score(x.to(torch.float64), self._keys, self.scale, self.var, backend="sdpa")
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         idx = torch.randint(self.centres.shape[0], (n,), generator=generator)
