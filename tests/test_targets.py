@@ -112,3 +112,23 @@ def test_paper_layout():
     m = paper_gmm_means(10)
     assert m.shape == (5, 10)
     assert m[0].abs().sum() == 0 and (m[1:, 2:] == 0).all() and (m[1:, :2].abs() == 4).all()
+
+
+def test_exact_score_of_kde_law_mixture_equals_the_flattened_mixture(gen):
+    """q = 0.4·p + 0.6·(finite-KDE law): LawMixture's marginal score equals that of the same
+    law written as one GaussianMixture (the reference ∇log q_t of the pathwise estimators)."""
+    from collapselab.scores.analytic import exact_score
+
+    d = torch.float64
+    p, centres = ring(), torch.randn(100, 2, dtype=d, generator=gen)
+    kde_law = KDEScore(centres, 0.3, OU()).output_law(0.02)
+    q = LawMixture([(0.4, p), (0.6, kde_law)])
+    flat = GaussianMixture.isotropic(
+        torch.cat([p.means, kde_law.scale * centres]),
+        torch.cat([torch.full((8,), 0.5, dtype=d), torch.full((100,), kde_law.var**0.5, dtype=d)]),
+        torch.cat([torch.full((8,), 0.05, dtype=d), torch.full((100,), 0.006, dtype=d)]),
+    )
+    y = torch.randn(20, 2, dtype=d, generator=gen) * 3
+    for t in [0.02, 0.5, 2.0]:
+        torch.testing.assert_close(exact_score(q, OU())(y, t), exact_score(flat, OU())(y, t))
+        torch.testing.assert_close(q.marginal(OU(), t).log_prob(y), flat.marginal(OU(), t).log_prob(y))

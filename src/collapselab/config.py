@@ -159,12 +159,35 @@ class EstimatorConfig(_Strict):
     n_eval: PosInt = 2000
     extra: list[
         Literal[
-            "second_moment", "sliced_w2", "mmd", "fid_local", "kid", "precision_recall",
+            "second_moment",
+            "sliced_w2",
+            "mmd",
+            "fid_local",
+            "kid",
+            "precision_recall",
             "density_coverage",
         ]
     ] = ["second_moment", "sliced_w2"]
     feature_dim: PosInt = 32
     feature_epochs: PosFloat | None = None
+
+
+class PathwiseConfig(_Strict):
+    """Path quantities per generation (PAPER.md §3), when q_i's law is known exactly:
+    ε⋆² by quadrature over ``n_times`` points (``n_mc`` draws each), ε̂² along ``n_paths``
+    learned trajectories, η (costly: ``n_paths`` ideal trajectories + a regression) and the
+    bound_* rows of PAPER.md §4 with the unknown constants C, c and the transient i0."""
+
+    score_energy: bool = True
+    learned: bool = True
+    observability: bool = False
+    n_times: Annotated[int, Field(ge=3)] = 50
+    n_mc: PosInt = 1000
+    n_paths: PosInt = 1000
+    steps: PosInt = 100
+    i0: Annotated[int, Field(ge=0)] = 0
+    C: Annotated[float, Field(ge=0.0)] = 0.0
+    c: Annotated[float, Field(ge=0.0)] = 0.0
 
 
 class SweepConfig(_Strict):
@@ -231,6 +254,7 @@ class Config(_Strict):
     sampler: SamplerConfig = SamplerConfig()
     loop: LoopConfig = LoopConfig()
     estimators: EstimatorConfig = EstimatorConfig()
+    pathwise: PathwiseConfig = PathwiseConfig()
     sweep: SweepConfig = SweepConfig()
     device: Literal["cpu", "cuda"] | str = "cpu"
     notes: str = ""

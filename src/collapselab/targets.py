@@ -212,11 +212,22 @@ class LawMixture:
                 x[idx] = law.sample(len(idx), generator).to(torch.float64)
         return x
 
+    def _log_parts(self, x: Tensor) -> Tensor:
+        pairs = zip(self.weights, self.laws, strict=True)
+        return torch.stack([math.log(w) + law.log_prob(x) for w, law in pairs], 1)
+
     def log_prob(self, x: Tensor) -> Tensor:
-        parts = [
-            math.log(w) + law.log_prob(x) for w, law in zip(self.weights, self.laws, strict=True)
-        ]
-        return torch.logsumexp(torch.stack(parts, 1), dim=1)
+        return torch.logsumexp(self._log_parts(x), dim=1)
+
+    def score(self, x: Tensor) -> Tensor:
+        """Σ_m r_m(x) ∇log law_m(x), r = posterior weights of the parts."""
+        r = torch.softmax(self._log_parts(x), dim=1)
+        return sum(r[:, m : m + 1] * law.score(x) for m, law in enumerate(self.laws))
+
+    def marginal(self, process, t: float) -> LawMixture:
+        """Each part pushed through the forward process (the weights do not change)."""
+        pairs = zip(self.weights, self.laws, strict=True)
+        return LawMixture([(w, law.marginal(process, t)) for w, law in pairs])
 
 
 def mix_laws(parts):

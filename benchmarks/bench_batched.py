@@ -1,0 +1,281 @@
+"""Batched chains (issue 6, part 3) and paper-scale KDE memory (part 4), in one command.
+
+    python benchmarks/bench_batched.py [--K 6] [--batch 512] [--hidden 128] [--layers 3]
+                                       [--dims 2 10] [--steps 30] [--repeats 5] [--no-compile]
+                                       [--no-kde] [--json OUT]
+
+Training throughput in chain-steps per second (steps × chains / s) of K MLP score networks
+(MLPNet, DSM with Adam, EMA, grad clipping: the full train_dsm step), each chain with its own
+data set and seed, all methods on identical inputs, timings interleaved and repeated; the table
+gives medians (and the best repeat). Methods:
+
+  (a1) sequential 1t   K train_dsm runs one after another, torch intra-op threads = 1
+  (a2) sequential 2t   the same with 2 intra-op threads (torch's default on this machine)
+  (b1) batched 1t      train_dsm_batched, one shard (all K chains in one thread)
+  (b2) batched 2t      train_dsm_batched, 2 shards (K/2 chains per thread, one sync per step)
+  (b3) batched 2t+c    (b2) with torch.compile'd forward/backward (compile time reported apart)
+
+and, for the choice of the batched formulation, one optimizer step (forward, backward, fused
+Adam) of the K stacked networks, 1 thread, three ways: autograd through BatchedMLP (baddbmm),
+autograd through torch.func.vmap(functional_call(MLPNet)), and the hand-written backward that
+train_dsm_batched uses.
+
+FLOP counts: forward + backward matmuls ≈ 3 · 2·B·Σ(in·out) per chain and step (the input
+layer's input gradient is not needed, so the true count is a little lower: the achieved FLOP/s
+below are, if anything, optimistic by that margin... no: they use the nominal count, as the
+issue asks). The machine reference is a 2048² float32 torch.mm at 1 and 2 threads, measured
+interleaved with the rest; the better of the two is "the machine's matmul throughput".
+
+KDE memory: a fresh subprocess imports collapselab, builds N = 100,000 centres and 10,000
+queries in d = 10 (float32) and calls collapselab.kernels.kde_score once; its peak resident set
+(resource.getrusage ru_maxrss) is printed, with the process's RSS before the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from collapselab.batched import BatchedMLP, _forward_backward, train_dsm_batched
+from collapselab.processes import OU
+from collapselab.scores.mlp import MLPNet
+from collapselab.scores.training import TrainConfig, train_dsm
+
+
+def step_flops(K: int, batch: int, dim: int, hidden: int, layers: int, emb: int) -> float:
+    sizes = [dim + emb] + [hidden] * layers + [dim]
+    return 3 * 2 * batch * K * sum(i * o for i, o in zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def timed(fn, reps: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def with_threads(n: int, fn):
+    def run():
+        prev = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(prev)
+    return run
+
+
+def core_variants(K, dim, hidden, layers, emb, batch):
+    """One optimizer step of K stacked networks, three formulations (same Adam, fused)."""
+    bm = BatchedMLP(K, dim, hidden, layers, emb)
+    x = torch.randn(K, batch, dim)
+    t = torch.rand(K, batch) * 4
+    eps = torch.randn(K, batch, dim)
+    opt_a = torch.optim.Adam(bm.parameters(), fused=True)
+
+    def autograd_bmm():
+        loss = (bm(x, t) - eps).square().sum(2).mean(1).sum()
+        opt_a.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_a.step()
+
+    net = MLPNet(dim, hidden, layers, emb)
+    stacked = {k: torch.stack([v.detach().clone() for _ in range(K)]).requires_grad_()
+               for k, v in net.named_parameters()}
+    opt_v = torch.optim.Adam(list(stacked.values()), fused=True)
+
+    def one(p, xb, tb):
+        return torch.func.functional_call(net, p, (xb, tb))
+
+    vm = torch.func.vmap(one)
+
+    def vmap_fc():
+        loss = (vm(stacked, x, t) - eps).square().sum(2).mean(1).sum()
+        opt_v.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_v.step()
+
+    bm2 = BatchedMLP(K, dim, hidden, layers, emb)
+    params = [p for p in bm2.flat_params()]
+    grads = [torch.zeros_like(p) for p in params]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    opt_m = torch.optim.Adam(params, fused=True)
+    nw = len(bm2.weights)
+    raw = [p.detach() for p in params]
+
+    def manual():
+        with torch.no_grad():
+            inp = bm2.embed(x, t)
+            _forward_backward(raw[:nw], raw[nw:], grads[:nw], grads[nw:], inp, eps)
+            opt_m.step()
+
+    return {"autograd BatchedMLP": autograd_bmm, "autograd vmap(functional_call)": vmap_fc,
+            "hand-written backward": manual}
+
+
+def bench_training(args, dim: int, compile_ok: bool) -> tuple[list[dict], dict]:
+    K, B = args.K, args.batch
+    gen = torch.Generator().manual_seed(0)
+    nets = [MLPNet(dim, args.hidden, args.layers, args.time_embed_dim) for _ in range(K)]
+    datas = torch.randn(K, 8192, dim, generator=gen)
+    cfg = TrainConfig(steps=args.steps, batch_size=B)
+    seeds = list(range(K))
+    proc = OU()
+    flops = step_flops(K, B, dim, args.hidden, args.layers, args.time_embed_dim)
+
+    def seq():
+        for k in range(K):
+            train_dsm(copy.deepcopy(nets[k]), datas[k], proc, cfg.__class__(
+                **{**cfg.__dict__, "seed": seeds[k]}))
+
+    def bat(threads, comp=False):
+        return lambda: train_dsm_batched([copy.deepcopy(n) for n in nets], datas, proc, cfg,
+                                         seeds, threads=threads, compile=comp)
+
+    A = torch.randn(2048, 2048, generator=gen)
+    Bm = torch.randn(2048, 2048, generator=gen)
+    methods = {
+        "(a1) sequential train_dsm, 1 thread": with_threads(1, seq),
+        "(a2) sequential train_dsm, 2 threads": with_threads(2, seq),
+        "(b1) train_dsm_batched, 1 shard": with_threads(1, bat(1)),
+        "(b2) train_dsm_batched, 2 shards": with_threads(2, bat(2)),
+    }
+    compile_s = None
+    if compile_ok:
+        t0 = time.perf_counter()
+        with_threads(2, bat(2, True))()  # compile once (cached for the timed calls)
+        compile_s = time.perf_counter() - t0
+        methods["(b3) train_dsm_batched, 2 shards, compiled"] = with_threads(2, bat(2, True))
+    mm = {"mm 2048² float32, 1 thread": with_threads(1, lambda: torch.mm(A, Bm)),
+          "mm 2048² float32, 2 threads": with_threads(2, lambda: torch.mm(A, Bm))}
+    core = {k: with_threads(1, v) for k, v in core_variants(
+        K, dim, args.hidden, args.layers, args.time_embed_dim, B).items()}
+
+    times: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        for name, fn in methods.items():
+            times.setdefault(name, []).append(timed(fn) / args.steps)
+        for name, fn in mm.items():
+            fn()
+            times.setdefault(name, []).append(timed(fn, 3))
+        for name, fn in core.items():
+            fn()
+            times.setdefault(name, []).append(timed(fn, 10))
+    rows = []
+    for name, ts in times.items():
+        med, best = statistics.median(ts), min(ts)
+        if name.startswith("mm"):
+            f = 2 * 2048**3
+            rows.append(dict(dim=dim, method=name, ms=med * 1e3, best_ms=best * 1e3,
+                             gflops=f / med / 1e9, best_gflops=f / best / 1e9))
+        else:
+            rows.append(dict(dim=dim, method=name, ms=med * 1e3, best_ms=best * 1e3,
+                             chain_steps_s=K / med, best_chain_steps_s=K / best,
+                             gflops=flops / med / 1e9, best_gflops=flops / best / 1e9))
+    return rows, {"compile_s": compile_s, "flops_per_step": flops}
+
+
+def kde_memory() -> dict:
+    """Peak RSS of one paper-scale kde_score call (run in a fresh process)."""
+    from collapselab.kernels import kde_score, ou_scale_var
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(100_000, 10, generator=gen)
+    y = torch.randn(10_000, 10, generator=gen)
+    a, v = ou_scale_var(0.5, 0.1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    s = kde_score(y, centres, a, v)
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert torch.isfinite(s).all()
+    return {"peak_rss_mib": peak / 1024, "rss_before_call_mib": before / 1024, "seconds": dt,
+            "threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--K", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--time-embed-dim", type=int, default=64)
+    ap.add_argument("--dims", type=int, nargs="+", default=[2, 10])
+    ap.add_argument("--steps", type=int, default=30, help="training steps per timed call")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-kde", action="store_true")
+    ap.add_argument("--kde-memory-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if args.kde_memory_child:
+        print(json.dumps(kde_memory()))
+        return 0
+
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"# load before: {os.getloadavg()}")
+    print(f"# K={args.K} chains, batch {args.batch}, width {args.hidden}, layers {args.layers}, "
+          f"time embedding {args.time_embed_dim}, {args.steps} steps per call, "
+          f"{args.repeats} interleaved repeats (median, best)")
+    all_rows, extra = [], {}
+    for dim in args.dims:
+        rows, info = bench_training(args, dim, not args.no_compile)
+        all_rows += rows
+        extra[dim] = info
+        print(f"\n## d = {dim}: {info['flops_per_step'] / 1e6:.0f} MFLOP per batched step"
+              + (f"; compile took {info['compile_s']:.1f} s (first call, incl. 30 steps)"
+                 if info["compile_s"] else ""))
+        print(f"{'method':46s} {'ms/step':>9s} {'chain-steps/s':>14s} {'GFLOP/s':>9s} "
+              f"{'(best)':>8s}")
+        for r in rows:
+            cs = f"{r['chain_steps_s']:14.0f}" if "chain_steps_s" in r else " " * 14
+            print(f"{r['method']:46s} {r['ms']:9.2f} {cs} {r['gflops']:9.1f} "
+                  f"{r['best_gflops']:8.1f}")
+        by = {r["method"]: r for r in rows}
+        seq_best = max(by[m]["chain_steps_s"] for m in by if m.startswith("(a"))
+        bat = {m: by[m] for m in by if m.startswith("(b")}
+        bat_best_name = max(bat, key=lambda m: bat[m]["chain_steps_s"])
+        bat_best = bat[bat_best_name]
+        mm_best = max(by[m]["gflops"] for m in by if m.startswith("mm"))
+        ratio = bat_best["chain_steps_s"] / seq_best
+        frac = bat_best["gflops"] / mm_best
+        a2 = by["(a2) sequential train_dsm, 2 threads"]["chain_steps_s"]
+        print(f"target (b) >= 2x (a): best batched {bat_best_name[:4]} / best sequential = "
+              f"{ratio:.2f}x [{'MET' if ratio >= 2 else 'MISSED'}] "
+              f"(vs the 2-thread default (a2): {bat_best['chain_steps_s'] / a2:.2f}x)")
+        print(f"target (b) >= 60% of matmul: {bat_best['gflops']:.1f} / {mm_best:.1f} GFLOP/s "
+              f"= {100 * frac:.0f}% [{'MET' if frac >= 0.6 else 'MISSED'}]")
+        extra[dim].update(ratio=ratio, fraction_of_mm=frac, best_batched=bat_best_name)
+    print(f"\n# load after: {os.getloadavg()}")
+
+    if not args.no_kde:
+        out = subprocess.run([sys.executable, __file__, "--kde-memory-child"],
+                             capture_output=True, text=True, check=True)
+        mem = json.loads(out.stdout.strip().splitlines()[-1])
+        extra["kde_memory"] = mem
+        ok = mem["peak_rss_mib"] < 2048
+        print(f"\n## KDE memory: kde_score, N = 100,000 centres, d = 10, 10,000 queries, "
+              f"float32: peak RSS {mem['peak_rss_mib']:.0f} MiB (process before the call "
+              f"{mem['rss_before_call_mib']:.0f} MiB), {mem['seconds']:.1f} s "
+              f"[{'MET' if ok else 'MISSED'}: < 2 GiB]")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"rows": all_rows, "extra": {str(k): v for k, v in extra.items()}}, fh,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
