@@ -120,9 +120,10 @@ def test_run_matches_train_dsm_per_chain(threads):
     clipping, AdamW and a cosine schedule, every chain matches its own train_dsm run."""
     nets = make_nets()
     datas = make_data()
-    cfg = TrainConfig(steps=80, batch_size=64, lr=3e-3, optimizer="adamw", weight_decay=1e-3,
-                      schedule="cosine", warmup_steps=5, grad_clip=0.5, ema_decay=0.99,
-                      val_fraction=0.2, eval_every=10, patience=2, val_repeats=2)
+    # patience 1 every 4 steps: chains 0 and 1 stop early (steps 32, 20), chain 2 runs to 80.
+    cfg = TrainConfig(steps=80, batch_size=64, lr=1e-2, optimizer="adamw", weight_decay=1e-3,
+                      schedule="cosine", warmup_steps=5, grad_clip=0.5, ema_decay=0.9,
+                      val_fraction=0.2, eval_every=4, patience=1, val_repeats=2)
     seeds = [5, 17, 29]
     proc = VPProcess()
     refs = [train_dsm(copy.deepcopy(nets[k]), datas[k], proc, replace(cfg, seed=seeds[k]))
@@ -149,8 +150,8 @@ def test_run_matches_train_dsm_per_chain(threads):
                 torch.testing.assert_close(sb["state"][i][key], so["state"][i][key], rtol=1e-3,
                                            atol=1e-7)
         assert b.config.seed == seeds[k]
-    # Some chains stopped early and others did not: frozen chains really are frozen.
-    assert len({r.steps for r in refs}) > 1 or all(not r.stopped_early for r in refs)
+    # Some chains stopped early and one did not: frozen chains really are frozen.
+    assert [r.stopped_early for r in res] == [True, True, False]
     assert isinstance(res[0].score(proc), NeuralScore)
 
 

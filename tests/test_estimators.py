@@ -57,8 +57,10 @@ class Opaque:
 
 def chi2_1d(m1, s1, m2, s2):
     """Hand-derived χ²(N(m1, s1²) ‖ N(m2, s2²)) for s1² < 2 s2²."""
-    return s2**2 / (s1 * math.sqrt(2 * s2**2 - s1**2)) * math.exp(
-        (m1 - m2) ** 2 / (2 * s2**2 - s1**2)) - 1
+    return (
+        s2**2 / (s1 * math.sqrt(2 * s2**2 - s1**2)) * math.exp((m1 - m2) ** 2 / (2 * s2**2 - s1**2))
+        - 1
+    )
 
 
 def kl_1d(m1, s1, m2, s2):
@@ -66,8 +68,10 @@ def kl_1d(m1, s1, m2, s2):
 
 
 # ---- closed forms --------------------------------------------------------------------------------
-@pytest.mark.parametrize("m1,s1,m2,s2", [(0.0, 1.0, 0.0, 1.0), (0.3, 1.1, -0.2, 0.9),
-                                         (1.0, 0.5, 0.0, 2.0), (-2.0, 1.3, 1.0, 1.0)])
+@pytest.mark.parametrize(
+    "m1,s1,m2,s2",
+    [(0.0, 1.0, 0.0, 1.0), (0.3, 1.1, -0.2, 0.9), (1.0, 0.5, 0.0, 2.0), (-2.0, 1.3, 1.0, 1.0)],
+)
 def test_gaussian_closed_forms_1d(m1, s1, m2, s2):
     c = gaussian_chi2([m1], [[s1**2]], [m2], [[s2**2]])
     k = gaussian_kl([m1], [[s1**2]], [m2], [[s2**2]])
@@ -97,15 +101,18 @@ def test_gaussian_full_covariance_vs_monte_carlo():
     B = torch.tensor([[1.2, -0.1, 0.2], [-0.1, 1.0, 0.0], [0.2, 0.0, 0.9]], dtype=F64)
     ma, mb = torch.tensor([0.2, -0.1, 0.3], dtype=F64), torch.zeros(3, dtype=F64)
     a, b = GaussianMixture([1.0], ma[None], A[None]), GaussianMixture([1.0], mb[None], B[None])
-    for exact, est in [(gaussian_chi2(ma, A, mb, B), mc_chi2(a, b, 100_000, gen(0))),
-                       (gaussian_kl(ma, A, mb, B), mc_kl(a, b, 100_000, gen(1)))]:
+    for exact, est in [
+        (gaussian_chi2(ma, A, mb, B), mc_chi2(a, b, 100_000, gen(0))),
+        (gaussian_kl(ma, A, mb, B), mc_kl(a, b, 100_000, gen(1))),
+    ]:
         assert est.estimator == "monte_carlo" and est.finite
         assert abs(est.value - exact.value) < 4 * est.stderr
 
 
 # ---- Monte Carlo with exact densities ----------------------------------------------------------
-@pytest.mark.parametrize("m1,s1,m2,s2", [(0.5, 1.0, 0.0, 1.0), (0.3, 0.8, -0.2, 1.0),
-                                         (1.0, 1.05, 0.0, 1.0)])
+@pytest.mark.parametrize(
+    "m1,s1,m2,s2", [(0.5, 1.0, 0.0, 1.0), (0.3, 0.8, -0.2, 1.0), (1.0, 1.05, 0.0, 1.0)]
+)
 def test_mc_vs_closed_form_1d(m1, s1, m2, s2):
     a, b = gauss1(m1, s1**2), gauss1(m2, s2**2)
     c, k = mc_chi2(a, b, 50_000, gen(2)), mc_kl(a, b, 50_000, gen(3))
@@ -132,21 +139,28 @@ def test_fresh_data_contraction(alpha):
     """χ²(α p + (1−α) r ‖ p) = (1−α)² χ²(r ‖ p) (PAPER.md §4), both sides by mc_chi2."""
     means = torch.tensor([[0.0, 0.0], [2.0, 1.0], [-1.5, 2.0]], dtype=F64)
     p = GaussianMixture.isotropic(means, 0.7)
-    r = GaussianMixture.isotropic(means + torch.tensor([0.3, -0.2], dtype=F64), 0.65,
-                                  weights=torch.tensor([0.5, 0.3, 0.2], dtype=F64))
+    r = GaussianMixture.isotropic(
+        means + torch.tensor([0.3, -0.2], dtype=F64),
+        0.65,
+        weights=torch.tensor([0.5, 0.3, 0.2], dtype=F64),
+    )
     lhs = mc_chi2(p.mix(r, alpha), p, 100_000, gen(5))
     rhs = mc_chi2(r, p, 100_000, gen(6))
     assert lhs.finite and rhs.finite
     err = math.hypot(lhs.stderr, (1 - alpha) ** 2 * rhs.stderr)
     assert abs(lhs.value - (1 - alpha) ** 2 * rhs.value) < 4 * err
     # The generic mixture law (no analytic shortcut) agrees too.
-    generic = mc_chi2(LawMixture([(alpha, Opaque(p)), (1 - alpha, Opaque(r))]), Opaque(p), 100_000, gen(7))
+    generic = mc_chi2(
+        LawMixture([(alpha, Opaque(p)), (1 - alpha, Opaque(r))]), Opaque(p), 100_000, gen(7)
+    )
     assert abs(generic.value - lhs.value) < 4 * math.hypot(generic.stderr, lhs.stderr)
 
 
 def test_mixture_log_prob():
-    lp, lr = torch.tensor([-1.0, -3.0, -800.0], dtype=F64), torch.tensor([-2.0, -0.5, -801.0],
-                                                                          dtype=F64)
+    lp, lr = (
+        torch.tensor([-1.0, -3.0, -800.0], dtype=F64),
+        torch.tensor([-2.0, -0.5, -801.0], dtype=F64),
+    )
     for alpha in [0.0, 0.3, 1.0]:
         direct = torch.log(alpha * torch.exp(lp[:2]) + (1 - alpha) * torch.exp(lr[:2]))
         assert torch.allclose(mixture_log_prob(alpha, lp, lr)[:2], direct, rtol=1e-12)
@@ -158,8 +172,9 @@ def test_mixture_log_prob():
 
 # ---- χ² finiteness -------------------------------------------------------------------------------
 def test_finiteness_isotropic():
-    b = GaussianMixture.isotropic(torch.tensor([[0.0, 0.0], [3.0, 0.0]], dtype=F64),
-                                  torch.tensor([1.0, 0.5], dtype=F64))
+    b = GaussianMixture.isotropic(
+        torch.tensor([[0.0, 0.0], [3.0, 0.0]], dtype=F64), torch.tensor([1.0, 0.5], dtype=F64)
+    )
     mk = lambda std: GaussianMixture.isotropic(torch.tensor([[1.0, 1.0]], dtype=F64), std)  # noqa: E731
     assert chi2_finiteness(mk(math.sqrt(1.99)), b) is True  # < 2 × widest variance of b
     assert chi2_finiteness(mk(math.sqrt(2.01)), b) is False  # > 2 ×
@@ -173,16 +188,19 @@ def test_finiteness_boundary_inside_hull_is_finite():
     a = gauss1(0.0, 2.0)
     b = GaussianMixture([0.5, 0.5], [[-1.0], [1.0]], [1.0, 1.0])
     assert chi2_finiteness(a, b) is True
-    f = lambda x: math.exp(2 * a.log_prob(torch.tensor([[x]], dtype=F64)).item()  # noqa: E731
-                           - b.log_prob(torch.tensor([[x]], dtype=F64)).item())
+    f = lambda x: math.exp(
+        2 * a.log_prob(torch.tensor([[x]], dtype=F64)).item()  # noqa: E731
+        - b.log_prob(torch.tensor([[x]], dtype=F64)).item()
+    )
     integral = quad(f, -np.inf, np.inf)[0]
     assert integral - 1 == pytest.approx(math.sqrt(2 * math.pi) * math.exp(0.5) / 4 - 1, rel=1e-6)
     # Mean on the hull's boundary (or outside): infinite.
     assert chi2_finiteness(gauss1(1.0, 2.0), b) is False
     assert chi2_finiteness(gauss1(3.0, 2.0), b) is False
     # 2-D: a triangle of widest components; interior point finite, edge point infinite.
-    tri = GaussianMixture.isotropic(torch.tensor([[0.0, 2.0], [-2.0, -1.0], [2.0, -1.0]],
-                                                 dtype=F64), 1.0)
+    tri = GaussianMixture.isotropic(
+        torch.tensor([[0.0, 2.0], [-2.0, -1.0], [2.0, -1.0]], dtype=F64), 1.0
+    )
     inner = GaussianMixture.isotropic(torch.tensor([[0.0, 0.0]], dtype=F64), math.sqrt(2.0))
     edge = GaussianMixture.isotropic(torch.tensor([[0.0, -1.0]], dtype=F64), math.sqrt(2.0))
     assert chi2_finiteness(inner, tri) is True
@@ -190,22 +208,36 @@ def test_finiteness_boundary_inside_hull_is_finite():
 
 
 def test_finiteness_full_covariance():
-    b = GaussianMixture([0.5, 0.5], torch.zeros(2, 2, dtype=F64),
-                        torch.stack([torch.diag(torch.tensor([1.0, 4.0], dtype=F64)),
-                                     torch.diag(torch.tensor([4.0, 1.0], dtype=F64))]))
+    b = GaussianMixture(
+        [0.5, 0.5],
+        torch.zeros(2, 2, dtype=F64),
+        torch.stack(
+            [
+                torch.diag(torch.tensor([1.0, 4.0], dtype=F64)),
+                torch.diag(torch.tensor([4.0, 1.0], dtype=F64)),
+            ]
+        ),
+    )
     rot = torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=F64)
     # Finite: each component fits under some component of b with room to spare.
-    a_fin = GaussianMixture([0.5, 0.5], torch.ones(2, 2, dtype=F64),
-                            torch.stack([torch.diag(torch.tensor([1.5, 7.0], dtype=F64)), rot]))
+    a_fin = GaussianMixture(
+        [0.5, 0.5],
+        torch.ones(2, 2, dtype=F64),
+        torch.stack([torch.diag(torch.tensor([1.5, 7.0], dtype=F64)), rot]),
+    )
     assert chi2_finiteness(a_fin, b) is True
     # Infinite: variance 9 along e1 + e2 exceeds twice every component of b in that direction.
-    a_inf = GaussianMixture([1.0], torch.zeros(1, 2, dtype=F64),
-                            (torch.tensor([[5.0, 4.0], [4.0, 5.0]], dtype=F64))[None])
+    a_inf = GaussianMixture(
+        [1.0],
+        torch.zeros(1, 2, dtype=F64),
+        (torch.tensor([[5.0, 4.0], [4.0, 5.0]], dtype=F64))[None],
+    )
     assert chi2_finiteness(a_inf, b) is False
     # Undecided by both sufficient conditions (N(0, 3I) is too wide for each component of b
     # alone, yet no direction is too wide for both): None.
-    a_und = GaussianMixture([1.0], torch.zeros(1, 2, dtype=F64),
-                            3.0 * torch.eye(2, dtype=F64)[None])
+    a_und = GaussianMixture(
+        [1.0], torch.zeros(1, 2, dtype=F64), 3.0 * torch.eye(2, dtype=F64)[None]
+    )
     assert chi2_finiteness(a_und, b) is None
 
 
@@ -254,8 +286,11 @@ def mixture_pair(d: int):
         ang = torch.tensor([0, 2 * math.pi / 3, 4 * math.pi / 3], dtype=F64)
         m = 1.5 * torch.stack([ang.cos(), ang.sin()], 1)
         b = GaussianMixture.isotropic(m, 0.8)
-        a = GaussianMixture.isotropic(m + torch.tensor([0.4, 0.1], dtype=F64), 0.85,
-                                      weights=torch.tensor([0.45, 0.3, 0.25], dtype=F64))
+        a = GaussianMixture.isotropic(
+            m + torch.tensor([0.4, 0.1], dtype=F64),
+            0.85,
+            weights=torch.tensor([0.45, 0.3, 0.25], dtype=F64),
+        )
     else:
         m = paper_gmm_means(10, 1.5)
         b = GaussianMixture.isotropic(m, 1.0)

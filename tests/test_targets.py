@@ -131,4 +131,6 @@ def test_exact_score_of_kde_law_mixture_equals_the_flattened_mixture(gen):
     y = torch.randn(20, 2, dtype=d, generator=gen) * 3
     for t in [0.02, 0.5, 2.0]:
         torch.testing.assert_close(exact_score(q, OU())(y, t), exact_score(flat, OU())(y, t))
-        torch.testing.assert_close(q.marginal(OU(), t).log_prob(y), flat.marginal(OU(), t).log_prob(y))
+        torch.testing.assert_close(
+            q.marginal(OU(), t).log_prob(y), flat.marginal(OU(), t).log_prob(y)
+        )

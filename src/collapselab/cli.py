@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from .errors import CollapselabError
 
@@ -80,6 +81,14 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
         run_experiment,
     )
 
+    from .observability import experiment_of, run_observability_command
+
+    if experiment_of(source, list(overrides)) is not None:  # e.g. `experiment: observability`
+        if executor != "local" or address is not None or gpus_per_chain is not None:
+            raise ConfigError("--executor", "the observability experiment runs locally only")
+        run_observability_command(source, list(overrides), out, quiet=quiet,
+                                  no_report=no_report, echo=click.echo, fail=_fail)
+        return
     cfg = load_config(source, list(overrides))  # validation happens before anything is written
     if executor != "ray":
         for name, value in (("--address", address), ("--gpus-per-chain", gpus_per_chain)):
@@ -183,6 +192,69 @@ def report(directory):
                                "not a run directory (create one with `collapselab run`)")
     figs = build_report(directory)
     click.echo(f"wrote {Path(directory) / 'report.html'} and {len(figs)} figures")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--i0", type=click.IntRange(min=0), default=None,
+              help="end of the transient: bounds are claimed from this generation on "
+                   "(default: the run's pathwise.i0)")
+@click.option("--C", "C", type=click.FloatRange(min=0), default=None,
+              help="the paper's constant C of the χ² lower bound (default: pathwise.C)")
+@click.option("--c", "c", type=click.FloatRange(min=0), default=None,
+              help="the paper's constant c of the upper bound 4ε² + cε⁴ (default: pathwise.c)")
+@click.option("--n-sigma", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="standard errors allowed before a bound counts as FAILED")
+def bounds(directory, i0, C, c, n_sigma):
+    """Re-evaluate the paper's bounds on a finished run: DIR/bounds.{parquet,csv} + figures."""
+    from .errors import CollapselabError
+    from .report import bounds_overview, bounds_sentence, write_bounds
+
+    root = Path(directory)
+    if not (root / "config.yaml").exists() or not (root / "results.parquet").exists():
+        raise CollapselabError(f"{directory}: not a run directory (no config.yaml and "
+                               "results.parquet; create one with `collapselab run`)")
+    import yaml
+
+    cfg = yaml.safe_load((root / "config.yaml").read_text()) or {}
+    if isinstance(cfg, dict) and cfg.get("experiment"):
+        raise CollapselabError(f"{directory}: a '{cfg['experiment']}' experiment has no "
+                               "generations to check bounds on (use `collapselab report`)")
+    bt, figs = write_bounds(root, i0=i0, C=C, c=c, n_sigma=n_sigma)
+    click.echo(bounds_sentence(bt))
+    over = bounds_overview(bt)
+    if len(over):
+        click.echo(over.to_string(index=False))
+    reg = bt[bt.kind == "regime"] if len(bt) else bt
+    for _, r in reg.iterrows():
+        click.echo(f"regime alpha={r.alpha:g}: {r.reason}")
+    pr = bt[bt.kind == "prediction"] if len(bt) else bt
+    if len(pr):
+        last = pr[pr.generation == pr.generation.max()]
+        for a, grp in last.groupby("alpha"):
+            m, p = grp.measured.to_numpy(float), grp.bound.to_numpy(float)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = m / p
+            fin = ratio[np.isfinite(ratio)]
+            ratio_txt = (f"ratio measured/predicted {np.median(fin):.3g} (median over "
+                         f"{len(fin)} seeds)" if len(fin) else "no finite ratio "
+                         f"({int(np.isposinf(m).sum())} seed(s) with D = inf, "
+                         f"{int(np.isnan(m).sum())} NaN)")
+            click.echo(f"D_{int(grp.generation.iloc[0])} alpha={a:g}: discounted-sum "
+                       f"prediction {np.nanmedian(p):.4g}, {ratio_txt}")
+    shown = 0
+    for status in ("FAILED", "no claim"):
+        rows = bt[bt.status == status] if len(bt) else bt
+        for _, r in rows.iterrows():
+            if shown >= 12:
+                break
+            where = f"alpha={r.alpha:g} seed={r.seed} generation={r.generation}"
+            click.echo(f"{status}: {r.check} at {where}: {r.reason}")
+            shown += 1
+    left = int((bt.status.isin(["FAILED", "no claim"])).sum()) - shown if len(bt) else 0
+    if left > 0:
+        click.echo(f"… {left} more in {root / 'bounds.csv'}")
+    click.echo(f"wrote {root / 'bounds.parquet'}, {root / 'bounds.csv'} and {len(figs)} figures")
 
 
 @main.command()

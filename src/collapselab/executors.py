@@ -34,14 +34,12 @@ import yaml
 
 from .config import Config, build_config
 from .errors import ConfigError
-from .loop import run_chain
 from .store import (
     RunStore,
     atomic_write_json,
     atomic_write_text,
     clear_failure,
     failures,
-    load_npy,
     read_json,
     record_failure,
     write_summary,
@@ -128,10 +126,6 @@ class ChainFailed(RuntimeError):
         )
 
 
-class NonFiniteSamples(FloatingPointError):
-    """A generation's samples contain NaN/Inf (a diverged model); the chain stops there."""
-
-
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -196,7 +190,6 @@ def execute_chain(cfg_data: dict, root: str, alpha: float, seed: int, params: di
     plain dict back — ``ok``, ``start`` (generations done before), ``computed``, and on failure
     ``error`` / ``traceback``.
     """
-    import numpy as np
     import torch
 
     if threads is not None:
@@ -207,17 +200,13 @@ def execute_chain(cfg_data: dict, root: str, alpha: float, seed: int, params: di
     t0 = time.perf_counter()
 
     def guarded(generation: int, seconds: float):
-        # NaN/Inf samples would poison every later generation: un-mark the cell and stop.
-        cell = store.cell(alpha, seed, generation, params)
-        if not np.isfinite(load_npy(cell / "samples.npy")).all():
-            (cell / "metrics.json").unlink(missing_ok=True)
-            raise NonFiniteSamples(f"generation {generation} produced NaN/Inf samples "
-                                   "(the score model diverged)")
         if on_generation is not None:
             on_generation(generation, seconds)
 
     try:
         with _installed_hooks(hooks or {}, alpha, seed):
+            from .loop import run_chain  # torch loads here, after the input is validated
+
             computed = run_chain(cfg, alpha, seed, store, on_generation=guarded, params=params)
     except Exception as exc:  # the chain's failure is data for the driver, not a crash
         done = store.completed(alpha, seed, params)

@@ -40,6 +40,10 @@ from .targets import EmpiricalTarget, GaussianMixture, mix_laws, paper_gmm_means
 _STREAMS = {"real": 1, "policy": 2, "train": 3, "sample": 4, "eval": 5, "eval_real": 6, "path": 7}
 
 
+class NonFiniteSamples(FloatingPointError):
+    """A generation's samples contain NaN/Inf (a diverged model); the chain stops there."""
+
+
 def build_target(cfg: Config) -> GaussianMixture | EmpiricalTarget:
     t = cfg.target
     if t.kind == "dataset":
@@ -449,6 +453,9 @@ def run_chain(
         score, state = fit_score(ctx, i, train, q_law)
         t_fit = time.perf_counter()
         samples = draw_samples(ctx, score, cfg.loop.samples, i)
+        if not np.isfinite(samples).all():
+            # NaN/Inf would poison every later generation: stop before the cell is written.
+            raise NonFiniteSamples(f"generation {i} produced NaN/Inf samples (the model diverged)")
         t_sample = time.perf_counter()
         law_next = output_law(ctx, score)
         laws[i + 1] = law_next
