@@ -15,13 +15,18 @@ order (split permutation, per-epoch ``randperm``, then per step ``rand`` for t a
 loss, its gradient, Adam (one fused kernel over the K-stacked tensors is elementwise, hence the
 same update per chain), gradient clipping (per chain), EMA, validation and early stopping are
 all per chain. What differs is only float rounding: a batched matmul sums in another order than
-a single one, so a step agrees to ~1e-6 relative and a run of a few hundred steps to ~1e-4
-(tests/test_batched.py states the tolerances it checks).
+a single one, so a step agrees to ~1e-6 relative, and runs of 80-200 steps differ by < 1e-6 in
+weights and losses (tests/test_batched.py checks 2e-5). Rounding differences could, in
+principle, flip a validation comparison that is tied to 1e-7 and so the early-stopping step.
 
-Speed. The training step does not use autograd: the backward of a SiLU MLP is short and
-written out (``bmm`` for weight and input gradients, ``aten.silu_backward``), which removes
-the graph bookkeeping that dominates a step of this size on CPU. See docs/performance.md,
-"Batched chains", for the measured throughput against K sequential ``train_dsm`` runs.
+Speed (CPU). The training step does not use autograd: the backward of a SiLU MLP is short
+and written out (``bmm`` for weight and input gradients, ``aten.silu_backward``), which removes
+the graph bookkeeping. The K chains are split into shards, one per thread, each running whole
+steps with one intra-op thread (one synchronisation per step instead of one per op); inside a
+shard the forward/backward goes chain by chain (cache-resident activations) while sampling,
+clipping, Adam (one fused call) and the EMA (one foreach call) run over the shard's stacked
+tensors. ``compile=True`` adds ``torch.compile`` to the forward/backward. Measurements and
+where the time goes: docs/performance.md, "Batched chains".
 """
 
 from __future__ import annotations
@@ -163,13 +168,11 @@ class BatchedMLP(nn.Module):
             return t
         return torch.full((K, n), float(t), device=like.device, dtype=like.dtype)
 
-    def embed(self, x: Tensor, t, chains: tuple[int, int] | None = None) -> Tensor:
-        """Network input [x, sinusoidal(t)] of shape (K, n, dim + time_embed_dim); with
-        ``chains=(lo, hi)``, x holds chains lo:hi only."""
+    def embed(self, x: Tensor, t) -> Tensor:
+        """Network input [x, sinusoidal(t)] of shape (K, n, dim + time_embed_dim)."""
         K, n = x.shape[0], x.shape[1]
-        want = self.K if chains is None else chains[1] - chains[0]
-        if K != want:
-            raise ValueError(f"expected {want} chains in dim 0, got {K}")
+        if K != self.K:
+            raise ValueError(f"expected {self.K} chains in dim 0, got {K}")
         h = x.reshape(K, n, -1)
         if h.shape[2] != self.dim:
             raise ValueError(f"expected {self.dim} features per sample, got {h.shape[2]}")
@@ -268,7 +271,7 @@ class _Shard:
 
     def __init__(self, lo: int, hi: int, params: list[Tensor], ema_p: list[Tensor],
                  cfg: TrainConfig, device, loop_seeds: list[int], train_x: Tensor, bsz: int,
-                 event: tuple, n_weights: int):
+                 event: tuple, n_weights: int, dim: int, time_embed_dim: int, chunk: int):
         self.lo, self.hi = lo, hi
         # Detached slices along K are contiguous views: Adam and the EMA update the model's
         # own storage, and each shard's fused Adam is one kernel over its (k, ...) slices.
@@ -288,6 +291,18 @@ class _Shard:
         self.orders: list[Tensor] = []
         self.nw = n_weights
         self.bsz, self.event = bsz, event
+        self.chunk = max(1, min(chunk, k))
+        # Network input [x_t, cos, sin(, 0)] written in place each step (no concatenations);
+        # an odd time_embed_dim's zero column is set once here.
+        self.inp = torch.zeros(k, bsz, dim + time_embed_dim, device=device, dtype=dtype)
+        self.chunks = [self._views(c, min(c + self.chunk, k)) for c in range(0, k, self.chunk)]
+
+    def _views(self, a: int, b: int):
+        nw = self.nw
+        p, g = self.params, self.grads
+        return ([w[a:b] for w in p[:nw]], [x[a:b] for x in p[nw:]],
+                [w[a:b] for w in g[:nw]], [x[a:b] for x in g[nw:]],
+                self.inp[a:b], self.eps.view(self.hi - self.lo, self.bsz, -1)[a:b])
 
     def step(self, model: BatchedMLP, process, fb, new_epoch: bool, pos: int, t_min: float,
              t_max: float, lr: float, ema_decay: float, grad_clip: float | None,
@@ -309,10 +324,16 @@ class _Shard:
         x0 = self.train_x[self.chain_ix, self.idx]
         shape = (k, bsz) + (1,) * len(event)
         xt = process.scale(t).reshape(shape) * x0 + process.var(t).sqrt().reshape(shape) * self.eps
-        inp = model.embed(xt, t, chains=(self.lo, self.hi))
-        ws, bs = self.params[:self.nw], self.params[self.nw:]
-        gws, gbs = self.grads[:self.nw], self.grads[self.nw:]
-        loss = fb(ws, bs, gws, gbs, inp, self.eps.reshape(k, bsz, -1))
+        dim, half = model.dim, model.time_embed_dim // 2
+        self.inp[:, :, :dim] = xt.reshape(k, bsz, dim)
+        # The same elementwise ops as sinusoidal_embedding: bit-identical features.
+        args = (t[:, :, None] * model.freqs).view(k, bsz, half)
+        torch.cos(args, out=self.inp[:, :, dim:dim + half])
+        torch.sin(args, out=self.inp[:, :, dim + half:dim + 2 * half])
+        # Chains one at a time (chunk = 1 by default): a chain's activations (~2 MB at width
+        # 128, batch 512) stay in L2, where the SiLU and bias passes are 1.3-1.5x cheaper
+        # than over all K chains' (measured; docs/performance.md, "Batched chains").
+        loss = torch.cat([fb(*views) for views in self.chunks])
         if check:
             mine = torch.tensor(active[self.lo:self.hi], device=loss.device)
             if not bool(torch.isfinite(loss[mine]).all()):
@@ -354,23 +375,19 @@ class _Shard:
                     group[key] = val
 
 
-def _compiled_fb(shards: list[_Shard], model: BatchedMLP):
-    """torch.compile'd forward/backward, warmed up here (one compile per shard size, before
-    threads call it), or None when compilation is unavailable."""
+def _compiled_fb(shards: list[_Shard]):
+    """torch.compile'd forward/backward, warmed up here (once per chunk size, before threads
+    call it), or None when compilation is unavailable."""
     try:
         fb = torch.compile(_forward_backward, dynamic=False)
         seen = set()
         for sh in shards:
-            k = sh.hi - sh.lo
-            if k in seen:
-                continue
-            seen.add(k)
-            inp = torch.zeros(k, sh.bsz, model.dim + model.time_embed_dim,
-                              dtype=sh.t.dtype, device=sh.t.device)
-            gws = [torch.empty_like(g) for g in sh.grads[:sh.nw]]
-            gbs = [torch.empty_like(g) for g in sh.grads[sh.nw:]]
-            fb(sh.params[:sh.nw], sh.params[sh.nw:], gws, gbs, inp,
-               torch.zeros(k, sh.bsz, model.dim, dtype=inp.dtype, device=inp.device))
+            for ws, bs, gws, gbs, inp, eps in sh.chunks:
+                if inp.shape[0] in seen:
+                    continue
+                seen.add(inp.shape[0])
+                fb(ws, bs, [torch.empty_like(g) for g in gws], [torch.empty_like(g) for g in gbs],
+                   torch.zeros_like(inp), torch.zeros_like(eps))
         return fb
     except Exception as exc:  # no C++ compiler, unsupported platform, ...: stay eager
         warnings.warn(f"torch.compile unavailable ({type(exc).__name__}: {exc}); "
@@ -381,7 +398,8 @@ def _compiled_fb(shards: list[_Shard], model: BatchedMLP):
 def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tensor] | Tensor,
                       process, cfg: TrainConfig | None = None, seeds: Sequence[int] | None = None,
                       *, optimizer_states: Sequence[dict] | None = None, device="cpu",
-                      threads: int | None = None, compile: bool = False,
+                      threads: int | None = None, chunk: int | None = None,
+                      compile: bool = False,
                       nan_check: bool = True) -> list[TrainResult]:
     """:func:`~collapselab.scores.training.train_dsm` for K chains at once (DSM, PAPER.md §3).
 
@@ -398,6 +416,9 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
     threads: on CPU, the chains are split into this many shards, one per thread, each running
         whole steps with one intra-op thread (default: ``torch.get_num_threads()``, at most K).
         While more than one shard runs, torch's intra-op thread count is 1 (restored on exit).
+    chunk: chains per forward/backward call inside a shard (default: 1 on CPU, where a
+        chain's activations then stay in cache, measured faster; K on accelerators). Sampling,
+        clipping, Adam and the EMA always run over the whole shard at once.
     compile: run the forward/backward through ``torch.compile`` (falls back to eager with a
         warning where compilation fails). It costs tens of seconds once per process and shape
         and saves ~10-20% per step on CPU: worth it for long runs or many generations only.
@@ -466,8 +487,11 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
     n_threads = torch.get_num_threads() if threads is None else int(threads)
     n_shards = max(1, min(K, n_threads)) if device.type == "cpu" else 1
     loop_seeds = [cs[1] for cs in chain_seeds]
+    if chunk is None:
+        chunk = 1 if device.type == "cpu" else K
     shards = [_Shard(lo, hi, params, ema_p, cfg, device, loop_seeds, train_x, bsz, event,
-                     len(model.weights)) for lo, hi in _bounds(K, n_shards)]
+                     len(model.weights), model.dim, model.time_embed_dim, chunk)
+              for lo, hi in _bounds(K, n_shards)]
     if optimizer_states is not None and all(s["state"] for s in optimizer_states):
         steps_seen = {float(s["state"][0]["step"]) for s in optimizer_states}
         if len(steps_seen) > 1:
@@ -508,7 +532,7 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
                                   initargs=(1,))
     step = 0
     try:
-        fb = _compiled_fb(shards, model) if compile else None
+        fb = _compiled_fb(shards) if compile else None
         fb = fb or _forward_backward
         pos = n_train
         with torch.no_grad():

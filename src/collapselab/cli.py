@@ -80,7 +80,6 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
         prepare_run_dir,
         run_experiment,
     )
-
     from .observability import experiment_of, run_observability_command
 
     if experiment_of(source, list(overrides)) is not None:  # e.g. `experiment: observability`
@@ -205,7 +204,8 @@ def report(directory):
               help="the paper's constant c of the upper bound 4ε² + cε⁴ (default: pathwise.c)")
 @click.option("--n-sigma", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="standard errors allowed before a bound counts as FAILED")
-def bounds(directory, i0, C, c, n_sigma):
+@click.option("--no-figures", is_flag=True, help="write the tables only")
+def bounds(directory, i0, C, c, n_sigma, no_figures):
     """Re-evaluate the paper's bounds on a finished run: DIR/bounds.{parquet,csv} + figures."""
     from .errors import CollapselabError
     from .report import bounds_overview, bounds_sentence, write_bounds
@@ -220,7 +220,7 @@ def bounds(directory, i0, C, c, n_sigma):
     if isinstance(cfg, dict) and cfg.get("experiment"):
         raise CollapselabError(f"{directory}: a '{cfg['experiment']}' experiment has no "
                                "generations to check bounds on (use `collapselab report`)")
-    bt, figs = write_bounds(root, i0=i0, C=C, c=c, n_sigma=n_sigma)
+    bt, figs = write_bounds(root, i0=i0, C=C, c=c, n_sigma=n_sigma, figures=not no_figures)
     click.echo(bounds_sentence(bt))
     over = bounds_overview(bt)
     if len(over):

@@ -1186,7 +1186,7 @@ def bound_figures(bt: pd.DataFrame, df: pd.DataFrame, cfg: dict, F: Path) -> dic
 
 
 def write_bounds(root, *, i0: int | None = None, C: float | None = None,
-                 c: float | None = None, n_sigma: float = 2.0):
+                 c: float | None = None, n_sigma: float = 2.0, figures: bool = True):
     """``collapselab bounds DIR``: DIR/bounds.parquet, DIR/bounds.csv and the bound figures.
     Returns (bounds table, {figure name: path})."""
     store = RunStore(root)
@@ -1197,6 +1197,8 @@ def write_bounds(root, *, i0: int | None = None, C: float | None = None,
     bt.to_parquet(buf, index=False)
     atomic_write_bytes(store.root / "bounds.parquet", buf.getvalue())
     atomic_write_text(store.root / "bounds.csv", bt.to_csv(index=False))
+    if not figures:
+        return bt, {}
     store.figures.mkdir(parents=True, exist_ok=True)
     return bt, bound_figures(bt, df, cfg, store.figures)
 
