@@ -8,7 +8,9 @@ through the real CLI (`collapselab run PRESET --workers 1 --quiet --no-report`),
 directory, with one torch thread (the executor's worker setting). The per-generation split is
 read from every cell's metrics.json ("timings": fit / sample / measure); wall is the whole
 command (start-up, data loading and the feature classifier included; the classifier is cached by
-content hash, so a second run skips its training). Prints a table, the machine and the load.
+content hash, so a second run skips its training); CPU is the command's user + system time,
+which on a loaded machine is the better guide to the time on an idle one (one thread: wall ≈ CPU
+when idle). Prints a table, the machine and the load.
 Not a test: timings depend on the machine and on what else runs on it.
 """
 
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,42 +42,72 @@ def _first(preset: str, key: str):
 def run(preset: str, out: Path, generations: int) -> dict:
     alpha, seed = _first(preset, "alphas"), _first(preset, "seeds")
     sets = [f"loop.generations={generations}", f"sweep.alphas=[{alpha}]", f"sweep.seeds=[{seed}]"]
-    cmd = [sys.executable, "-m", "collapselab.cli", "run", preset, "--out", str(out), "--quiet",
-           "--no-report", "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "collapselab.cli",
+        "run",
+        preset,
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-report",
+        "--workers",
+        "1",
+    ]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     load0 = os.getloadavg()[0]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
     wall = time.perf_counter() - t
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     gens = []
     for metrics in sorted(out.glob("cells/*/*/generation=*/metrics.json")):
         g = int(metrics.parent.name.split("=")[1])
         gens.append((g, json.loads(metrics.read_text())["timings"]))
     gens.sort()
-    return {"preset": preset, "wall": wall, "load_before": load0, "load_after": os.getloadavg()[0],
-            "score": cfg["score"]["kind"], "sampler": f"{cfg['sampler']['kind']} "
-            f"{cfg['sampler']['steps']}", "n": cfg["loop"]["n_train"],
-            "generations": [{"generation": g, **tm} for g, tm in gens]}
+    return {
+        "preset": preset,
+        "wall": wall,
+        "cpu": cpu,
+        "load_before": load0,
+        "load_after": os.getloadavg()[0],
+        "score": cfg["score"]["kind"],
+        "sampler": f"{cfg['sampler']['kind']} {cfg['sampler']['steps']}",
+        "n": cfg["loop"]["n_train"],
+        "generations": [{"generation": g, **tm} for g, tm in gens],
+    }
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| preset | score | sampler | n_train | generation | fit s | sample s | measure s "
-             "| total s |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| preset | score | sampler | n_train | generation | fit s | sample s | measure s "
+        "| total s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         for g in r["generations"]:
             tot = g["fit"] + g["sample"] + g["measure"]
-            lines.append(f"| {r['preset']} | {r['score']} | {r['sampler']} | {r['n']} | "
-                         f"{g['generation']} | {g['fit']:.1f} | {g['sample']:.1f} | "
-                         f"{g['measure']:.1f} | {tot:.1f} |")
+            lines.append(
+                f"| {r['preset']} | {r['score']} | {r['sampler']} | {r['n']} | "
+                f"{g['generation']} | {g['fit']:.1f} | {g['sample']:.1f} | "
+                f"{g['measure']:.1f} | {tot:.1f} |"
+            )
     lines.append("")
-    lines.append("| preset | wall s (whole command) | load 1-min before → after |")
-    lines.append("|---|---:|---|")
+    lines.append(
+        "| preset | wall s (whole command) | CPU s (user + sys) | load 1-min before → after |"
+    )
+    lines.append("|---|---:|---:|---|")
     for r in results:
-        lines.append(f"| {r['preset']} | {r['wall']:.1f} | {r['load_before']:.2f} → "
-                     f"{r['load_after']:.2f} |")
+        lines.append(
+            f"| {r['preset']} | {r['wall']:.1f} | {r['cpu']:.1f} | "
+            f"{r['load_before']:.2f} → {r['load_after']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -86,8 +119,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = ap.parse_args()
     base = args.keep or Path(tempfile.mkdtemp(prefix="bench_presets_"))
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}, one torch thread per chain", flush=True)
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}, one torch thread per chain",
+        flush=True,
+    )
     results = []
     for preset in args.presets:
         out = base / preset

@@ -398,3 +398,17 @@ def test_mc_divergences_equals_the_separate_estimates():
     both = mc_divergences(r, p, 5000, torch.Generator().manual_seed(3))
     assert both["chi2"] == mc_chi2(r, p, 5000, torch.Generator().manual_seed(3))
     assert both["kl"] == mc_kl(r, p, 5000, torch.Generator().manual_seed(3))
+
+
+def test_finite_weight_variance_known_analytically_keeps_the_estimate():
+    """A finite-KDE law against a Gaussian with a wider component: Var(a/b) < ∞ analytically,
+    so the CLT estimate stands (no Pareto veto) and matches the 1-D closed form."""
+    from collapselab.scores.kde import KDELaw
+
+    s1, s2 = 0.3, 0.5
+    a = KDELaw(torch.zeros(1, 1, dtype=torch.float64), 1.0, s1**2)
+    b = GaussianMixture.isotropic([[0.0]], s2)
+    exact = s2**2 / (s1 * math.sqrt(2 * s2**2 - s1**2)) - 1
+    est = mc_chi2(a, b, 20_000, torch.Generator().manual_seed(0))
+    assert math.isfinite(est.value) and "finite variance analytically" in est.note
+    assert abs(est.value - exact) < 4 * est.stderr

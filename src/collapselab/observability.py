@@ -380,6 +380,10 @@ def collect(root: Path) -> pd.DataFrame:
     for p in sorted((Path(root) / "cells").rglob("metrics.json")):
         rows += read_json(p)["rows"]
     df = pd.DataFrame(rows, columns=RESULT_ORDER) if rows else pd.DataFrame(columns=RESULT_ORDER)
+    # JSON has no NaN: the store writes it as "nan"; restore the numeric columns.
+    for col in ("alpha", "magnitude", "value", "stderr"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    df[["seed", "generation"]] = df[["seed", "generation"]].astype(int)
     return df.sort_values(["target", "error_type", "magnitude", "seed", "metric"],
                           kind="stable").reset_index(drop=True)
 

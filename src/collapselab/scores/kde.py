@@ -39,7 +39,9 @@ class KDEScore:
                 out[idx] = self(x[idx], float(tv))
             return out
         a, v = kde_scale_var(self.process, float(t), self.bandwidth)
-        return kde_score(x, self.keys, a, v)
+        # The model computes in its keys' dtype (float32: the fused attention path) whatever
+        # precision the caller evaluates in (the pathwise estimators pass float64).
+        return kde_score(x.to(self.keys.dtype), self.keys, a, v).to(x.dtype)
 
     def output_law(self, t0: float) -> KDELaw:
         """The law of the ideal reverse process stopped at t0: the KDE pushed to t0."""
