@@ -188,10 +188,13 @@ def test_finiteness_boundary_inside_hull_is_finite():
     a = gauss1(0.0, 2.0)
     b = GaussianMixture([0.5, 0.5], [[-1.0], [1.0]], [1.0, 1.0])
     assert chi2_finiteness(a, b) is True
-    f = lambda x: math.exp(
-        2 * a.log_prob(torch.tensor([[x]], dtype=F64)).item()  # noqa: E731
-        - b.log_prob(torch.tensor([[x]], dtype=F64)).item()
-    )
+
+    def f(x):
+        return math.exp(
+            2 * a.log_prob(torch.tensor([[x]], dtype=F64)).item()
+            - b.log_prob(torch.tensor([[x]], dtype=F64)).item()
+        )
+
     integral = quad(f, -np.inf, np.inf)[0]
     assert integral - 1 == pytest.approx(math.sqrt(2 * math.pi) * math.exp(0.5) / 4 - 1, rel=1e-6)
     # Mean on the hull's boundary (or outside): infinite.
