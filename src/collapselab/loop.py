@@ -353,7 +353,7 @@ def measure_pathwise(ctx, generation, score, q_law, rows) -> list[dict]:
             vals[key], vals[key + "_stderr"] = r["value"], r["stderr"]
     for chk in theory.check_single_generation(generation=i, i0=pc.i0, C=pc.C, c=pc.c, **vals):
         row = _row(ctx, i, chk.name, Estimate(chk.bound, chk.bound_stderr, "theory", chk.reason))
-        row["held"] = chk.held
+        row["held"], row["measured"] = chk.held, chk.measured
         out.append(row)
     return out
 
