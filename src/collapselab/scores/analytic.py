@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..targets import GaussianMixture
+from .base import per_time
 
 
 class AnalyticScore:
@@ -30,14 +30,7 @@ class AnalyticScore:
         return law
 
     def __call__(self, x: Tensor, t) -> Tensor:
-        if isinstance(t, Tensor) and t.dim() > 0:
-            # Per-sample times: group by unique value (DSM-style evaluation).
-            out = torch.empty_like(x)
-            for tv in torch.unique(t):
-                idx = t == tv
-                out[idx] = self(x[idx], float(tv))
-            return out
-        return self.marginal(float(t)).score(x.double()).to(x.dtype)
+        return per_time(lambda y, tv: self.marginal(tv).score(y.double()).to(y.dtype), x, t)
 
     def output_law(self, t0: float) -> GaussianMixture:
         """Law of the ideal reverse process stopped at t0: the forward marginal at t0."""
@@ -53,13 +46,10 @@ class LawScore:
         self.law, self.process = law, process
 
     def __call__(self, x: Tensor, t) -> Tensor:
-        if isinstance(t, Tensor) and t.dim() > 0:
-            out = torch.empty_like(x)
-            for tv in torch.unique(t):
-                idx = t == tv
-                out[idx] = self(x[idx], float(tv))
-            return out
-        return self.law.marginal(self.process, float(t)).score(x.double()).to(x.dtype)
+        def at(y: Tensor, tv: float) -> Tensor:
+            return self.law.marginal(self.process, tv).score(y.double()).to(y.dtype)
+
+        return per_time(at, x, t)
 
     def output_law(self, t0: float):
         return self.law.marginal(self.process, t0)

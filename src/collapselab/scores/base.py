@@ -11,8 +11,10 @@ by scale(t0) and adds variance var(t0)). Others return None.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 
@@ -30,3 +32,15 @@ class Law(Protocol):
     def sample(self, n: int, generator=None) -> Tensor: ...
 
     def log_prob(self, x: Tensor) -> Tensor: ...
+
+
+def per_time(score_at: Callable[[Tensor, float], Tensor], x: Tensor, t) -> Tensor:
+    """Evaluate a score defined for one time per batch at a float t or a per-sample (n,) t
+    (DSM-style evaluation), grouping the samples by their time."""
+    if not (isinstance(t, Tensor) and t.dim() > 0):
+        return score_at(x, float(t))
+    out = torch.empty_like(x)
+    for tv in torch.unique(t):
+        idx = t == tv
+        out[idx] = score_at(x[idx], float(tv))
+    return out

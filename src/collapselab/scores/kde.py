@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import KDEKeys, kde_log_prob, kde_score
+from .base import per_time
 
 
 def kde_scale_var(process, t: float, bandwidth: float) -> tuple[float, float]:
@@ -32,13 +33,10 @@ class KDEScore:
         self.keys = KDEKeys.prepare(centres.to(dtype))
 
     def __call__(self, x: Tensor, t) -> Tensor:
-        if isinstance(t, Tensor) and t.dim() > 0:
-            out = torch.empty_like(x)
-            for tv in torch.unique(t):
-                idx = t == tv
-                out[idx] = self(x[idx], float(tv))
-            return out
-        a, v = kde_scale_var(self.process, float(t), self.bandwidth)
+        return per_time(self._at, x, t)
+
+    def _at(self, x: Tensor, t: float) -> Tensor:
+        a, v = kde_scale_var(self.process, t, self.bandwidth)
         # The model computes in its keys' dtype (float32: the fused attention path) whatever
         # precision the caller evaluates in (the pathwise estimators pass float64).
         return kde_score(x.to(self.keys.dtype), self.keys, a, v).to(x.dtype)
