@@ -401,10 +401,18 @@ def _chi2_from_logw(logw: Tensor, known: bool | None, var_finite: bool = False) 
     raw = math.expm1(log_mean) if log_mean < 700 else _INF
     se = float(w_scaled.std()) * math.exp(min(top, 700)) / math.sqrt(n)
     if var_finite:
+        # Finite variance in theory; k̂ still measures whether n draws are past the
+        # pre-asymptotic regime. PSIS's practical threshold (Vehtari et al. 2024) applies:
+        # min(1 − 1/log10(n), 0.7).
         k, k_se = pareto_khat(w_scaled.numpy())
-        return Estimate(raw, se, "monte_carlo",
-                        "weights a/b have finite variance analytically (isotropic components, "
-                        f"variance ratio < 1.5): CLT stderr; Pareto k̂={k:.2f}±{k_se:.2f}")
+        limit = min(1 - 1 / math.log10(max(n, 11)), 0.7)
+        detail = (f"weights a/b have finite variance analytically (isotropic components, "
+                  f"variance ratio < 1.5); Pareto k̂={k:.2f}±{k_se:.2f}")
+        if math.isfinite(k) and k >= limit:
+            return Estimate(_NAN, _NAN, "monte_carlo",
+                            f"unreliable: {detail} ≥ {limit:.2f}, too few draws for the CLT; "
+                            f"raw estimate {raw:.6g} ± {se:.3g}")
+        return Estimate(raw, se, "monte_carlo", f"{detail} < {limit:.2f}: CLT stderr")
     out = _tail_guard(raw, se, w_scaled.numpy(), "the importance weights a/b under a",
                       "monte_carlo", known_finite=known)
     if known is None and out.finite:

@@ -1060,7 +1060,9 @@ def plot_bound_checks(bt: pd.DataFrame, path) -> bool:
             if rows.empty:
                 ax.set_axis_off()
                 continue
-            meas = rows[rows.check == names[0]]
+            present = [n for n in names if (rows.check == n).any()]
+            names = present  # e.g. no η rows: only the upper half of the two-sided panel
+            meas = rows[rows.check == present[0]]
             m = _mean_by_gen(meas, "measured")
             ax.plot(m.index.astype(int), m.values, "-o", ms=3, color="C0",
                     label=f"measured {meas.measured_metric.iloc[0]}")
