@@ -67,13 +67,17 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default))
 
 
+_TEXT_COLUMNS = {"metric", "estimator", "note"}
+
+
 def read_json(path: Path):
     obj = json.loads(Path(path).read_text())
     if isinstance(obj, dict) and "rows" in obj:
         for r in obj["rows"]:
-            for k in ("value", "stderr"):
-                if isinstance(r.get(k), str):
-                    r[k] = float(r[k])
+            for k, v in r.items():
+                # _clean wrote non-finite floats as strings; text columns stay text.
+                if k not in _TEXT_COLUMNS and v in ("nan", "inf", "-inf"):
+                    r[k] = float(v)
     return obj
 
 
