@@ -351,10 +351,11 @@ def final_table(df: pd.DataFrame) -> pd.DataFrame:
         cols = swept + ["alpha", "generation", "metric", "estimator", "mean", "half", "n",
                         "nonfinite"]
         out = summ[cols].reset_index(drop=True)
-        if np.isfinite(out["mean"].to_numpy(float)).any():
+        if np.isfinite(out["mean"].to_numpy(float)).all():
             break
-        # χ² unreliable for every α at the last generation (e.g. heavy tails): fall back to KL.
-        fallback = f"{metric} has no finite mean at the last generation"
+        # χ² infinite or unreliable for some α at the last generation (heavy tails): the answer
+        # must compare like with like across α, so fall back to KL.
+        fallback = f"{metric} has no finite mean at the last generation for every α"
     if fallback and len(out) and out.metric.iloc[0] != "accumulated_chi2":
         out.attrs["fallback"] = fallback
     return out
