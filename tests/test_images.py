@@ -113,11 +113,6 @@ def test_fashion_mnist_idx_end_to_end(tmp_path):
     assert df[df.metric == "feature_test_accuracy"].value.item() > 0.9
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the dataset is first loaded inside a chain, so the CLI exits 1; needs the pre-check "
-    "in cli.run proposed in the image-presets report",
-)
 def test_missing_fashion_file_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "COLLAPSELAB_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(
@@ -148,6 +143,7 @@ def test_missing_fashion_file_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert "/nonexistent/train-images-idx3-ubyte" in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "r").exists()  # nothing written
 
 
 @pytest.mark.parametrize("preset", ["digits", "fashion-mnist", "fashion-mnist-cpu", "cifar10"])

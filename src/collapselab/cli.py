@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 invalid input (one line naming the field), 1 failure du
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -52,8 +53,8 @@ def _setup_logging(path: Path) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="override any config key (YAML value; lists too)")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="chains run at once (local: 1 = in this process, N > 1 = a process pool; "
-                   "ray: CPUs of the local Ray started for the run)")
+              help="chains run at once (local: 1 = in this process, N > 1 = a process pool, "
+                   "default one per core; ray: CPUs of the local Ray started for the run)")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
               show_default=True, help="where chains run")
 @click.option("--address", default=None, metavar="auto|ray://HOST:PORT",
@@ -98,6 +99,16 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     if gpus_per_chain is None:
         gpus_per_chain = 1.0 if cfg.device.startswith("cuda") else 0.0
     resources = Resources(num_cpus=cpus_per_chain, num_gpus=gpus_per_chain)
+    if cfg.target.kind == "dataset":
+        # A missing or malformed data file is the user's to fix: say so before anything is
+        # written (the chains would otherwise meet it inside a worker).
+        from .loop import build_target
+
+        build_target(cfg)
+    if workers is None and executor == "local":
+        # One chain per core, one torch thread each: in-process runs use every core's thread
+        # for one chain, which oversubscribes badly as soon as anything else runs.
+        workers = max(1, min(os.cpu_count() or 1, len(chains(cfg))))
     store = prepare_run_dir(cfg, Path(out) if out else default_out(cfg))
     _setup_logging(store.log_path)
     logging.getLogger("collapselab").info(
