@@ -90,14 +90,6 @@ def best_rows(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return sub[r == best]
 
 
-def seed_summary(df: pd.DataFrame, metric: str, estimator: str) -> pd.DataFrame:
-    """Per (swept keys, α, generation): mean over seeds, 95% t half-width ``half``, count ``n``
-    of finite values and ``nonfinite`` (see :func:`store.summarize`)."""
-    sub = df[(df.metric == metric) & (df.estimator == estimator)]
-    s = summarize(sub)
-    return s.rename(columns={"half_width": "half", "n_nonfinite": "nonfinite"})
-
-
 def _mark_nonfinite(ax, summ: pd.DataFrame, x: str = "generation") -> None:
     """A red × near the top edge (axes coordinates, so it is visible whatever the data range)
     wherever some seeds gave inf/NaN, annotated with how many."""
