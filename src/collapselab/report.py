@@ -121,6 +121,9 @@ def plot_metric(df: pd.DataFrame, metric: str, title: str, ax, params: dict | No
         lo, hi = grp["mean"] - grp.half.fillna(0), grp["mean"] + grp.half.fillna(0)
         ax.fill_between(grp.generation, lo, hi, color=line.get_color(), alpha=0.2)
     _mark_nonfinite(ax, summ.groupby("generation", as_index=False).nonfinite.sum())
+    pos = summ["mean"][np.isfinite(summ["mean"]) & (summ["mean"] > 0)]
+    if len(pos) > 1 and pos.max() / pos.min() > 1e3:
+        ax.set_yscale("symlog", linthresh=float(pos.min()))  # χ² can span many decades
     ax.set_xlabel("generation i")
     extra = f" — {_label(params)}" if params else ""
     ax.set_title(f"{title}{extra}\n[{est}; mean over seeds, 95% band]", fontsize=9)
