@@ -48,6 +48,7 @@ from .scores.training import (
     _lr_at,
     _make_optimizer,
     _seed_from,
+    run_plan,
 )
 
 __all__ = ["BatchedMLP", "train_dsm_batched"]
@@ -453,24 +454,14 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
     # Per-chain random streams, seeded and consumed exactly as train_dsm consumes them.
     chain_seeds = [[_seed_from(g) for _ in range(4)]  # split, loop, dropout, validation
                    for g in (torch.Generator().manual_seed(s) for s in seeds)]
-    n_val = 0
-    if cfg.val_fraction > 0:
-        if n < 2:
-            raise ValueError(f"need at least 2 data points for a validation split, got {n}")
-        n_val = min(max(int(round(cfg.val_fraction * n)), 1), n - 1)
+    plan = run_plan(cfg, n, process)
+    n_val, bsz, total = plan.n_val, plan.batch_size, plan.total
+    t_min, t_max, eval_every, do_val = cfg.t_min, plan.t_max, plan.eval_every, plan.do_val
+    n_train = n - n_val
     perms = [torch.randperm(n, generator=torch.Generator().manual_seed(cs[0])).to(device)
              for cs in chain_seeds]
     train_x = torch.stack([data[k][perms[k][n_val:]] for k in range(K)])
     val_x = torch.stack([data[k][perms[k][:n_val]] for k in range(K)])
-    n_train = n - n_val
-    bsz = min(cfg.batch_size, n_train)
-    per_epoch = n_train // bsz
-    total = cfg.steps if cfg.epochs is None else max(1, math.ceil(cfg.epochs * per_epoch))
-    t_min = cfg.t_min
-    t_max = float(process.T if cfg.t_max is None else cfg.t_max)
-
-    eval_every = per_epoch if cfg.eval_every is None else cfg.eval_every
-    do_val = n_val > 0 and eval_every > 0
     if do_val:
         val_x = val_x.repeat((1, cfg.val_repeats) + (1,) * len(event))
         val_t, val_eps = [], []

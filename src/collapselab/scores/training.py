@@ -211,6 +211,36 @@ def _seed_from(gen: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=gen))
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """Sizes of one DSM run derived from its config and data size (shared by train_dsm and the
+    batched trainer, which must split and schedule exactly alike)."""
+
+    n_val: int
+    batch_size: int
+    total: int
+    t_max: float
+    eval_every: int
+    do_val: bool
+
+
+def run_plan(cfg: TrainConfig, n: int, process) -> RunPlan:
+    """Validation split size, batch size, total steps (epochs count whole batches), t_max and the
+    validation cadence of a run on n points (see :class:`TrainConfig`)."""
+    n_val = 0
+    if cfg.val_fraction > 0:
+        if n < 2:
+            raise ValueError(f"need at least 2 data points for a validation split, got {n}")
+        n_val = min(max(int(round(cfg.val_fraction * n)), 1), n - 1)
+    bsz = min(cfg.batch_size, n - n_val)
+    per_epoch = (n - n_val) // bsz
+    total = cfg.steps if cfg.epochs is None else max(1, math.ceil(cfg.epochs * per_epoch))
+    eval_every = per_epoch if cfg.eval_every is None else cfg.eval_every
+    return RunPlan(n_val, bsz, total,
+                   float(process.T if cfg.t_max is None else cfg.t_max),
+                   eval_every, n_val > 0 and eval_every > 0)
+
+
 def train_dsm(net: nn.Module, data: Tensor, process, cfg: TrainConfig | None = None, *,
               generator: torch.Generator | None = None, init_state: dict | None = None,
               optimizer_state: dict | None = None, device="cpu",
@@ -243,23 +273,14 @@ def train_dsm(net: nn.Module, data: Tensor, process, cfg: TrainConfig | None = N
     n = data.shape[0]
     if n < 1:
         raise ValueError("no training data")
-    n_val = 0
-    if cfg.val_fraction > 0:
-        if n < 2:
-            raise ValueError(f"need at least 2 data points for a validation split, got {n}")
-        n_val = min(max(int(round(cfg.val_fraction * n)), 1), n - 1)
+    plan = run_plan(cfg, n, process)
+    n_val, bsz, total = plan.n_val, plan.batch_size, plan.total
+    t_min, t_max, eval_every, do_val = cfg.t_min, plan.t_max, plan.eval_every, plan.do_val
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed)).to(device)
     train_x, val_x = data[perm[n_val:]], data[perm[:n_val]]
-    n_train = train_x.shape[0]
-    bsz = min(cfg.batch_size, n_train)
-    per_epoch = n_train // bsz
-    total = cfg.steps if cfg.epochs is None else max(1, math.ceil(cfg.epochs * per_epoch))
-    t_min = cfg.t_min
-    t_max = float(process.T if cfg.t_max is None else cfg.t_max)
+    n_train = n - n_val
 
     # Fixed validation draws: the early-stopping criterion is a deterministic function of θ.
-    eval_every = per_epoch if cfg.eval_every is None else cfg.eval_every
-    do_val = n_val > 0 and eval_every > 0
     if do_val:
         vg = torch.Generator().manual_seed(val_seed)
         val_x = val_x.repeat((cfg.val_repeats,) + (1,) * (data.dim() - 1))
