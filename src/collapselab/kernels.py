@@ -107,15 +107,22 @@ class KDEKeys:
         if dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
         n_centres, d = centres.shape
-        # The shift is a constant (no gradient): any m gives the same exact result.
-        shift = centres.detach().to(torch.float64).mean(0)
-        c = centres.to(torch.float64) - shift
+        # The shift is a constant (no gradient): any m gives the same exact result. It is
+        # accumulated in float64; the keys are computed in their own dtype (rounding them from
+        # a float64 computation would not be more accurate than the float32 rounding itself).
+        shift = centres.detach().mean(0, dtype=torch.float64).to(dtype)
         width = -(-(d + 1) // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE
-        pieces = [c, -0.5 * (c * c).sum(1, keepdim=True)]
-        if width > d + 1:
-            pieces.append(c.new_zeros(n_centres, width - d - 1))
-        keys = torch.cat(pieces, 1).to(dtype).contiguous()
-        return cls(keys=keys, shift=shift.to(dtype), dim=d)
+        if centres.requires_grad and torch.is_grad_enabled():  # differentiable form
+            c = centres.to(dtype) - shift
+            pieces = [c, -0.5 * (c * c).sum(1, keepdim=True)]
+            if width > d + 1:
+                pieces.append(c.new_zeros(n_centres, width - d - 1))
+            return cls(keys=torch.cat(pieces, 1), shift=shift, dim=d)
+        # Few passes over N×d (this runs once per centre set, but on large N every pass counts).
+        keys = centres.new_zeros((n_centres, width), dtype=dtype)
+        c = torch.sub(centres.detach(), shift, out=keys[:, :d])
+        torch.linalg.vecdot(c, c, out=keys[:, d]).mul_(-0.5)
+        return cls(keys=keys, shift=shift, dim=d)
 
     @property
     def n_centres(self) -> int:
