@@ -1,4 +1,5 @@
-"""Run every chain of an experiment — in-process, in a process pool or on Ray — and gather the
+"""Run every chain of an experiment — in-process, in a process pool, on Ray, or in lockstep
+with batched MLP training (``executor="batched"``, :mod:`collapselab.lockstep`) — and gather the
 results table, the summary over seeds and the failure records.
 
 Results do not depend on the order or on the executor: each chain (and each generation) draws
@@ -47,7 +48,7 @@ from .store import (
 
 log = logging.getLogger("collapselab")
 
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "ray", "batched")
 # Test hooks, read by the worker that runs a chain (documented in docs/distributed.md):
 # FAULT_ENV = JSON {"alpha", "seed", "generation", "kind": exit|raise|nan} (or a list of them)
 # injects a failure into that chain's generation (exit = the worker process dies mid-generation);
@@ -152,26 +153,35 @@ def _fault(kind: str, generation: int):
     raise RuntimeError(f"injected fault at generation {generation}")
 
 
+def apply_fit_hooks(hooks: dict, ctx, generation: int) -> None:
+    """The test hooks at one score fit of chain ``ctx`` (a :class:`loop.ChainContext`): inject
+    the fault configured for (α, seed, generation), then log the fit. Called by the wrapped
+    loop.fit_score and, for fits that bypass it, by the batched executor."""
+    faults = hooks.get("fault") or []
+    faults = [faults] if isinstance(faults, dict) else faults
+    for f in faults:
+        if (float(f["alpha"]) == float(ctx.alpha) and int(f["seed"]) == int(ctx.seed)
+                and int(f["generation"]) == generation):
+            _fault(f.get("kind", "raise"), generation)
+    if hooks.get("fit_log"):
+        with open(hooks["fit_log"], "a") as f:  # O_APPEND: one short line per fit
+            f.write(f"{float(ctx.alpha)!r} {int(ctx.seed)} {generation} "
+                    f"{json.dumps(ctx.params)}\n")
+
+
 @contextmanager
-def _installed_hooks(hooks: dict, alpha: float, seed: int):
-    """Wrap loop.fit_score for the duration of one chain when test hooks are given."""
+def _installed_hooks(hooks: dict):
+    """Wrap loop.fit_score while chains run in this process when test hooks are given (the
+    chain is read from the fit's context, so one wrapper serves any number of chains)."""
     if not hooks:
         yield
         return
     from . import loop
 
     real_fit = loop.fit_score
-    faults = hooks.get("fault") or []
-    faults = [faults] if isinstance(faults, dict) else faults
-    mine = {int(f["generation"]): f.get("kind", "raise") for f in faults
-            if float(f["alpha"]) == float(alpha) and int(f["seed"]) == int(seed)}
 
     def fit(ctx, generation, *args, **kwargs):
-        if generation in mine:
-            _fault(mine[generation], generation)
-        if hooks.get("fit_log"):
-            with open(hooks["fit_log"], "a") as f:  # O_APPEND: one short line per fit
-                f.write(f"{float(alpha)!r} {int(seed)} {generation} {json.dumps(ctx.params)}\n")
+        apply_fit_hooks(hooks, ctx, generation)
         return real_fit(ctx, generation, *args, **kwargs)
 
     loop.fit_score = fit
@@ -204,7 +214,7 @@ def execute_chain(cfg_data: dict, root: str, alpha: float, seed: int, params: di
             on_generation(generation, seconds)
 
     try:
-        with _installed_hooks(hooks or {}, alpha, seed):
+        with _installed_hooks(hooks or {}):
             from .loop import run_chain  # torch loads here, after the input is validated
 
             computed = run_chain(cfg, alpha, seed, store, on_generation=guarded, params=params)
@@ -229,6 +239,25 @@ def _worker_main(conn) -> None:
         if task is None:
             return
         conn.send(execute_chain(**task))
+
+
+# ---- generation 0 sharing (every driver) ---------------------------------------------------
+def generation_zero_source(cfg: Config, store: RunStore, params: dict, seed: int) -> float | None:
+    """An α whose generation 0 of (params, seed) is done (its files serve every α), or None."""
+    for a in cfg.sweep.alphas:
+        if store.is_done(a, seed, 0, params):
+            return a
+    return None
+
+
+def adopt_generation_zero_for(store: RunStore, src_alpha: float, members) -> None:
+    """Copy generation 0 of (src_alpha, seed, params) to each chain of ``members`` (same seed
+    and params) that does not have it yet (:func:`loop.adopt_generation_zero`)."""
+    from .loop import adopt_generation_zero
+
+    for c in members:
+        if adopt_generation_zero(store, src_alpha, c.alpha, c.seed, c.param_dict):
+            log.info("%s: generation 0 adopted from alpha=%g", c.label(), src_alpha)
 
 
 # ---- back-ends: submit(task_id, kwargs), wait(timeout) -> [(task_id, result)], close() --------
@@ -432,18 +461,10 @@ class _Driver:
         self.ready.extend(later)
 
     def _gen0_source(self, key, members) -> float | None:
-        params, seed = dict(key[0]), key[1]
-        for a in self.cfg.sweep.alphas:
-            if self.store.is_done(a, seed, 0, params):
-                return a
-        return None
+        return generation_zero_source(self.cfg, self.store, dict(key[0]), key[1])
 
     def _adopt(self, src_alpha: float, members: list[ChainSpec]) -> None:
-        from .loop import adopt_generation_zero
-
-        for c in members:
-            if adopt_generation_zero(self.store, src_alpha, c.alpha, c.seed, c.param_dict):
-                log.info("%s: generation 0 adopted from alpha=%g", c.label(), src_alpha)
+        adopt_generation_zero_for(self.store, src_alpha, members)
 
     def poll(self) -> None:
         """Report newly finished generations; release followers once a leader's gen 0 is done."""
@@ -532,7 +553,10 @@ def run_experiment(
     executor: ``local`` — in this process when ``workers`` is 1 (the default), else a pool of
         ``workers`` spawned processes with one torch thread each; ``ray`` — one Ray task per
         chain on the cluster at ``address`` (``auto``, ``ray://host:10001``) or on a local Ray
-        started for the run with ``workers`` CPUs (default: all cores).
+        started for the run with ``workers`` CPUs (default: all cores); ``batched`` — in this
+        process, the chains of each group (same swept keys other than α and seed) advanced in
+        lockstep with their MLP nets of a generation trained in one batched call
+        (:mod:`collapselab.lockstep`), with ``workers`` threads (default: all cores).
     resources: what each Ray task asks for (default 1 CPU, and 1 GPU when ``cfg.device`` is
         cuda; fractional GPUs allowed).
     stats: filled with ``generation_zero_trained`` (chains that computed generation 0 now) and
@@ -544,6 +568,10 @@ def run_experiment(
         raise ConfigError("--executor", f"allowed values are {', '.join(EXECUTORS)}")
     if workers is not None and workers < 1:
         raise ConfigError("--workers", "must be a positive integer")
+    if executor == "batched" and address is not None:
+        raise ConfigError("--address", "only used with --executor ray")
+    if executor == "batched" and workers is None:
+        workers = os.cpu_count() or 1  # threads of this one process
     if resources is None:
         resources = Resources(num_gpus=1.0 if cfg.device.startswith("cuda") else 0.0)
     from .report import environment
@@ -552,15 +580,23 @@ def run_experiment(
                       {**environment(), "device": cfg.device, "executor": executor,
                        "workers": workers or 1, "address": address,
                        "resources_per_chain": vars(resources)})
-    driver = _Driver(cfg, store, on_generation, read_hooks())
-    driver.plan(chains(cfg))
-    if executor == "ray":
-        backend = _Ray(address, workers or os.cpu_count() or 1, resources)
-    elif (workers or 1) > 1:
-        backend = _Pool(workers)
+    if executor == "batched":
+        from .lockstep import run_lockstep
+
+        outcome = run_lockstep(cfg, store, chains(cfg), on_generation, read_hooks(),
+                               threads=workers)
+        failed, gen0_trained = outcome.failed, outcome.gen0_trained
     else:
-        backend = _InProcess(driver.poll)
-    driver.run(backend)
+        driver = _Driver(cfg, store, on_generation, read_hooks())
+        driver.plan(chains(cfg))
+        if executor == "ray":
+            backend = _Ray(address, workers or os.cpu_count() or 1, resources)
+        elif (workers or 1) > 1:
+            backend = _Pool(workers)
+        else:
+            backend = _InProcess(driver.poll)
+        driver.run(backend)
+        failed, gen0_trained = driver.failed, driver.gen0_trained
     df = store.write_results()
     write_summary(store, df)
     recs = failures(store)
@@ -569,12 +605,12 @@ def run_experiment(
     else:
         (store.root / "failures.json").unlink(missing_ok=True)
     if stats is not None:
-        stats.update(generation_zero_trained=driver.gen0_trained,
-                     failed=[c.label() for c in driver.failed])
-    if driver.failed:
-        first, rec = next(iter(driver.failed.items()))
+        stats.update(generation_zero_trained=gen0_trained,
+                     failed=[c.label() for c in failed])
+    if failed:
+        first, rec = next(iter(failed.items()))
         raise ChainFailed(first, rec["generation"], store.log_path, rec["error"],
-                          others=len(driver.failed) - 1)
+                          others=len(failed) - 1)
     return df
 
 

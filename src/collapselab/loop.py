@@ -127,6 +127,19 @@ class ChainContext:
 
 
 # ---- score models --------------------------------------------------------------------------
+def _neural_inputs(ctx: ChainContext, generation: int) -> tuple[int, dict | None, float]:
+    """(seed, warm-start state or None, t_min) of generation i's network fit: the training seed
+    comes from the chain's own ``train`` stream, the warm start from generation i−1's raw
+    weights. Shared by :func:`fit_score` and :func:`fit_scores_batched`, which must agree."""
+    from .scores.neural import raw_state
+
+    s = ctx.cfg.score
+    prev = ctx.store.cell(ctx.alpha, ctx.seed, generation - 1, ctx.params) / "model.safetensors"
+    init = raw_state(prev) if s.warm_start and generation > 0 and prev.exists() else None
+    _, rng = streams(ctx.seed, generation, "train")
+    return int(rng.integers(2**31)), init, max(ctx.cfg.sampler.t0, 1e-3)
+
+
 def fit_score(ctx: ChainContext, generation: int, train: TrainingSet, q_law):
     """Fit generation i's score model. Returns (score, state_dict or None)."""
     s = ctx.cfg.score
@@ -138,22 +151,50 @@ def fit_score(ctx: ChainContext, generation: int, train: TrainingSet, q_law):
         centres = torch.from_numpy(train.x).to(ctx.device)
         return KDEScore(centres, s.bandwidth, ctx.process), None
     if s.kind in ("mlp", "unet"):
-        from .scores.neural import fit_neural, raw_state
+        from .scores.neural import fit_neural
 
-        prev = ctx.store.cell(ctx.alpha, ctx.seed, generation - 1, ctx.params) / "model.safetensors"
-        init = raw_state(prev) if s.warm_start and generation > 0 and prev.exists() else None
-        _, rng = streams(ctx.seed, generation, "train")
+        seed, init, t_min = _neural_inputs(ctx, generation)
         return fit_neural(
             s,
             ctx.process,
             torch.from_numpy(train.x),
             generation=generation,
-            seed=int(rng.integers(2**31)),
-            t_min=max(ctx.cfg.sampler.t0, 1e-3),
+            seed=seed,
+            t_min=t_min,
             device=ctx.device,
             init_state=init,
         )
     raise ValueError(f"unknown score kind {s.kind}")
+
+
+def fit_scores_batched(
+    ctxs: list[ChainContext],
+    generation: int,
+    trains: list[TrainingSet],
+    *,
+    threads: int | None = None,
+) -> list[tuple]:
+    """:func:`fit_score` for several MLP chains of one group at one generation, in one
+    :func:`~collapselab.batched.train_dsm_batched` call. Chain k gets what fit_score would give
+    it (same init, seed, warm start and schedule) up to float rounding. The chains must share
+    the score/sampler/process configuration (one group: they differ in α and seed only) and
+    training sets of one shape. A diverged chain raises TrainingDivergedError with ``.chain``,
+    its index in ``ctxs``."""
+    from .scores.neural import fit_neural_batched
+
+    first = ctxs[0]
+    inputs = [_neural_inputs(c, generation) for c in ctxs]
+    return fit_neural_batched(
+        first.cfg.score,
+        first.process,
+        [torch.from_numpy(t.x) for t in trains],
+        generation=generation,
+        seeds=[seed for seed, _, _ in inputs],
+        t_min=inputs[0][2],
+        device=first.device,
+        init_states=[init for _, init, _ in inputs],
+        threads=threads,
+    )
 
 
 def draw_samples(ctx: ChainContext, score, n: int, generation: int) -> np.ndarray:
@@ -409,6 +450,113 @@ def _load_training_set(cell) -> TrainingSet:
     return TrainingSet(load_npy(cell / "train.npy"), load_npy(cell / "provenance.npy"))
 
 
+class ChainRunner:
+    """One chain's generations as three steps, shared by :func:`run_chain` (one chain, one
+    generation after another) and the batched executor (:mod:`collapselab.lockstep`, which
+    fits the networks of several chains at one generation together):
+
+        train, q_law = runner.prepare(i)          # q_i's training set and exact law
+        score, state = runner.fit(i, train, q_law)   # or a batched fit of several chains
+        seconds = runner.finish(i, train, q_law, score, state, fit_seconds)
+
+    ``finish`` samples p̂_{i+1}, measures, writes generation i's cell (metrics.json last) and
+    advances the chain. The runner holds what the next generation reads (the exact laws, the
+    previous training set and samples), rebuilt from the run directory when it is created, so
+    a runner created after an interruption continues with the same numbers.
+    """
+
+    def __init__(
+        self, cfg: Config, alpha: float, seed: int, store: RunStore, params: dict | None = None
+    ):
+        params = dict(params or {})
+        self.cfg = cfg.with_params(params)
+        self.ctx = ChainContext(self.cfg, alpha, seed, store, params)
+        self.G = self.cfg.loop.generations
+        self.start = self.next = store.completed(alpha, seed, params)
+        self.laws: dict[int, object] = {}
+        self.previous: TrainingSet | None = None
+        self.latest: np.ndarray | None = None
+        if self.start < self.G and self.start:
+            last = store.cell(alpha, seed, self.start - 1, params)
+            self.previous = _load_training_set(last)
+            self.latest = load_npy(last / "samples.npy")
+        if self.start < self.G:
+            self.laws = _law_history(self.ctx, self.start)
+
+    @property
+    def done(self) -> bool:
+        return self.next >= self.G
+
+    def _check(self, generation: int) -> None:
+        if generation != self.next:  # the steps read state that only generation `next` matches
+            raise ValueError(f"chain is at generation {self.next}, not {generation}")
+
+    def prepare(self, generation: int) -> tuple[TrainingSet, object]:
+        """q_i's training set (policies, from this generation's real/policy streams) and its
+        exact law (None when unknown)."""
+        self._check(generation)
+        ctx, cfg, i = self.ctx, self.cfg, generation
+        real_gen, _ = streams(ctx.seed, i, "real")
+        _, policy_rng = streams(ctx.seed, i, "policy")
+        train = build_training_set(
+            cfg.loop.policy,
+            i,
+            alpha=ctx.alpha,
+            n_train=cfg.loop.n_train,
+            draw_real=lambda n, g=real_gen: ctx.target.sample(n, g).float().numpy(),
+            # (images: resampled from the training split; mixtures: fresh exact draws)
+            pools={i: self.latest} if i else {},
+            previous=self.previous,
+            rng=policy_rng,
+            augmentation_lambda=cfg.loop.augmentation_lambda,
+        )
+        return train, training_law(ctx, i, self.laws)
+
+    def fit(self, generation: int, train: TrainingSet, q_law):
+        """This chain's own score fit (:func:`fit_score`, looked up at call time so that the
+        executors' test hooks, which wrap it, apply)."""
+        self._check(generation)
+        return fit_score(self.ctx, generation, train, q_law)
+
+    def finish(
+        self, generation: int, train: TrainingSet, q_law, score, state, fit_seconds: float
+    ) -> float:
+        """Sample p̂_{i+1}, measure, write the cell; returns the generation's seconds
+        (``fit_seconds``, the time spent preparing and fitting, plus sampling and measuring).
+        Raises :class:`NonFiniteSamples` before anything is written when the samples are not
+        finite."""
+        self._check(generation)
+        ctx, cfg, i = self.ctx, self.cfg, generation
+        cell = ctx.store.cell(ctx.alpha, ctx.seed, i, ctx.params)
+        t_fit = time.perf_counter()
+        samples = draw_samples(ctx, score, cfg.loop.samples, i)
+        if not np.isfinite(samples).all():
+            # NaN/Inf would poison every later generation: stop before the cell is written.
+            raise NonFiniteSamples(f"generation {i} produced NaN/Inf samples (the model diverged)")
+        t_sample = time.perf_counter()
+        law_next = output_law(ctx, score)
+        self.laws[i + 1] = law_next
+        rows = measure(ctx, i, samples, train, law_next, q_law)
+        rows += measure_pathwise(ctx, i, score, q_law, rows)
+        if i == 0:
+            rows = generation_zero_rows(ctx) + rows
+        t_end = time.perf_counter()
+        atomic_save_npy(cell / "train.npy", train.x)
+        atomic_save_npy(cell / "provenance.npy", train.origin)
+        atomic_save_npy(cell / "samples.npy", samples)
+        if state is not None:
+            from .scores.neural import save_model
+
+            save_model(cell / "model.safetensors", state, {"generation": i, "alpha": ctx.alpha})
+        timings = {"fit": fit_seconds, "sample": t_sample - t_fit, "measure": t_end - t_sample}
+        atomic_write_json(cell / "metrics.json", {"rows": rows, "timings": timings})
+        self.previous, self.latest = train, samples
+        if cfg.score.kind == "kde":
+            self.laws.pop(i, None)  # finite-KDE laws hold the whole training set: keep p̂_{i+1}
+        self.next = i + 1
+        return fit_seconds + (t_end - t_fit)
+
+
 def run_chain(
     cfg: Config,
     alpha: float,
@@ -422,60 +570,12 @@ def run_chain(
     ``params`` are the chain's values of swept keys other than α and seed (``cfg`` is the
     experiment's configuration; the chain runs ``cfg.with_params(params)``).
     """
-    params = dict(params or {})
-    cfg = cfg.with_params(params)
-    ctx = ChainContext(cfg, alpha, seed, store, params)
-    G = cfg.loop.generations
-    start = store.completed(alpha, seed, params)
-    if start >= G:
-        return 0
-    laws = _law_history(ctx, start)
-    previous = _load_training_set(store.cell(alpha, seed, start - 1, params)) if start else None
-    latest = load_npy(store.cell(alpha, seed, start - 1, params) / "samples.npy") if start else None
-    for i in range(start, G):
+    runner = ChainRunner(cfg, alpha, seed, store, params)
+    for i in range(runner.start, runner.G):
         t_start = time.perf_counter()
-        cell = store.cell(alpha, seed, i, params)
-        real_gen, _ = streams(seed, i, "real")
-        _, policy_rng = streams(seed, i, "policy")
-        train = build_training_set(
-            cfg.loop.policy,
-            i,
-            alpha=alpha,
-            n_train=cfg.loop.n_train,
-            draw_real=lambda n, g=real_gen: ctx.target.sample(n, g).float().numpy(),
-            # (images: resampled from the training split; mixtures: fresh exact draws)
-            pools={i: latest} if i else {},
-            previous=previous,
-            rng=policy_rng,
-            augmentation_lambda=cfg.loop.augmentation_lambda,
-        )
-        q_law = training_law(ctx, i, laws)
-        score, state = fit_score(ctx, i, train, q_law)
-        t_fit = time.perf_counter()
-        samples = draw_samples(ctx, score, cfg.loop.samples, i)
-        if not np.isfinite(samples).all():
-            # NaN/Inf would poison every later generation: stop before the cell is written.
-            raise NonFiniteSamples(f"generation {i} produced NaN/Inf samples (the model diverged)")
-        t_sample = time.perf_counter()
-        law_next = output_law(ctx, score)
-        laws[i + 1] = law_next
-        rows = measure(ctx, i, samples, train, law_next, q_law)
-        rows += measure_pathwise(ctx, i, score, q_law, rows)
-        if i == 0:
-            rows = generation_zero_rows(ctx) + rows
-        t_end = time.perf_counter()
-        atomic_save_npy(cell / "train.npy", train.x)
-        atomic_save_npy(cell / "provenance.npy", train.origin)
-        atomic_save_npy(cell / "samples.npy", samples)
-        if state is not None:
-            from .scores.neural import save_model
-
-            save_model(cell / "model.safetensors", state, {"generation": i, "alpha": alpha})
-        timings = {"fit": t_fit - t_start, "sample": t_sample - t_fit, "measure": t_end - t_sample}
-        atomic_write_json(cell / "metrics.json", {"rows": rows, "timings": timings})
-        previous, latest = train, samples
-        if cfg.score.kind == "kde":
-            laws.pop(i, None)  # finite-KDE laws hold the whole training set: keep only p̂_{i+1}
+        train, q_law = runner.prepare(i)
+        score, state = runner.fit(i, train, q_law)
+        seconds = runner.finish(i, train, q_law, score, state, time.perf_counter() - t_start)
         if on_generation is not None:
-            on_generation(i, t_end - t_start)
-    return G - start
+            on_generation(i, seconds)
+    return max(0, runner.G - runner.start)

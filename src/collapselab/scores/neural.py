@@ -8,11 +8,13 @@ previous generation's raw weights (PAPER.md §5 recipe: AdamW, cosine, EMA, earl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..batched import train_dsm_batched
 from .mlp import MLPNet, NeuralScore
 from .training import TrainConfig, TrainResult, load_checkpoint, save_checkpoint, train_dsm
 from .unet import UNet
@@ -73,6 +75,44 @@ def fit_neural(
     cfg = train_config(score_cfg, generation, seed, t_min)
     result = train_dsm(net, data, process, cfg, init_state=init_state, device=device)
     return NeuralScore(result.ema_net, process), result
+
+
+def fit_neural_batched(
+    score_cfg,
+    process,
+    datas: Sequence[Tensor],
+    *,
+    generation: int,
+    seeds: Sequence[int],
+    t_min: float,
+    device="cpu",
+    init_states: Sequence[dict | None] | None = None,
+    threads: int | None = None,
+) -> list[tuple[NeuralScore, TrainResult]]:
+    """:func:`fit_neural` for K MLP chains at once (one :func:`~collapselab.batched.
+    train_dsm_batched` call); chain k gets what ``fit_neural(score_cfg, process, datas[k],
+    generation=generation, seed=seeds[k], t_min=t_min, init_state=init_states[k])`` gives, up
+    to float rounding (~1e-6 relative; see collapselab.batched): the same initial weights, warm
+    start, schedule and random draws.
+
+    datas: K training sets of one shape. threads: CPU shards of the batched trainer (default:
+    torch's thread count). A diverged chain raises TrainingDivergedError with ``.chain = k``.
+    """
+    if score_cfg.kind != "mlp":
+        raise ValueError(f"batched training is for MLP scores, not {score_cfg.kind}")
+    K = len(datas)
+    if len(seeds) != K or (init_states is not None and len(init_states) != K):
+        raise ValueError(f"need one seed and one init state per data set ({K})")
+    nets = [build_network(score_cfg, tuple(d.shape[1:]), int(s))
+            for d, s in zip(datas, seeds, strict=True)]
+    for net, state in zip(nets, init_states or [None] * K, strict=True):
+        if state is not None:  # what train_dsm does with init_state (the EMA starts from it)
+            net.load_state_dict(state)
+    # The seed in the config is replaced per chain by ``seeds`` (as train_dsm's config seed).
+    cfg = train_config(score_cfg, generation, int(seeds[0]), t_min)
+    results = train_dsm_batched(nets, datas, process, cfg, seeds=[int(s) for s in seeds],
+                                device=device, threads=threads)
+    return [(NeuralScore(r.ema_net, process), r) for r in results]
 
 
 def save_model(path: Path, result: TrainResult, meta: dict | None = None) -> None:

@@ -1,0 +1,272 @@
+"""The batched executor (``--executor batched``): the chains of a group advanced in lockstep.
+
+A group is the chains of one assignment of the swept keys other than α and seed; they fit the
+same architecture on training sets of the same size. Each round takes the group's pending
+chains at the smallest next generation i (chains resumed further along wait for the others)
+and, in this process:
+
+1. builds every chain's training set of q_i (:meth:`loop.ChainRunner.prepare`, as run_chain);
+2. fits their MLP nets in ONE :func:`~collapselab.batched.train_dsm_batched` call
+   (:func:`loop.fit_scores_batched`; one call per shape should the chains' training sets
+   differ in shape); other score kinds are fitted one by one as run_chain fits them;
+3. samples, measures and writes each chain's cell (:meth:`loop.ChainRunner.finish`).
+
+Chain k of a batched fit gets the network :func:`loop.fit_score` would give it (same init,
+seed, warm start, schedule and draws) up to float rounding of the batched matmuls (~1e-6
+relative), so results equal the local executor's up to that rounding carried through the
+sampler and the Monte Carlo estimators. The rounding may also depend (observed: ~1e-8) on
+which chains share a batch, so a resumed run whose chains were at different generations
+reproduces the uninterrupted one up to rounding too; one resumed at the same generation for
+all chains, exactly.
+
+Generation 0 does not depend on α: it is computed for the first α of each seed only (batched
+across seeds) and adopted by the other α (:func:`loop.adopt_generation_zero`), as the other
+executors do. A chain that fails (an exception while preparing, fitting or finishing; a
+diverged training, :class:`~collapselab.scores.training.TrainingDivergedError` with ``.chain``;
+non-finite samples) is recorded like any failure and dropped from the lockstep; a divergence
+inside a batched fit re-runs the fit for the remaining chains (a chain's result does not
+depend on the other chains of its batch). The others go on; the caller raises ChainFailed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback as tb
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .config import Config
+from .executors import (
+    ChainSpec,
+    _installed_hooks,
+    adopt_generation_zero_for,
+    apply_fit_hooks,
+    generation_zero_source,
+)
+from .store import RunStore, clear_failure, record_failure
+
+log = logging.getLogger("collapselab")
+
+
+@dataclass
+class LockstepOutcome:
+    """What :func:`run_lockstep` reports back: failure records per chain (in the order they
+    failed) and the number of chains that computed generation 0 now."""
+
+    failed: dict[ChainSpec, dict] = field(default_factory=dict)
+    gen0_trained: int = 0
+
+
+@dataclass
+class _Item:
+    """One chain's generation in flight: prepared, then fitted, then finished."""
+
+    chain: ChainSpec
+    runner: object
+    train: object
+    q_law: object
+    seconds: float  # preparing (and, once fitted, its share of the fit)
+    score: object = None
+    state: object = None
+
+
+def run_lockstep(
+    cfg: Config,
+    store: RunStore,
+    specs: list[ChainSpec],
+    on_generation: Callable[[ChainSpec, int, float], None] | None,
+    hooks: dict,
+    *,
+    threads: int,
+) -> LockstepOutcome:
+    """Run or resume ``specs`` group by group, generation by generation (module docstring).
+
+    threads: torch's intra-op threads for the run (restored afterwards) and the shards of each
+    batched fit: this executor is one process, so ``--workers`` is its thread count.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    lock = _Lockstep(cfg, store, on_generation, hooks, max(1, int(threads)))
+    try:
+        with _installed_hooks(hooks):  # the fits that go through loop.fit_score
+            groups: dict[tuple, list[ChainSpec]] = {}
+            for c in specs:
+                groups.setdefault(c.params, []).append(c)
+            for members in groups.values():
+                lock.run_group(members)
+    finally:
+        torch.set_num_threads(previous)
+    return lock.outcome
+
+
+class _Lockstep:
+    def __init__(self, cfg: Config, store: RunStore, on_generation, hooks: dict, threads: int):
+        self.cfg, self.store, self.on_generation = cfg, store, on_generation
+        self.hooks, self.threads = hooks, threads
+        self.G = cfg.loop.generations
+        self.next: dict[ChainSpec, int] = {}
+        self.runners: dict[ChainSpec, object] = {}
+        self.outcome = LockstepOutcome()
+
+    # ---- scheduling ------------------------------------------------------------------------
+    def run_group(self, members: list[ChainSpec]) -> None:
+        pending = []
+        for c in members:
+            self.next[c] = self.store.completed(c.alpha, c.seed, c.param_dict)
+            if self.next[c] >= self.G:
+                clear_failure(self.store, c.alpha, c.seed, c.param_dict)
+            else:
+                pending.append(c)
+        while True:
+            self._share_generation_zero(pending)
+            pending = [c for c in pending
+                       if c not in self.outcome.failed and self.next[c] < self.G]
+            ready = [c for c in pending if self.next[c] > 0 or self._leads(c, pending)]
+            if not ready:
+                return
+            g = min(self.next[c] for c in ready)
+            # Every round completes or fails each chain of the batch: the loop ends.
+            self._generation([c for c in ready if self.next[c] == g], g)
+
+    def _share_generation_zero(self, pending: list[ChainSpec]) -> None:
+        """Chains still at generation 0 adopt it once any α of their (params, seed) has it."""
+        for c in pending:
+            if self.next[c] != 0:
+                continue
+            src = generation_zero_source(self.cfg, self.store, c.param_dict, c.seed)
+            if src is not None:
+                adopt_generation_zero_for(self.store, src, [c])
+                self.next[c] = self.store.completed(c.alpha, c.seed, c.param_dict)
+
+    def _leads(self, c: ChainSpec, pending: list[ChainSpec]) -> bool:
+        """Generation 0 of a seed is computed by its first pending α only (the next α takes
+        over when that one fails)."""
+        if self.next[c] != 0:
+            return False
+        return next(o for o in pending if o.seed == c.seed and self.next[o] == 0) == c
+
+    def _runner(self, c: ChainSpec):
+        """The chain's runner, created when it first computes (after any adoption), so it
+        resumes from the run directory as run_chain would."""
+        if c not in self.runners:
+            from .loop import ChainRunner
+
+            log.info("%s: starting at generation %d", c.label(), self.next[c])
+            self.runners[c] = ChainRunner(self.cfg, c.alpha, c.seed, self.store, c.param_dict)
+        return self.runners[c]
+
+    # ---- one generation of a batch ---------------------------------------------------------
+    def _generation(self, batch: list[ChainSpec], g: int) -> None:
+        items = []
+        for c in batch:
+            t = time.perf_counter()
+            try:
+                runner = self._runner(c)
+                train, q_law = runner.prepare(g)
+            except Exception as exc:
+                self._fail(c, exc)
+                continue
+            items.append(_Item(c, runner, train, q_law, time.perf_counter() - t))
+        for it in self._fit(items, g):
+            try:
+                seconds = it.runner.finish(g, it.train, it.q_law, it.score, it.state, it.seconds)
+            except Exception as exc:  # e.g. NonFiniteSamples: nothing of the cell was written
+                self._fail(it.chain, exc)
+                continue
+            self._done(it.chain, g, seconds)
+
+    def _fit(self, items: list[_Item], g: int) -> list[_Item]:
+        """Fit every item's score; returns the fitted items in their original order."""
+        singles, batches = items, []
+        if self.cfg.score.kind == "mlp":
+            # One batched call per training-set shape. A lone chain is a batch of one, not a
+            # train_dsm call: every net of this executor then comes from the same trainer
+            # (the two agree only up to rounding).
+            by_shape: dict[tuple, list[_Item]] = {}
+            for it in items:
+                by_shape.setdefault(tuple(it.train.x.shape), []).append(it)
+            singles, batches = [], list(by_shape.values())
+        fitted = []
+        for it in singles:  # exactly as run_chain fits (through the hooks' wrapper)
+            t = time.perf_counter()
+            try:
+                it.score, it.state = it.runner.fit(g, it.train, it.q_law)
+            except Exception as exc:
+                self._fail(it.chain, exc)
+                continue
+            it.seconds += time.perf_counter() - t
+            fitted.append(it)
+        for grp in batches:
+            fitted += self._fit_batched(grp, g)
+        order = {id(it): n for n, it in enumerate(items)}
+        return sorted(fitted, key=lambda it: order[id(it)])
+
+    def _fit_batched(self, group: list[_Item], g: int) -> list[_Item]:
+        from .loop import fit_scores_batched
+        from .scores.training import TrainingDivergedError
+
+        live = []
+        for it in group:
+            try:
+                if self.hooks:
+                    apply_fit_hooks(self.hooks, it.runner.ctx, g)
+            except Exception as exc:
+                self._fail(it.chain, exc)
+                continue
+            live.append(it)
+        while live:
+            t = time.perf_counter()
+            try:
+                fits = fit_scores_batched([it.runner.ctx for it in live], g,
+                                          [it.train for it in live], threads=self.threads)
+            except TrainingDivergedError as exc:
+                k = getattr(exc, "chain", None)
+                if k is None:  # not attributable to one chain: each of them failed
+                    for it in live:
+                        self._fail(it.chain, exc)
+                    return []
+                # Drop the diverged chain and fit the rest again: a chain's result does not
+                # depend on which other chains share its batch.
+                self._fail(live.pop(k).chain, exc)
+                continue
+            except Exception as exc:
+                for it in live:
+                    self._fail(it.chain, exc)
+                return []
+            # Each chain's fit time is its share of the batched call (the sum is the wall time).
+            share = (time.perf_counter() - t) / len(live)
+            log.info("generation %d: %d MLP nets fitted in one batched call (%.2fs)", g,
+                     len(live), share * len(live))
+            for it, (score, state) in zip(live, fits, strict=True):
+                it.score, it.state = score, state
+                it.seconds += share
+            return live
+        return []
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+    def _done(self, c: ChainSpec, g: int, seconds: float) -> None:
+        runner = self.runners[c]
+        self.next[c] = runner.next
+        if g == 0:
+            self.outcome.gen0_trained += 1
+        log.info("%s generation %d done in %.2fs", c.label(), g, seconds)
+        if self.on_generation is not None:
+            self.on_generation(c, g, seconds)
+        if runner.done:
+            clear_failure(self.store, c.alpha, c.seed, c.param_dict)
+            log.info("%s: finished (%d generations computed)", c.label(), self.G - runner.start)
+            del self.runners[c]  # its laws and data sets are not needed any more
+
+    def _fail(self, c: ChainSpec, exc: BaseException) -> None:
+        """Record the chain's failure as the other executors do and drop it from the lockstep."""
+        error = f"{type(exc).__name__}: {exc}"
+        trace = "".join(tb.format_exception(exc))
+        reached = self.store.completed(c.alpha, c.seed, c.param_dict)
+        self.outcome.failed[c] = record_failure(
+            self.store, c.alpha, c.seed, c.param_dict, label=c.label(), generation=reached,
+            error=error, traceback=trace)
+        log.error("%s failed at generation %d: %s\n%s", c.label(), reached, error, trace)
+        self.runners.pop(c, None)
