@@ -299,3 +299,121 @@ def test_batched_with_address_is_refused_before_anything_is_written(cfg, tmp_pat
     with pytest.raises(ConfigError, match="--address"):
         run_experiment(cfg, store, executor="batched", address="auto")
     assert not (store.root / "environment.json").exists()
+
+
+# ---- workers > 1: the (params, seed) groups dealt over spawned processes ---------------------
+def test_partition_keeps_every_alpha_of_a_seed_together_round_robin():
+    from collapselab.executors import ChainSpec
+    from collapselab.lockstep import partition
+
+    specs = [ChainSpec(a, s, (("score.hidden", h),)) for h in (16, 32) for a in (0.1, 0.9)
+             for s in (0, 1, 2)]
+    parts = partition(specs, 4)
+    # Six (params, seed) groups over four parts, in order of first appearance.
+    assert [sorted({(c.params[0][1], c.seed) for c in p}) for p in parts] == [
+        [(16, 0), (32, 1)], [(16, 1), (32, 2)], [(16, 2)], [(32, 0)]]
+    assert all(p == [c for c in specs if c in p] for p in parts)  # the order of specs
+    assert partition(specs, 100) == [[c for c in specs if (c.params, c.seed) == g]
+                                     for g in dict.fromkeys((c.params, c.seed) for c in specs)]
+    assert partition(specs, 1) == [specs] and partition([], 3) == [[]]
+
+
+@pytest.fixture(scope="module")
+def two_processes(cfg, tmp_path_factory):
+    """workers=2 with two seeds: one spawned process per seed; logs every fit (in the
+    children, through the hooks) and every on_generation call."""
+    mp = pytest.MonkeyPatch()
+    log = tmp_path_factory.mktemp("log2") / "fits.txt"
+    mp.setenv(FIT_LOG_ENV, str(log))
+    stats_, seen = {}, []
+    store = prepare_run_dir(cfg, tmp_path_factory.mktemp("two") / "run")
+    df = run_experiment(cfg, store, executor="batched", workers=2, stats=stats_,
+                        on_generation=lambda c, g, s: seen.append((c.alpha, c.seed, g, s)))
+    mp.undo()
+    return store, df, stats_, fits(log), seen
+
+
+def test_two_workers_give_the_one_process_results(cfg, batched, two_processes, tmp_path):
+    store, df = two_processes[:2]
+    # The one-process run batched generation 0 of both seeds together: rounding differs.
+    assert_close(df, batched[1])
+    env = json.loads((store.root / "environment.json").read_text())
+    assert env["executor"] == "batched" and env["workers"] == 2
+    # Each part is exactly a one-process run of its chains (same threads, same batches).
+    one = load_config("quickstart", [*TINY, "sweep.seeds=[0]"])
+    ref = run_experiment(one, prepare_run_dir(one, tmp_path / "seed0"), executor="batched",
+                         workers=1)
+    pd.testing.assert_frame_equal(df[df.seed == 0].reset_index(drop=True), ref)
+
+
+def test_two_workers_train_generation_zero_once_per_seed(two_processes):
+    _, _, stats_, fitted, _ = two_processes
+    assert stats_ == {"generation_zero_trained": 2, "failed": []}
+    assert [f for f in fitted if f[2] == 0] == [(0.1, 0, 0), (0.1, 1, 0)]
+    assert [f for f in fitted if f[2] > 0] == sorted((a, s, g) for a, s in CHAINS for g in (1, 2))
+
+
+def test_two_workers_report_each_cell_once(two_processes):
+    store, _, _, _, seen = two_processes
+    # Every cell once, adopted generations 0 included (a progress bar counts every cell).
+    cells = [(a, s, g) for a, s in CHAINS for g in (0, 1, 2)]
+    assert sorted(x[:3] for x in seen) == sorted(cells)
+    for a, s, g, secs in seen:  # the seconds are the cell's own timings
+        meta = json.loads((store.cell(a, s, g) / "metrics.json").read_text())
+        assert secs == pytest.approx(sum(meta["timings"].values())) and secs > 0
+
+
+def test_a_dead_worker_fails_only_its_part_and_a_rerun_fills_the_gaps(cfg, two_processes,
+                                                                       tmp_path, monkeypatch):
+    # Seed 1's process: α=0.1 fails (recorded by the child), then the process dies (os._exit)
+    # at α=0.9's fit of generation 1, losing its outcome; seed 0's process is not disturbed.
+    monkeypatch.setenv(FAULT_ENV, json.dumps([
+        {"alpha": 0.1, "seed": 1, "generation": 1, "kind": "raise"},
+        {"alpha": 0.9, "seed": 1, "generation": 1, "kind": "exit"},
+    ]))
+    store = prepare_run_dir(cfg, tmp_path / "run")
+    stats_ = {}
+    with pytest.raises(ChainFailed) as err:
+        run_experiment(cfg, store, executor="batched", workers=2, stats=stats_)
+    assert "1 more chain(s) failed" in str(err.value) and "\n" not in str(err.value)
+    assert [store.completed(a, s) for a, s in CHAINS] == [3, 1, 3, 1]
+    raised = json.loads(failure_path(store, 0.1, 1).read_text())
+    assert "injected fault" in raised["error"] and raised["generation"] == 1
+    died = json.loads(failure_path(store, 0.9, 1).read_text())
+    assert "worker process died (exit code 17)" in died["error"] and died["generation"] == 1
+    assert len(json.loads((store.root / "failures.json").read_text())) == 2
+    assert stats_ == {"generation_zero_trained": 2,
+                      "failed": ["alpha=0.1 seed=1", "alpha=0.9 seed=1"]}
+
+    monkeypatch.delenv(FAULT_ENV)
+    log = tmp_path / "fits.txt"
+    monkeypatch.setenv(FIT_LOG_ENV, str(log))
+    df = run_experiment(cfg, store, executor="batched", workers=2)
+    assert fits(log) == sorted((a, 1, g) for a in (0.1, 0.9) for g in (1, 2))
+    assert not list((store.root / "cells").rglob("failure.json"))
+    assert not (store.root / "failures.json").exists()
+    # Both seed-1 chains resumed at generation 1 in their part: the same batches, same bytes.
+    pd.testing.assert_frame_equal(df, two_processes[1])
+
+
+def test_a_dead_part_keeps_the_records_it_wrote_and_replaces_stale_ones(cfg, tmp_path):
+    from collapselab.executors import chains
+    from collapselab.lockstep import LockstepOutcome, _Parts, partition
+    from collapselab.store import record_failure
+
+    store = prepare_run_dir(cfg, tmp_path / "run")
+    parts = partition(chains(cfg), 2)
+
+    def record(alpha, error):
+        record_failure(store, alpha, 1, {}, label=f"alpha={alpha:g} seed=1", generation=0,
+                       error=error)
+
+    record(0.1, "an earlier run's failure")
+    record(0.9, "an earlier run's failure")
+    lockstep = _Parts(cfg, store, parts, None, {}, threads=1)
+    record(0.9, "written by the part")  # while its process ran
+    outcome = LockstepOutcome()
+    lockstep._merge(outcome, parts[1], {"ok": False, "error": "worker process died"})
+    assert [(c.alpha, c.seed, rec["error"]) for c, rec in outcome.failed.items()] == [
+        (0.1, 1, "worker process died"), (0.9, 1, "written by the part")]
+    assert json.loads(failure_path(store, 0.1, 1).read_text())["error"] == "worker process died"

@@ -55,9 +55,10 @@ def _setup_logging(path: Path) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="chains run at once (local: 1 = in this process, N > 1 = a process pool, "
                    "default one per core; ray: CPUs of the local Ray started for the run; "
-                   "batched: threads of this process, default one per core)")
+                   "batched: cores, the seeds dealt over that many processes, default one "
+                   "per core)")
 @click.option("--executor", type=click.Choice(["local", "ray", "batched"]), default="local",
-              show_default=True, help="where chains run (batched: in this process, the MLP "
+              show_default=True, help="where chains run (batched: chains in lockstep, the MLP "
                                       "nets of a generation trained in one batched call)")
 @click.option("--address", default=None, metavar="auto|ray://HOST:PORT",
               help="Ray cluster to use (with --executor ray; default: start a local Ray)")

@@ -227,7 +227,10 @@ def execute_chain(cfg_data: dict, root: str, alpha: float, seed: int, params: di
 
 
 def _worker_main(conn) -> None:
-    """A pool worker: one torch thread, one chain at a time, until it receives None."""
+    """A pool worker: one torch thread, one task at a time, until it receives None. A task is
+    execute_chain's keyword arguments (one chain), or ``entry`` — a module-level function that
+    sets its own thread count, :func:`collapselab.lockstep.run_part` for a part of the batched
+    executor — with its keyword arguments."""
     import torch
 
     torch.set_num_threads(1)
@@ -238,7 +241,8 @@ def _worker_main(conn) -> None:
             return
         if task is None:
             return
-        conn.send(execute_chain(**task))
+        entry = task.pop("entry", execute_chain)
+        conn.send(entry(**task))
 
 
 # ---- generation 0 sharing (every driver) ---------------------------------------------------
@@ -258,6 +262,28 @@ def adopt_generation_zero_for(store: RunStore, src_alpha: float, members) -> Non
     for c in members:
         if adopt_generation_zero(store, src_alpha, c.alpha, c.seed, c.param_dict):
             log.info("%s: generation 0 adopted from alpha=%g", c.label(), src_alpha)
+
+
+# ---- progress observed in the run directory (every driver whose chains run elsewhere) -------
+def report_new_cells(store: RunStore, c: ChainSpec, seen: int, generations: int,
+                     on_generation: Callable[[ChainSpec, int, float], None] | None, *,
+                     adopted: bool = True) -> int:
+    """Report the generations of chain ``c`` completed since the last look (``seen`` of them
+    were then) and return the new count: log "generation g done" and call ``on_generation``
+    with the seconds its metrics.json timings add up to. ``adopted=False`` leaves out a
+    generation 0 copied from another α (``shared_from_alpha``: not computed by this chain)."""
+    while seen < generations and store.is_done(c.alpha, c.seed, seen, c.param_dict):
+        g, seen = seen, seen + 1
+        meta = read_json(store.cell(c.alpha, c.seed, g, c.param_dict) / "metrics.json")
+        if not adopted and "shared_from_alpha" in meta:
+            log.info("%s: generation 0 adopted from alpha=%g", c.label(),
+                     meta["shared_from_alpha"])
+            continue
+        secs = float(sum((meta.get("timings") or {}).values()))
+        log.info("%s generation %d done in %.2fs", c.label(), g, secs)
+        if on_generation is not None:
+            on_generation(c, g, secs)
+    return seen
 
 
 # ---- back-ends: submit(task_id, kwargs), wait(timeout) -> [(task_id, result)], close() --------
@@ -287,15 +313,17 @@ class _InProcess:
 
 
 class _Pool:
-    """Long-lived spawned workers, each running one chain at a time over its own pipe, so a
-    worker that dies is attributed to exactly one chain and no other chain is disturbed (a
-    concurrent.futures pool would break as a whole). A dead worker is replaced on demand."""
+    """Long-lived spawned workers, each running one task (a chain, or a part of the batched
+    executor) at a time over its own pipe, so a worker that dies is attributed to exactly that
+    task and no other is disturbed (a concurrent.futures pool would break, and terminate every
+    worker, as a whole). A dead worker is replaced on demand."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, task: str = "the chain"):
         import multiprocessing as mp
 
         self.ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and locks
         self.capacity = workers
+        self.task = task  # what a dead worker was running, for the failure record
         self.slots: list[dict | None] = [None] * workers
 
     def _start(self, i):
@@ -335,7 +363,7 @@ class _Pool:
             except (EOFError, OSError):
                 slot["proc"].join(5)
                 code = slot["proc"].exitcode
-                result = _died(f"worker process died (exit code {code}) while running the chain")
+                result = _died(f"worker process died (exit code {code}) while running {self.task}")
                 slot["conn"].close()
                 self.slots[i] = None
                 out.append((slot["task"], result))
@@ -469,15 +497,8 @@ class _Driver:
     def poll(self) -> None:
         """Report newly finished generations; release followers once a leader's gen 0 is done."""
         for c in list(self.running):
-            while self.seen[c] < self.G and self.store.is_done(c.alpha, c.seed, self.seen[c],
-                                                                c.param_dict):
-                g = self.seen[c]
-                self.seen[c] += 1
-                meta = read_json(self.store.cell(c.alpha, c.seed, g, c.param_dict) / "metrics.json")
-                secs = float(sum((meta.get("timings") or {}).values()))
-                log.info("%s generation %d done in %.2fs", c.label(), g, secs)
-                if self.on_generation is not None:
-                    self.on_generation(c, g, secs)
+            self.seen[c] = report_new_cells(self.store, c, self.seen[c], self.G,
+                                            self.on_generation)
             key = self.group(c)
             if self.leader.get(key) == c and self.seen[c] >= 1:
                 self._release(key, c.alpha)
@@ -553,10 +574,12 @@ def run_experiment(
     executor: ``local`` — in this process when ``workers`` is 1 (the default), else a pool of
         ``workers`` spawned processes with one torch thread each; ``ray`` — one Ray task per
         chain on the cluster at ``address`` (``auto``, ``ray://host:10001``) or on a local Ray
-        started for the run with ``workers`` CPUs (default: all cores); ``batched`` — in this
-        process, the chains of each group (same swept keys other than α and seed) advanced in
-        lockstep with their MLP nets of a generation trained in one batched call
-        (:mod:`collapselab.lockstep`), with ``workers`` threads (default: all cores).
+        started for the run with ``workers`` CPUs (default: all cores); ``batched`` — the
+        chains of each group (same swept keys other than α and seed) advanced in lockstep with
+        their MLP nets of a generation trained in one batched call (:mod:`collapselab.lockstep`),
+        on ``workers`` cores (default: all): the (swept keys, seed) groups dealt over
+        min(workers, groups) spawned processes with workers // processes threads each, or in
+        this process with ``workers`` threads when there is one part.
     resources: what each Ray task asks for (default 1 CPU, and 1 GPU when ``cfg.device`` is
         cuda; fractional GPUs allowed).
     stats: filled with ``generation_zero_trained`` (chains that computed generation 0 now) and
@@ -571,7 +594,7 @@ def run_experiment(
     if executor == "batched" and address is not None:
         raise ConfigError("--address", "only used with --executor ray")
     if executor == "batched" and workers is None:
-        workers = os.cpu_count() or 1  # threads of this one process
+        workers = os.cpu_count() or 1  # cores shared by its processes
     if resources is None:
         resources = Resources(num_gpus=1.0 if cfg.device.startswith("cuda") else 0.0)
     from .report import environment
@@ -581,10 +604,10 @@ def run_experiment(
                        "workers": workers or 1, "address": address,
                        "resources_per_chain": vars(resources)})
     if executor == "batched":
-        from .lockstep import run_lockstep
+        from .lockstep import run_batched
 
-        outcome = run_lockstep(cfg, store, chains(cfg), on_generation, read_hooks(),
-                               threads=workers)
+        outcome = run_batched(cfg, store, chains(cfg), on_generation, read_hooks(),
+                              workers=workers)
         failed, gen0_trained = outcome.failed, outcome.gen0_trained
     else:
         driver = _Driver(cfg, store, on_generation, read_hooks())

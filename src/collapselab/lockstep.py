@@ -26,25 +26,43 @@ diverged training, :class:`~collapselab.scores.training.TrainingDivergedError` w
 non-finite samples) is recorded like any failure and dropped from the lockstep; a divergence
 inside a batched fit re-runs the fit for the remaining chains (a chain's result does not
 depend on the other chains of its batch). The others go on; the caller raises ChainFailed.
+
+Processes (:func:`run_batched`, ``--workers W``): the (params, seed) groups of chains — every α
+of one seed, so generation 0 stays shared inside a part — are dealt round-robin over
+min(W, number of groups) parts, and each part runs :func:`run_lockstep` in its own spawned
+process with W // parts torch threads (at least one). Two processes of half the chains each
+beat one process whose batched fits are split into two thread shards (the shards contend for
+the GIL; sampling and measuring, one chain after another, then use both cores too). With one
+part (W = 1, or a single group) the lockstep runs in this process with W threads. The parent
+reports progress from the run directory, as the other executors' drivers do, and stands in
+for a part whose process dies: its unfinished chains are recorded as failed, the other parts
+go on. A part's results are those of a one-process run of its chains with the same thread
+count; they differ from a run that batches other chains with them only by the batch-dependent
+rounding above.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback as tb
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .config import Config
+from .config import Config, build_config
 from .executors import (
+    POLL_SECONDS,
     ChainSpec,
     _installed_hooks,
+    _Pool,
     adopt_generation_zero_for,
     apply_fit_hooks,
     generation_zero_source,
+    report_new_cells,
 )
-from .store import RunStore, clear_failure, record_failure
+from .store import RunStore, clear_failure, failure_path, read_json, record_failure
 
 log = logging.getLogger("collapselab")
 
@@ -83,7 +101,7 @@ def run_lockstep(
     """Run or resume ``specs`` group by group, generation by generation (module docstring).
 
     threads: torch's intra-op threads for the run (restored afterwards) and the shards of each
-    batched fit: this executor is one process, so ``--workers`` is its thread count.
+    batched fit (:func:`run_batched` gives each process its share of ``--workers``).
     """
     import torch
 
@@ -100,6 +118,154 @@ def run_lockstep(
     finally:
         torch.set_num_threads(previous)
     return lock.outcome
+
+
+def partition(specs: list[ChainSpec], workers: int) -> list[list[ChainSpec]]:
+    """``specs`` dealt over min(workers, number of (params, seed) groups) parts: the groups
+    round-robin in order of first appearance, every α of a group in the same part (they share
+    its generation 0), each part's chains in the order of ``specs``."""
+    groups: dict[tuple, int] = {}
+    for c in specs:
+        groups.setdefault((c.params, c.seed), len(groups))
+    n = max(1, min(int(workers), len(groups)))
+    parts: list[list[ChainSpec]] = [[] for _ in range(n)]
+    for c in specs:
+        parts[groups[(c.params, c.seed)] % n].append(c)
+    return parts
+
+
+def run_batched(
+    cfg: Config,
+    store: RunStore,
+    specs: list[ChainSpec],
+    on_generation: Callable[[ChainSpec, int, float], None] | None,
+    hooks: dict,
+    *,
+    workers: int,
+) -> LockstepOutcome:
+    """The batched executor with ``workers`` cores: :func:`partition` the chains, then run the
+    one part in this process with ``workers`` threads, or each part in its own spawned process
+    with ``workers // parts`` threads (module docstring). Chain failures, including those of a
+    process that died, are recorded and returned, never raised."""
+    parts = partition(specs, workers)
+    if len(parts) == 1:
+        return run_lockstep(cfg, store, parts[0], on_generation, hooks, threads=workers)
+    return _Parts(cfg, store, parts, on_generation, hooks,
+                  threads=max(1, int(workers) // len(parts))).run()
+
+
+def run_part(cfg_data: dict, root: str, specs: list[ChainSpec], hooks: dict,
+             threads: int) -> dict:
+    """One part in a spawned process (a :class:`executors._Pool` worker's entry): plain data
+    in, plain data back — ``ok``, ``failed`` ([(chain, failure record)]), ``gen0_trained``; an
+    error that is no chain's failure comes back as ``error`` / ``traceback`` for the parent
+    to record against the part's unfinished chains."""
+    # The parent logs the cells it sees and the failures returned; without a handler this
+    # process's error records would also reach stderr (logging.lastResort), under the
+    # progress display.
+    logging.getLogger("collapselab").addHandler(logging.NullHandler())
+    try:
+        cfg = build_config(cfg_data)  # torch loads in run_lockstep, after the input is valid
+        outcome = run_lockstep(cfg, RunStore(Path(root)), specs, None, hooks, threads=threads)
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                "traceback": tb.format_exc()}
+    return {"ok": True, "failed": list(outcome.failed.items()),
+            "gen0_trained": outcome.gen0_trained}
+
+
+def _stamp(path: Path) -> tuple | None:
+    """Identity of a file version (atomic writes replace the inode), None when absent."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+class _Parts:
+    """This process's side of a run spread over spawned processes: one per part, progress
+    read from the run directory, the parts' outcomes merged (in part order)."""
+
+    def __init__(self, cfg: Config, store: RunStore, parts: list[list[ChainSpec]],
+                 on_generation, hooks: dict, *, threads: int):
+        self.cfg, self.store, self.parts = cfg, store, parts
+        self.on_generation, self.hooks, self.threads = on_generation, hooks, threads
+        self.G = cfg.loop.generations
+        self.initial = {c: store.completed(c.alpha, c.seed, c.param_dict)
+                        for part in parts for c in part}
+        self.seen = dict(self.initial)
+        # Failure records as they were before the run: a dead process's chains keep the
+        # records it wrote (its outcome is lost) but not stale ones of an earlier run.
+        self.before = {c: _stamp(failure_path(store, c.alpha, c.seed, c.param_dict))
+                       for c in self.initial}
+
+    def run(self) -> LockstepOutcome:
+        results: dict[int, dict] = {}
+        todo = [i for i, part in enumerate(self.parts)
+                if any(self.initial[c] < self.G for c in part)]
+        for i, part in enumerate(self.parts):
+            if i not in todo:  # nothing to compute: no process (run_group would only do this)
+                for c in part:
+                    clear_failure(self.store, c.alpha, c.seed, c.param_dict)
+                results[i] = {"ok": True, "failed": [], "gen0_trained": 0}
+        if todo:
+            log.info("batched: %d parts in spawned processes, %d thread(s) each", len(todo),
+                     self.threads)
+            pool = _Pool(len(todo), task="its part of the batched executor")
+            cfg_data = self.cfg.model_dump(mode="json")
+            try:
+                for i in todo:
+                    pool.submit(i, dict(entry=run_part, cfg_data=cfg_data,
+                                        root=str(self.store.root), specs=self.parts[i],
+                                        hooks=self.hooks, threads=self.threads))
+                while len(results) < len(self.parts):
+                    for i, result in pool.wait(POLL_SECONDS):
+                        results[i] = result
+                    self.poll()
+            finally:
+                pool.close()
+        outcome = LockstepOutcome()
+        for i, part in enumerate(self.parts):
+            self._merge(outcome, part, results[i])
+        return outcome
+
+    def poll(self) -> None:
+        """Report every cell completed since the last poll (once: ``seen`` only grows),
+        adopted generation-0 cells included, as the other executors report them (a progress
+        bar counts every cell)."""
+        for c, seen in self.seen.items():
+            if seen < self.G:
+                self.seen[c] = report_new_cells(self.store, c, seen, self.G, self.on_generation)
+
+    def _merge(self, outcome: LockstepOutcome, part: list[ChainSpec], result: dict) -> None:
+        if result["ok"]:
+            failed = result["failed"]
+            outcome.gen0_trained += result["gen0_trained"]
+        else:  # the process died (or failed outside any chain): stand in for its outcome
+            failed = [(c, self._lost(c, result)) for c in part
+                      if self.store.completed(c.alpha, c.seed, c.param_dict) < self.G]
+            outcome.gen0_trained += sum(self._computed_generation_zero(c) for c in part)
+        for c, rec in failed:
+            outcome.failed[c] = rec
+            log.error("%s failed at generation %d: %s\n%s", c.label(), rec["generation"],
+                      rec["error"], rec.get("traceback", ""))
+
+    def _lost(self, c: ChainSpec, result: dict) -> dict:
+        """The failure record of an unfinished chain of a part whose outcome was lost: the one
+        its process wrote during this run, else a new one with the part's error."""
+        path = failure_path(self.store, c.alpha, c.seed, c.param_dict)
+        if _stamp(path) not in (None, self.before[c]):
+            return read_json(path)
+        return record_failure(self.store, c.alpha, c.seed, c.param_dict, label=c.label(),
+                              generation=self.store.completed(c.alpha, c.seed, c.param_dict),
+                              error=result["error"], traceback=result.get("traceback", ""))
+
+    def _computed_generation_zero(self, c: ChainSpec) -> bool:
+        """Whether chain c computed its generation 0 in this run (not adopted, not before)."""
+        cell0 = self.store.cell(c.alpha, c.seed, 0, c.param_dict) / "metrics.json"
+        return (self.initial[c] == 0 and cell0.exists()
+                and "shared_from_alpha" not in read_json(cell0))
 
 
 class _Lockstep:
@@ -140,6 +306,11 @@ class _Lockstep:
             if src is not None:
                 adopt_generation_zero_for(self.store, src, [c])
                 self.next[c] = self.store.completed(c.alpha, c.seed, c.param_dict)
+                if self.next[c] > 0 and self.on_generation is not None:
+                    # Reported like a computed cell (its copied timings), as the pool does.
+                    meta = read_json(self.store.cell(c.alpha, c.seed, 0, c.param_dict)
+                                     / "metrics.json")
+                    self.on_generation(c, 0, float(sum((meta.get("timings") or {}).values())))
 
     def _leads(self, c: ChainSpec, pending: list[ChainSpec]) -> bool:
         """Generation 0 of a seed is computed by its first pending α only (the next α takes
