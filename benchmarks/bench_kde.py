@@ -17,6 +17,8 @@ repeated; the table reports the median (and the best) of the repeats. Methods:
   (c)  bare sdpa      torch.nn.functional.scaled_dot_product_attention alone, on the very folded
                       q / k tensors kde_score builds (the machine's reference limit).
 
+After each NumPy call the benchmark waits 0.5 s before timing the next method: OpenBLAS's worker
+threads spin after a call and would otherwise take a core from the torch method timed next.
 Peak memory is the largest growth of the peak resident set (VmHWM, reset through
 /proc/self/clear_refs before every timed call) over the resident set at the call's start.
 """
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 
 from collapselab.kernels import KDEKeys, _queries, kde_score, ou_scale_var
 
+_BLAS_SETTLE_S = 0.5
 PAPER_PAIRS = 3e15  # 10 runs × 3 α × 20 generations × 500 steps × 1e5 samples × 1e5 centres
 
 
@@ -141,6 +144,10 @@ def run_scale(n, n_centres, d, t, bandwidth, repeats, numpy_repeats, label):
                 t0 = time.perf_counter()
                 outputs[name] = fn()
                 rows[name]["times"].append(time.perf_counter() - t0)
+                if "numpy" in name:
+                    # NumPy's OpenBLAS threads busy-wait for a while after a call; timing
+                    # torch while they spin charges it for NumPy's idle threads.
+                    time.sleep(_BLAS_SETTLE_S)
                 peak = _status_mb("VmHWM:")
                 if reset and start is not None and peak is not None:
                     prev = rows[name]["peak_rss_mb"] or 0.0

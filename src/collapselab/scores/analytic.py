@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..targets import GaussianMixture
 from .base import per_time
+
+
+def _on_cpu(score, y: Tensor) -> Tensor:
+    """``score(y)`` in float64 on the CPU, where the laws' parameters live, returned in y's
+    dtype and on y's device (a sampler running on a GPU passes CUDA tensors)."""
+    return score(y.detach().to("cpu", dtype=torch.float64)).to(device=y.device, dtype=y.dtype)
 
 
 class AnalyticScore:
@@ -30,7 +37,7 @@ class AnalyticScore:
         return law
 
     def __call__(self, x: Tensor, t) -> Tensor:
-        return per_time(lambda y, tv: self.marginal(tv).score(y.double()).to(y.dtype), x, t)
+        return per_time(lambda y, tv: _on_cpu(self.marginal(tv).score, y), x, t)
 
     def output_law(self, t0: float) -> GaussianMixture:
         """Law of the ideal reverse process stopped at t0: the forward marginal at t0."""
@@ -47,7 +54,7 @@ class LawScore:
 
     def __call__(self, x: Tensor, t) -> Tensor:
         def at(y: Tensor, tv: float) -> Tensor:
-            return self.law.marginal(self.process, tv).score(y.double()).to(y.dtype)
+            return _on_cpu(self.law.marginal(self.process, tv).score, y)
 
         return per_time(at, x, t)
 

@@ -52,10 +52,14 @@ class KDELaw:
     its forward marginals (still of this form: a → scale(t)·a, v → scale(t)²v + var(t))."""
 
     def __init__(self, centres: Tensor, scale: float, var: float, _keys: KDEKeys | None = None):
-        self.centres = centres.to(torch.float64)
+        # Samples are drawn on the CPU like every other law's (the estimators mix laws and
+        # generators there); densities and scores run where the centres are (a GPU when the
+        # model lives there) and come back on the caller's device.
+        self.centres = centres.detach().to("cpu", torch.float64)
         self.scale, self.var = float(scale), float(var)
         self.dim = centres.shape[1]
-        self._keys = _keys if _keys is not None else KDEKeys.prepare(self.centres)
+        self._keys = _keys if _keys is not None else KDEKeys.prepare(
+            centres.detach().to(torch.float64))
 
     def marginal(self, process, t: float) -> KDELaw:
         a = float(process.scale(t))
@@ -63,8 +67,12 @@ class KDELaw:
         return KDELaw(self.centres, a * self.scale, v, _keys=self._keys)
 
     def score(self, x: Tensor) -> Tensor:
-        # The fused CPU attention kernel is exact in float64 and faster than the chunked path.
-        return kde_score(x.to(torch.float64), self._keys, self.scale, self.var, backend="sdpa")
+        # The fused CPU attention kernel is exact in float64 and faster than the chunked path;
+        # fused CUDA kernels take no float64, so there "auto" streams instead.
+        dev = self._keys.device
+        backend = "sdpa" if dev.type == "cpu" else "auto"
+        y = x.to(device=dev, dtype=torch.float64)
+        return kde_score(y, self._keys, self.scale, self.var, backend=backend).to(x.device)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         idx = torch.randint(self.centres.shape[0], (n,), generator=generator)
@@ -72,4 +80,5 @@ class KDELaw:
         return self.scale * self.centres[idx] + math.sqrt(self.var) * z
 
     def log_prob(self, x: Tensor) -> Tensor:
-        return kde_log_prob(x.to(torch.float64), self._keys, self.scale, self.var)
+        y = x.to(device=self._keys.device, dtype=torch.float64)
+        return kde_log_prob(y, self._keys, self.scale, self.var).to(x.device)
