@@ -108,3 +108,24 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert len(embedded(r.stdout)) == len(list(run_dir.figures.glob("*.png")))
     assert '<section id="answer"' in r.stdout
+
+
+def test_final_table_answers_at_the_newest_generation():
+    """A network model has no exact law: χ² exists only as the convention D_0 = 0, KL by kNN at
+    every generation. The answer is KL at the last generation, not χ² at generation 0."""
+    from collapselab.report import answer_sentence, final_table
+
+    rows = []
+    for a in (0.1, 0.9):
+        for s in (0, 1):
+            for m in ("accumulated_chi2", "accumulated_kl"):
+                rows.append(dict(alpha=a, seed=s, generation=0, metric=m, estimator="exact",
+                                 value=0.0, stderr=0.0, note=""))
+            for g in (1, 2):
+                rows.append(dict(alpha=a, seed=s, generation=g, metric="accumulated_kl",
+                                 estimator="knn", value=g * (1 - a) + 0.01 * s, stderr=0.01,
+                                 note=""))
+    table = final_table(pd.DataFrame(rows))
+    assert set(table.metric) == {"accumulated_kl"} and set(table.generation) == {2}
+    assert table.set_index("alpha")["mean"].to_dict() == pytest.approx({0.1: 1.805, 0.9: 0.205})
+    assert "no estimate at generation 2" in answer_sentence(table)
