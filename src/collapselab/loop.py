@@ -415,9 +415,11 @@ def _law_history(ctx: ChainContext, upto: int) -> dict[int, object]:
             laws[g + 1] = output_law(ctx, fit_score(ctx, g, None, q)[0])
     elif ctx.cfg.score.kind == "kde":
         for g in range(max(0, upto - 1), upto):  # only p̂_upto is needed (and kept) from here
+            # On ctx.device, as fit_score puts them: a resumed chain evaluates p̂_upto's law
+            # where an uninterrupted one does (same numbers, GPU speed).
             centres = torch.from_numpy(
                 load_npy(ctx.store.cell(ctx.alpha, ctx.seed, g, ctx.params) / "train.npy")
-            )
+            ).to(ctx.device)
             laws[g + 1] = output_law(ctx, KDEScore(centres, ctx.cfg.score.bandwidth, ctx.process))
     return laws
 

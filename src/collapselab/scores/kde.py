@@ -37,9 +37,11 @@ class KDEScore:
 
     def _at(self, x: Tensor, t: float) -> Tensor:
         a, v = kde_scale_var(self.process, t, self.bandwidth)
-        # The model computes in its keys' dtype (float32: the fused attention path) whatever
-        # precision the caller evaluates in (the pathwise estimators pass float64).
-        return kde_score(x.to(self.keys.dtype), self.keys, a, v).to(x.dtype)
+        # The model computes in its keys' dtype (float32: the fused attention path) and on its
+        # keys' device whatever the caller passes (the pathwise estimators pass float64 CPU
+        # tensors; kde_score would otherwise copy the keys to the CPU on every call).
+        y = x.to(device=self.keys.device, dtype=self.keys.dtype)
+        return kde_score(y, self.keys, a, v).to(device=x.device, dtype=x.dtype)
 
     def output_law(self, t0: float) -> KDELaw:
         """The law of the ideal reverse process stopped at t0: the KDE pushed to t0."""
@@ -68,9 +70,9 @@ class KDELaw:
 
     def score(self, x: Tensor) -> Tensor:
         # The fused CPU attention kernel is exact in float64 and faster than the chunked path;
-        # fused CUDA kernels take no float64, so there "auto" streams instead.
+        # fused CUDA kernels take no float64, so there the stream is asked for directly.
         dev = self._keys.device
-        backend = "sdpa" if dev.type == "cpu" else "auto"
+        backend = "sdpa" if dev.type == "cpu" else "chunked"
         y = x.to(device=dev, dtype=torch.float64)
         return kde_score(y, self._keys, self.scale, self.var, backend=backend).to(x.device)
 
