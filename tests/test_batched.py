@@ -155,6 +155,19 @@ def test_run_matches_train_dsm_per_chain(threads):
     assert isinstance(res[0].score(proc), NeuralScore)
 
 
+def test_adam_with_coupled_weight_decay_matches():
+    """The shard calls the fused Adam kernel itself after step 1: plain Adam (L2 weight decay
+    added to the gradient) must take the _fused_adam_ kernel, AdamW the _fused_adamw_ one."""
+    nets, datas = make_nets(), make_data()
+    cfg = TrainConfig(steps=40, batch_size=64, lr=1e-2, optimizer="adam", weight_decay=0.05)
+    seeds = [3, 4, 5]
+    proc = VPProcess()
+    res = train_dsm_batched([copy.deepcopy(n) for n in nets], datas, proc, cfg, seeds, threads=1)
+    for k in range(K):
+        ref = train_dsm(copy.deepcopy(nets[k]), datas[k], proc, replace(cfg, seed=seeds[k]))
+        assert_nets_close(res[k].net, ref.net, RUN_ATOL)
+
+
 def test_resume_from_batched_optimizer_state():
     """A batched run's per-chain optimizer states resume both paths identically."""
     nets, datas, proc = make_nets(), make_data(), OU()
