@@ -20,6 +20,7 @@ from collapselab.errors import ConfigError
             "target.weights",
         ),
         ({"device": "tpu"}, "device"),
+        ({"sampler": {"kind": "ddpm", "clip": True}}, "sampler.clip"),  # not an image target
     ],
 )
 def test_bad_values_name_the_field(data, field):

@@ -109,3 +109,30 @@ def test_callback_sees_every_step(gen):
         callback=lambda i, *rest: seen.append(i),
     )
     assert seen == list(range(7))
+
+
+def test_ddpm_clip_is_the_same_step_when_nothing_is_clamped():
+    """The x̂0 form of the posterior mean equals the ε form: with a range nothing reaches, the
+    clipped sampler gives the unclipped samples (same noise) to float64 rounding."""
+    proc = VPProcess(beta_min=0.1, beta_max=20.0, T=1.0)
+    times = time_grid(1.0, 0.0, 100)
+    x = torch.randn(2000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    plain = ddpm_ancestral(gauss_score(proc), x, times, proc,
+                           generator=torch.Generator().manual_seed(2))
+    wide = ddpm_ancestral(gauss_score(proc), x, times, proc,
+                          generator=torch.Generator().manual_seed(2), clip=(-1e9, 1e9))
+    torch.testing.assert_close(wide, plain, rtol=0, atol=1e-9)
+
+
+def test_ddpm_clip_keeps_samples_in_range():
+    """The target N(1.5, 0.7²) lies mostly above 1: clamping x̂0 to [-1, 1] must end every
+    sample inside [-1, 1] (the last step to t = 0 returns x̂0 itself), while unclipped samples
+    follow the target past 1."""
+    proc = VPProcess(beta_min=0.1, beta_max=20.0, T=1.0)
+    times = time_grid(1.0, 0.0, 200)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5000, 1, dtype=torch.float64, generator=gen)
+    out = ddpm_ancestral(gauss_score(proc), x, times, proc, generator=gen, clip=(-1.0, 1.0))
+    assert out.min() >= -1.0 and out.max() <= 1.0
+    free = ddpm_ancestral(gauss_score(proc), x, times, proc, generator=gen)
+    assert (free > 1.0).double().mean() > 0.5

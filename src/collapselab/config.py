@@ -128,6 +128,9 @@ class SamplerConfig(_Strict):
     kind: Literal["euler_maruyama", "ddpm"] = "euler_maruyama"
     steps: PosInt = 500
     t0: Annotated[float, Field(ge=0.0)] = 0.02
+    # DDPM's "clip_denoised" (Ho et al.'s sampler): each step's predicted x0 clamped to the
+    # data range [-1, 1] of image targets. Changes the output law: images only.
+    clip: bool = False
 
 
 class LoopConfig(_Strict):
@@ -268,6 +271,9 @@ class Config(_Strict):
             raise ValueError("score.kind: image targets need a network score (mlp or unet)")
         if not image and self.score.kind == "unet":
             raise ValueError("score.kind: unet needs an image target (target.kind: dataset)")
+        if self.sampler.clip and not (image and self.sampler.kind == "ddpm"):
+            raise ValueError("sampler.clip: only with sampler.kind ddpm on an image target "
+                             "(target.kind: dataset, pixels in [-1, 1])")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError("device: allowed values are cpu, cuda, cuda:N")
         if self.process.kind == "vp" and self.process.beta_max < self.process.beta_min:

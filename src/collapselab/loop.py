@@ -205,8 +205,11 @@ def draw_samples(ctx: ChainContext, score, n: int, generation: int) -> np.ndarra
     times = time_grid(ctx.process.T, sc.t0, sc.steps)
     # Chunks bound the memory of network forwards; each chunk's noise follows from the stream.
     chunk = n if not ctx.is_image else 512
+    clip = {"clip": (-1.0, 1.0)} if sc.clip else {}  # image pixels live in [-1, 1]
     out = [
-        SAMPLERS[sc.kind](score, x[i : i + chunk].to(ctx.device), times, ctx.process, generator=gen)
+        SAMPLERS[sc.kind](
+            score, x[i : i + chunk].to(ctx.device), times, ctx.process, generator=gen, **clip
+        )
         for i in range(0, n, chunk)
     ]
     return torch.cat(out).float().cpu().numpy()

@@ -1094,56 +1094,58 @@ def plot_bound_checks(bt: pd.DataFrame, path) -> bool:
     return True
 
 
-def plot_recursion(bt: pd.DataFrame, path) -> bool:
-    """D_{i+1} + (1−α)² D_i (solid) against (α/2) I_i (dashed) per α, seed means."""
-    rc = bt[bt.kind == "recursion"] if len(bt) else bt
-    if rc.empty:
+def _measured_against_bound(rows: pd.DataFrame, path, *, measured: str, bound: str,
+                            xlabel: str, title: str, yscale: tuple, mark) -> bool:
+    """Per α, the seed mean of ``measured`` (solid) against that of ``bound`` (dashed);
+    ``mark(ax, colour, group, measured_means)`` adds the figure's own markers."""
+    if rows.empty:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for k, (a, grp) in enumerate(rc.groupby("alpha")):
-        lhs, rhs = _mean_by_gen(grp, "measured"), _mean_by_gen(grp, "bound")
-        ax.plot(lhs.index.astype(int), lhs.values, "-o", ms=3, color=f"C{k}",
-                label=f"D_(i+1) + (1−α)² D_i, α = {a:g}")
-        ax.plot(rhs.index.astype(int), rhs.values, "--", color=f"C{k}", label="(α/2) I_i")
-        bad = grp[grp.status == "FAILED"]
-        if len(bad):
-            ax.plot(bad.generation.astype(int), bad.measured, "x", color="red", ms=8, mew=2)
-    ax.set_yscale("symlog", linthresh=1e-3)
-    ax.set_xlabel("generation i")
-    ax.set_title("recursion D_(i+1) + (1−α)² D_i ≥ (α/2) I_i (seed means; × = FAILED)",
-                 fontsize=9)
+    for k, (a, grp) in enumerate(rows.groupby("alpha")):
+        m, b = _mean_by_gen(grp, "measured"), _mean_by_gen(grp, "bound")
+        ax.plot(m.index.astype(int), m.values, "-o", ms=3, color=f"C{k}",
+                label=f"{measured}, α = {a:g}")
+        ax.plot(b.index.astype(int), b.values, "--", color=f"C{k}", label=bound)
+        mark(ax, f"C{k}", grp, m)
+    ax.set_yscale(*yscale[:1], **yscale[1] if len(yscale) > 1 else {})
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     fig.tight_layout()
     _save(fig, path)
     return True
+
+
+def plot_recursion(bt: pd.DataFrame, path) -> bool:
+    """D_{i+1} + (1−α)² D_i (solid) against (α/2) I_i (dashed) per α, seed means."""
+
+    def failed(ax, colour, grp, _):
+        bad = grp[grp.status == "FAILED"]
+        if len(bad):
+            ax.plot(bad.generation.astype(int), bad.measured, "x", color="red", ms=8, mew=2)
+
+    return _measured_against_bound(
+        bt[bt.kind == "recursion"] if len(bt) else bt, path,
+        measured="D_(i+1) + (1−α)² D_i", bound="(α/2) I_i", xlabel="generation i",
+        title="recursion D_(i+1) + (1−α)² D_i ≥ (α/2) I_i (seed means; × = FAILED)",
+        yscale=("symlog", {"linthresh": 1e-3}), mark=failed)
 
 
 def plot_prediction(bt: pd.DataFrame, path) -> bool:
     """Measured D_N (solid) against the discounted sum of the measured ε⋆,i² (dashed)."""
-    pr = bt[bt.kind == "prediction"] if len(bt) else bt
-    if pr.empty:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for k, (a, grp) in enumerate(pr.groupby("alpha")):
-        m, p = _mean_by_gen(grp, "measured"), _mean_by_gen(grp, "bound")
-        ax.plot(m.index.astype(int), m.values, "-o", ms=3, color=f"C{k}",
-                label=f"measured D, α = {a:g}")
-        ax.plot(p.index.astype(int), p.values, "--", color=f"C{k}",
-                label="Σ (1−α)^(2(N−i)) ε⋆,i²")
+
+    def infinite(ax, colour, _, m):
         inf = m[np.isposinf(m.to_numpy(float))]
         if len(inf):
-            trans = ax.get_xaxis_transform()
-            ax.plot(inf.index.astype(int), np.full(len(inf), 0.96), "^", color=f"C{k}",
-                    transform=trans, label="D = ∞")
-    ax.set_yscale("log")
-    ax.set_xlabel("generation N")
-    ax.set_title("D_N against the discounted-sum prediction (seed means)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    _save(fig, path)
-    return True
+            ax.plot(inf.index.astype(int), np.full(len(inf), 0.96), "^", color=colour,
+                    transform=ax.get_xaxis_transform(), label="D = ∞")
+
+    return _measured_against_bound(
+        bt[bt.kind == "prediction"] if len(bt) else bt, path,
+        measured="measured D", bound="Σ (1−α)^(2(N−i)) ε⋆,i²", xlabel="generation N",
+        title="D_N against the discounted-sum prediction (seed means)", yscale=("log",),
+        mark=infinite)
 
 
 def plot_discount(alphas, generations: int, path) -> bool:

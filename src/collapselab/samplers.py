@@ -41,7 +41,8 @@ def euler_maruyama(score, x: Tensor, times: Tensor, process, generator=None, cal
 
 
 @torch.no_grad()
-def ddpm_ancestral(score, x: Tensor, times: Tensor, process, generator=None, callback=None):
+def ddpm_ancestral(score, x: Tensor, times: Tensor, process, generator=None, callback=None,
+                   clip: tuple[float, float] | None = None):
     """DDPM ancestral sampling (Ho et al. 2020) on the grid ``times`` of a VP process.
 
     With ᾱ_k = scale(t_k)², α_k = ᾱ_k / ᾱ_{k+1 toward 0} and β_k = 1 − α_k, each step is
@@ -49,6 +50,12 @@ def ddpm_ancestral(score, x: Tensor, times: Tensor, process, generator=None, cal
     σ_k² = β_k (1 − ᾱ_next)/(1 − ᾱ_k); the noise-prediction form ε = −√(1−ᾱ) s gives the
     familiar x ← (x − β_k ε/√(1−ᾱ_k))/√α_k. No noise is added on a final step that ends at t=0.
     The paper's image experiments: 1000 steps.
+
+    ``clip=(lo, hi)``: Ho et al.'s ``clip_denoised``. The step's prediction of x0,
+    x̂0 = (x + (1 − ᾱ_k) s)/√ᾱ_k, is clamped to [lo, hi] and the step uses the posterior mean
+    q(x_next | x, x̂0): (√ᾱ_next β_k x̂0 + √α_k (1 − ᾱ_next) x)/(1 − ᾱ_k), which equals the
+    unclipped mean above when nothing is clamped. It keeps a weak image model from drifting off
+    the pixel range; the output law is then no longer the reverse SDE's.
     """
     times = [float(t) for t in times]
     for i in range(len(times) - 1):
@@ -56,7 +63,12 @@ def ddpm_ancestral(score, x: Tensor, times: Tensor, process, generator=None, cal
         abar, abar_next = float(process.scale(t)) ** 2, float(process.scale(t_next)) ** 2
         alpha = abar / abar_next
         beta = 1.0 - alpha
-        mean = (x + beta * score(x, t)) / math.sqrt(alpha)
+        if clip is None:
+            mean = (x + beta * score(x, t)) / math.sqrt(alpha)
+        else:
+            x0 = ((x + (1.0 - abar) * score(x, t)) / math.sqrt(abar)).clamp_(*clip)
+            mean = (math.sqrt(abar_next) * beta * x0
+                    + math.sqrt(alpha) * (1.0 - abar_next) * x) / (1.0 - abar)
         sigma2 = beta * (1.0 - abar_next) / (1.0 - abar) if t_next > 0 else 0.0
         z = _randn_like(x, generator)
         x_next = mean + math.sqrt(sigma2) * z
