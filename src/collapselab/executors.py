@@ -266,19 +266,14 @@ def adopt_generation_zero_for(store: RunStore, src_alpha: float, members) -> Non
 
 # ---- progress observed in the run directory (every driver whose chains run elsewhere) -------
 def report_new_cells(store: RunStore, c: ChainSpec, seen: int, generations: int,
-                     on_generation: Callable[[ChainSpec, int, float], None] | None, *,
-                     adopted: bool = True) -> int:
+                     on_generation: Callable[[ChainSpec, int, float], None] | None) -> int:
     """Report the generations of chain ``c`` completed since the last look (``seen`` of them
     were then) and return the new count: log "generation g done" and call ``on_generation``
-    with the seconds its metrics.json timings add up to. ``adopted=False`` leaves out a
-    generation 0 copied from another α (``shared_from_alpha``: not computed by this chain)."""
+    with the seconds its metrics.json timings add up to (a generation 0 adopted from another
+    α included, with its copied timings: a progress bar counts every cell)."""
     while seen < generations and store.is_done(c.alpha, c.seed, seen, c.param_dict):
         g, seen = seen, seen + 1
         meta = read_json(store.cell(c.alpha, c.seed, g, c.param_dict) / "metrics.json")
-        if not adopted and "shared_from_alpha" in meta:
-            log.info("%s: generation 0 adopted from alpha=%g", c.label(),
-                     meta["shared_from_alpha"])
-            continue
         secs = float(sum((meta.get("timings") or {}).values()))
         log.info("%s generation %d done in %.2fs", c.label(), g, secs)
         if on_generation is not None:

@@ -306,11 +306,8 @@ class _Lockstep:
             if src is not None:
                 adopt_generation_zero_for(self.store, src, [c])
                 self.next[c] = self.store.completed(c.alpha, c.seed, c.param_dict)
-                if self.next[c] > 0 and self.on_generation is not None:
-                    # Reported like a computed cell (its copied timings), as the pool does.
-                    meta = read_json(self.store.cell(c.alpha, c.seed, 0, c.param_dict)
-                                     / "metrics.json")
-                    self.on_generation(c, 0, float(sum((meta.get("timings") or {}).values())))
+                # Reported like a computed cell (its copied timings), as the pool's driver does.
+                report_new_cells(self.store, c, 0, min(1, self.next[c]), self.on_generation)
 
     def _leads(self, c: ChainSpec, pending: list[ChainSpec]) -> bool:
         """Generation 0 of a seed is computed by its first pending α only (the next α takes

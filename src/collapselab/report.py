@@ -1095,7 +1095,8 @@ def plot_bound_checks(bt: pd.DataFrame, path) -> bool:
 
 
 def _measured_against_bound(rows: pd.DataFrame, path, *, measured: str, bound: str,
-                            xlabel: str, title: str, yscale: tuple, mark) -> bool:
+                            xlabel: str, title: str, yscale: str, mark,
+                            yscale_kw: dict | None = None) -> bool:
     """Per α, the seed mean of ``measured`` (solid) against that of ``bound`` (dashed);
     ``mark(ax, colour, group, measured_means)`` adds the figure's own markers."""
     if rows.empty:
@@ -1107,7 +1108,7 @@ def _measured_against_bound(rows: pd.DataFrame, path, *, measured: str, bound: s
                 label=f"{measured}, α = {a:g}")
         ax.plot(b.index.astype(int), b.values, "--", color=f"C{k}", label=bound)
         mark(ax, f"C{k}", grp, m)
-    ax.set_yscale(*yscale[:1], **yscale[1] if len(yscale) > 1 else {})
+    ax.set_yscale(yscale, **(yscale_kw or {}))
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -1129,7 +1130,7 @@ def plot_recursion(bt: pd.DataFrame, path) -> bool:
         bt[bt.kind == "recursion"] if len(bt) else bt, path,
         measured="D_(i+1) + (1−α)² D_i", bound="(α/2) I_i", xlabel="generation i",
         title="recursion D_(i+1) + (1−α)² D_i ≥ (α/2) I_i (seed means; × = FAILED)",
-        yscale=("symlog", {"linthresh": 1e-3}), mark=failed)
+        yscale="symlog", yscale_kw={"linthresh": 1e-3}, mark=failed)
 
 
 def plot_prediction(bt: pd.DataFrame, path) -> bool:
@@ -1144,7 +1145,7 @@ def plot_prediction(bt: pd.DataFrame, path) -> bool:
     return _measured_against_bound(
         bt[bt.kind == "prediction"] if len(bt) else bt, path,
         measured="measured D", bound="Σ (1−α)^(2(N−i)) ε⋆,i²", xlabel="generation N",
-        title="D_N against the discounted-sum prediction (seed means)", yscale=("log",),
+        title="D_N against the discounted-sum prediction (seed means)", yscale="log",
         mark=infinite)
 
 
