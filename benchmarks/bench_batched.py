@@ -56,7 +56,13 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from collapselab.batched import BatchedMLP, _Buffers, _forward_backward_2d, train_dsm_batched
+from collapselab.batched import (
+    BatchedMLP,
+    _Buffers,
+    _forward_backward_2d,
+    _losses,
+    train_dsm_batched,
+)
 from collapselab.processes import OU
 from collapselab.scores.mlp import MLPNet
 from collapselab.scores.training import TrainConfig, train_dsm
@@ -125,12 +131,15 @@ def core_variants(K, dim, hidden, layers, emb, batch):
     raw = [p.detach() for p in params]
     inp = bm2.embed(x, t)
     bufs = _Buffers([w.shape[2] for w in raw[:nw]], batch, "cpu", torch.float32)
+    out = torch.empty(K, batch, dim)
+    chains = [([w[k] for w in raw[:nw]], [b[k] for b in raw[nw:]], [g[k] for g in grads[:nw]],
+               [g[k] for g in grads[nw:]], inp[k], eps[k], bufs, [w[k].T for w in raw[:nw]] + [inp[k].T],
+               out[k]) for k in range(K)]
 
     def fb_2d():
-        for k in range(K):
-            _forward_backward_2d([w[k] for w in raw[:nw]], [b[k] for b in raw[nw:]],
-                                 [g[k] for g in grads[:nw]], [g[k] for g in grads[nw:]],
-                                 inp[k], eps[k], bufs)
+        for args in chains:
+            _forward_backward_2d(*args)
+        _losses(out)
 
     def manual():
         with torch.no_grad():

@@ -197,6 +197,38 @@ def _linears(net: MLPNet) -> list[nn.Linear]:
     return [m for m in net.mlp if isinstance(m, nn.Linear)]
 
 
+class _Flat:
+    """Chain-major flat layout of the K chains' parameters: row k of a (K, P) tensor holds
+    chain k's weights-then-biases. Training state (weights, EMA, gradients, Adam moments)
+    lives in such tensors, so gradient clipping, Adam and the EMA are one kernel each over
+    all chains instead of one per layer; per-layer views (K, in, out) / (K, 1, out) of them
+    feed the forward/backward (each chain's slice of a view is contiguous)."""
+
+    def __init__(self, params: Sequence[Tensor]):
+        self.shapes = [tuple(p.shape[1:]) for p in params]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.P = sum(self.sizes)
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Per-parameter views (k, *shape) of a (k, P) tensor."""
+        k = flat.shape[0]
+        return [flat[:, o:o + n].view((k,) + s)
+                for o, n, s in zip(self.offsets, self.sizes, self.shapes, strict=True)]
+
+    def pack(self, params: Sequence[Tensor]) -> Tensor:
+        """A new (K, P) tensor holding ``params`` (stacked (K, *shape) tensors)."""
+        flat = params[0].new_empty(params[0].shape[0], self.P)
+        for v, p in zip(self.views(flat), params, strict=True):
+            v.copy_(p.detach())
+        return flat
+
+    def rows(self, row: Tensor) -> list[Tensor]:
+        """One chain's (P,) row as per-parameter tensors (copies)."""
+        return [row[o:o + n].view(s).clone()
+                for o, n, s in zip(self.offsets, self.sizes, self.shapes, strict=True)]
+
+
 # ---- the fused training step --------------------------------------------------------------------
 
 
@@ -232,56 +264,63 @@ def _forward_backward(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor], gbs
 
 
 def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
-                         gbs: list[Tensor], inp: Tensor, eps: Tensor, bufs: _Buffers) -> Tensor:
+                         gbs: list[Tensor], inp: Tensor, eps: Tensor, bufs: _Buffers,
+                         wts: list[Tensor], out: Tensor) -> None:
     """:func:`_forward_backward` for one chain with 2-D operands and preallocated buffers.
 
     The CPU path. Per chain, ``mm(out=)`` into buffers that live for the whole run is ~15%
     faster than ``bmm`` over a batch of one: no batch bookkeeping, and no allocation (a
     256 KiB activation per op otherwise goes through malloc, often to fresh pages). The bias is
     added after the product (``addmm`` first copies the broadcast bias into the output, one
-    more pass). ``silu_backward`` runs in place on the input gradient. Same loss and
-    gradients as the batched form up to float rounding.
+    more pass). ``silu_backward`` runs in place on the input gradient. ``wts`` are the
+    transposed weights and, last, the transposed input (views made once by the caller). ``out`` (B, dim) receives the gradient
+    of the loss in the network output, 2(ε_θ − ε)/B; :func:`_losses` turns the shard's rows of
+    it into the losses in one pass over all chains. Same gradients as the batched form up to
+    float rounding.
     """
     zs, acts, gs = bufs.z, bufs.act, bufs.grad
     last = len(ws) - 1
     a = inp
     for i in range(last + 1):
-        z = torch.mm(a, ws[i], out=zs[i]).add_(bs[i])
+        z = torch.mm(a, ws[i], out=zs[i] if i < last else out).add_(bs[i])
         if i < last:
             a = torch.ops.aten.silu.out(z, out=acts[i])
-    diff = zs[last].sub_(eps)
-    loss = diff.square().sum(1).mean()
-    g = diff.mul_(2.0 / eps.shape[0])  # d loss / d out (the output buffer is reused)
+    g = out.sub_(eps).mul_(2.0 / eps.shape[0])  # d loss / d out
     for i in range(last, -1, -1):
-        torch.mm((inp if i == 0 else acts[i - 1]).T, g, out=gws[i])
+        torch.mm(wts[last + 1] if i == 0 else bufs.act_t[i - 1], g, out=gws[i])
         torch.sum(g, dim=0, keepdim=True, out=gbs[i])
         if i > 0:  # no gradient for the input layer's input
-            g = torch.mm(g, ws[i].T, out=gs[i - 1])
+            g = torch.mm(g, wts[i], out=gs[i - 1])
             torch.ops.aten.silu_backward.grad_input(g, zs[i - 1], grad_input=g)
-    return loss
+
+
+def _losses(out_grads: Tensor) -> Tensor:
+    """Per-chain DSM losses mean_b ‖ε_θ − ε‖² from the output gradients g = 2(ε_θ − ε)/B
+    (shape (k, B, ...)): Σ g² · B/4 (exact rescaling when B is a power of two)."""
+    k, bsz = out_grads.shape[0], out_grads.shape[1]
+    return out_grads.reshape(k, -1).square().sum(1).mul_(bsz / 4.0)
 
 
 class _Buffers:
     """Per-thread work space of :func:`_forward_backward_2d`: pre-activations ``z``,
-    activations ``act`` and input gradients ``grad`` of one chain's batch, reused every step."""
+    activations ``act`` (and their transposed views) and input gradients ``grad`` of one
+    chain's batch, reused every step."""
 
     def __init__(self, widths: list[int], bsz: int, device, dtype):
         def new(w):
             return torch.empty(bsz, w, device=device, dtype=dtype)
 
-        self.z = [new(w) for w in widths]
+        self.z = [new(w) for w in widths[:-1]]  # the output layer writes the caller's rows
         self.act = [new(w) for w in widths[:-1]]
+        self.act_t = [a.T for a in self.act]
         self.grad = [new(w) for w in widths[:-1]]
 
 
-def _clip_per_chain_(grads: list[Tensor], max_norm: float) -> None:
-    """Global-norm clipping of each chain's gradient separately (as training._clip_ per net)."""
-    K = grads[0].shape[0]
-    norms = torch.stack([torch.linalg.vector_norm(g.reshape(K, -1), dim=1) for g in grads], 1)
-    total = torch.linalg.vector_norm(norms, dim=1)
-    factor = (max_norm / (total + 1e-6)).clamp_(max=1.0)
-    for g in grads:
-        g.mul_(factor.view((K,) + (1,) * (g.dim() - 1)))
+def _clip_per_chain_(gflat: Tensor, max_norm: float) -> None:
+    """Global-norm clipping of each chain's gradient separately (as training._clip_ per net):
+    row k of the (k, P) gradient is chain k's whole gradient."""
+    factor = (max_norm / (torch.linalg.vector_norm(gflat, dim=1) + 1e-6)).clamp_(max=1.0)
+    gflat.mul_(factor[:, None])
 
 
 def _as_stack(datas) -> Tensor:
@@ -305,7 +344,7 @@ def _bounds(K: int, parts: int) -> list[tuple[int, int]]:
 
 
 class _Shard:
-    """Chains lo:hi of the batch: views of their parameters and EMA, their own gradients, Adam
+    """Chains lo:hi of the batch: rows of the flat weights and EMA, their own gradients, Adam
     and random streams. A shard runs a whole training step on one thread.
 
     Why shards: on a few cores, K small matmuls split across threads inside each op pay a
@@ -313,25 +352,26 @@ class _Shard:
     whole chains needs one synchronisation per step instead.
     """
 
-    def __init__(self, lo: int, hi: int, params: list[Tensor], ema_p: list[Tensor],
+    def __init__(self, lo: int, hi: int, layout: _Flat, raw_flat: Tensor, ema_flat: Tensor,
                  cfg: TrainConfig, device, loop_seeds: list[int], train_x: Tensor, bsz: int,
                  event: tuple, n_weights: int, dim: int, time_embed_dim: int, chunk: int):
         self.lo, self.hi = lo, hi
-        # Detached slices along K are contiguous views: Adam and the EMA update the model's
-        # own storage, and each shard's fused Adam is one kernel over its (k, ...) slices.
-        self.params = [p.detach()[lo:hi] for p in params]
-        self.grads = [torch.zeros_like(p) for p in self.params]
-        for p, g in zip(self.params, self.grads, strict=True):
-            p.grad = g
-        self.ema = [e[lo:hi] for e in ema_p]
-        self.opt = _make_optimizer(self.params, cfg, device)
+        self.layout = layout
+        # Rows lo:hi of the chain-major (K, P) tensors are contiguous: Adam, clipping and the
+        # EMA are one kernel each over the shard's chains and update the run's own storage.
+        self.flat, self.eflat = raw_flat[lo:hi], ema_flat[lo:hi]
+        self.gflat = torch.zeros_like(self.flat)
+        self.flat.grad = self.gflat
+        self.params, self.grads = layout.views(self.flat), layout.views(self.gflat)
+        self.opt = _make_optimizer([self.flat], cfg, device)
         self.gens = [torch.Generator(device=device).manual_seed(s) for s in loop_seeds[lo:hi]]
         self.train_x = train_x[lo:hi]
         k, dtype = hi - lo, train_x.dtype
         self.t = torch.empty(k, bsz, device=device, dtype=dtype)
         self.eps = torch.empty((k, bsz) + event, device=device, dtype=dtype)
-        self.idx = torch.empty(k, bsz, device=device, dtype=torch.long)
-        self.chain_ix = torch.arange(k, device=device)[:, None]
+        self.x0 = torch.empty((k, bsz) + event, device=device, dtype=dtype)
+        # Row views made once (each costs a dispatch per step otherwise).
+        self.rows = list(zip(self.gens, self.train_x, self.t, self.eps, self.x0, strict=True))
         self.orders: list[Tensor] = []
         self.nw = n_weights
         self.bsz, self.event = bsz, event
@@ -339,15 +379,24 @@ class _Shard:
         # Network input [x_t, cos, sin(, 0)] written in place each step (no concatenations);
         # an odd time_embed_dim's zero column is set once here.
         self.inp = torch.zeros(k, bsz, dim + time_embed_dim, device=device, dtype=dtype)
-        self.trig = torch.empty(k, bsz, time_embed_dim // 2, device=device, dtype=dtype)
+        half = time_embed_dim // 2
+        self.trig = torch.empty(k, bsz, half, device=device, dtype=dtype)
+        self.inp_x, self.inp_cos, self.inp_sin = (self.inp[:, :, :dim],
+                                                  self.inp[:, :, dim:dim + half],
+                                                  self.inp[:, :, dim + half:dim + 2 * half])
         self.chunks = [self._views(c, min(c + self.chunk, k)) for c in range(0, k, self.chunk)]
         # chunk == 1 (the CPU default): 2-D operands per chain, buffers shared by the chains.
         self.per_chain = None
         if self.chunk == 1:
+            self.out = torch.empty(k, bsz, dim, device=device, dtype=dtype)
             widths = [w.shape[2] for w in self.params[:n_weights]]
             self.bufs = _Buffers(widths, bsz, device, dtype)
-            self.per_chain = [tuple([t[0] for t in group] for group in v[:4]) + (v[4][0], v[5][0])
-                              for v in self.chunks]
+            self.per_chain = []
+            for v in self.chunks:
+                ws, bs, gws, gbs = ([t[0] for t in group] for group in v[:4])
+                self.per_chain.append((ws, bs, gws, gbs, v[4][0], v[5][0], self.bufs,
+                                       [w.T for w in ws] + [v[4][0].T],
+                                       self.out[len(self.per_chain)]))
         self._adam = None  # cached argument lists of the fused Adam kernel (see _adam_step)
 
     def _views(self, a: int, b: int):
@@ -363,43 +412,45 @@ class _Shard:
         k, bsz, event = self.hi - self.lo, self.bsz, self.event
         n_train = self.train_x.shape[1]
         # Each chain draws from its own generator exactly what train_dsm draws, in its order.
-        for i, g in enumerate(self.gens):
+        for i, (g, data, t_i, eps_i, x0_i) in enumerate(self.rows):
             if new_epoch:
                 order = torch.randperm(n_train, generator=g, device=g.device)
                 if len(self.orders) < k:
                     self.orders.append(order)
                 else:
                     self.orders[i] = order
-            self.idx[i] = self.orders[i][pos:pos + bsz]
-            torch.rand(bsz, generator=g, out=self.t[i])
-            torch.randn((bsz,) + event, generator=g, out=self.eps[i])
+            torch.index_select(data, 0, self.orders[i][pos:pos + bsz], out=x0_i)
+            torch.rand(bsz, generator=g, out=t_i)
+            torch.randn((bsz,) + event, generator=g, out=eps_i)
         t = self.t.mul_(t_max - t_min).add_(t_min)
-        x0 = self.train_x[self.chain_ix, self.idx]
         shape = (k, bsz) + (1,) * len(event)
-        xt = process.scale(t).reshape(shape) * x0 + process.var(t).sqrt().reshape(shape) * self.eps
-        dim, half = model.dim, model.time_embed_dim // 2
-        self.inp[:, :, :dim] = xt.reshape(k, bsz, dim)
+        xt = process.scale(t).reshape(shape) * self.x0 \
+            + process.var(t).sqrt().reshape(shape) * self.eps
+        self.inp_x.copy_(xt.view(self.inp_x.shape))
         # The same elementwise ops as sinusoidal_embedding: bit-identical features.
         # cos/sin into a contiguous buffer, then one copy: written straight into the strided
         # columns of inp they take ~4x longer (measured).
-        args = (t[:, :, None] * model.freqs).view(k, bsz, half)
-        self.inp[:, :, dim:dim + half] = torch.cos(args, out=self.trig)
-        self.inp[:, :, dim + half:dim + 2 * half] = torch.sin(args, out=self.trig)
+        args = t[:, :, None] * model.freqs
+        self.inp_cos.copy_(torch.cos(args, out=self.trig))
+        self.inp_sin.copy_(torch.sin(args, out=self.trig))
         # Chains one at a time (chunk = 1 by default): a chain's activations (~2 MB at width
         # 128, batch 512) stay in L2, where the SiLU and bias passes are 1.3-1.5x cheaper
         # than over all K chains' (measured; docs/performance.md, "Batched chains").
         if self.per_chain is not None and fb is _forward_backward:
-            loss = torch.stack([_forward_backward_2d(*v, self.bufs) for v in self.per_chain])
+            for v in self.per_chain:
+                _forward_backward_2d(*v)
+            loss = _losses(self.out)
         else:
             loss = torch.cat([fb(*views) for views in self.chunks])
         if check:
-            mine = torch.tensor(active[self.lo:self.hi], device=loss.device)
-            if not bool(torch.isfinite(loss[mine]).all()):
+            mine = active[self.lo:self.hi]
+            ok = loss if all(mine) else loss[torch.tensor(mine, device=loss.device)]
+            if not bool(torch.isfinite(ok).all()):
                 return loss  # no update: the raw weights stay finite (the caller raises)
         if grad_clip is not None:
-            _clip_per_chain_(self.grads, grad_clip)
+            _clip_per_chain_(self.gflat, grad_clip)
         self._adam_step(lr)
-        torch._foreach_lerp_(self.ema, self.params, 1.0 - ema_decay)
+        self.eflat.lerp_(self.flat, 1.0 - ema_decay)
         return loss
 
     def _adam_step(self, lr: float) -> None:
@@ -423,18 +474,18 @@ class _Shard:
         """(kernel, tensor lists, options) of the fused Adam(W) call, or None where the
         optimizer is not the plain fused kind (then ``self.opt.step()`` is used every step)."""
         (group,) = self.opt.param_groups
-        st = [self.opt.state.get(p, {}) for p in self.params]
+        st = self.opt.state.get(self.flat, {})
         plain = not (group.get("amsgrad") or group.get("maximize") or group.get("capturable")
                      or group.get("differentiable"))
-        if not (group.get("fused") and plain and all("exp_avg" in x for x in st)):
+        if not (group.get("fused") and plain and "exp_avg" in st):
             return None
         name = "_fused_adamw_" if group.get("decoupled_weight_decay", False) or isinstance(
             self.opt, torch.optim.AdamW) else "_fused_adam_"
         kernel = getattr(torch, name, None)
         if kernel is None or isinstance(group["lr"], Tensor):
             return None
-        lists = (self.params, self.grads, [x["exp_avg"] for x in st],
-                 [x["exp_avg_sq"] for x in st], [], [x["step"] for x in st])
+        lists = ([self.flat], [self.gflat], [st["exp_avg"]], [st["exp_avg_sq"]], [],
+                 [st["step"]])
         beta1, beta2 = group["betas"]
         kw = dict(amsgrad=False, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                   eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)
@@ -442,27 +493,29 @@ class _Shard:
 
     def adam_rows(self, k: int) -> tuple[list[Tensor], list[Tensor], Tensor] | None:
         """Chain k's Adam moments (weights-then-biases rows) and step, None before step 1."""
-        st = [self.opt.state.get(p, {}) for p in self.params]
-        if not st or "exp_avg" not in st[0]:
+        st = self.opt.state.get(self.flat, {})
+        if "exp_avg" not in st:
             return None
         i = k - self.lo
-        return ([s["exp_avg"][i].clone() for s in st], [s["exp_avg_sq"][i].clone() for s in st],
-                st[0]["step"].clone())
+        return (self.layout.rows(st["exp_avg"][i]), self.layout.rows(st["exp_avg_sq"][i]),
+                st["step"].clone())
 
     def load_adam(self, states: Sequence[dict]) -> None:
         """Stack chains lo:hi of per-chain train_dsm Adam states (MLPNet order)."""
         mine = states[self.lo:self.hi]
         step = mine[0]["state"][0]["step"]
         nw = self.nw
-        for li in range(nw):
-            for kind, pidx, p in (("w", 2 * li, self.params[li]),
-                                  ("b", 2 * li + 1, self.params[nw + li])):
-                buf = {}
-                for key in ("exp_avg", "exp_avg_sq"):
-                    rows = [s["state"][pidx][key].to(p) for s in mine]
-                    buf[key] = torch.stack([r.T if kind == "w" else r[None] for r in rows])
-                self.opt.state[p] = {"step": torch.as_tensor(float(step), dtype=torch.float32,
-                                                             device=p.device), **buf}
+        buf = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            flat = torch.zeros_like(self.flat)
+            views = self.layout.views(flat)
+            for li in range(nw):
+                for kind, pidx, v in (("w", 2 * li, views[li]), ("b", 2 * li + 1, views[nw + li])):
+                    rows = [s["state"][pidx][key].to(flat) for s in mine]
+                    v.copy_(torch.stack([r.T if kind == "w" else r[None] for r in rows]))
+            buf[key] = flat
+        self.opt.state[self.flat] = {"step": torch.as_tensor(float(step), dtype=torch.float32,
+                                                             device=self.flat.device), **buf}
         for group in self.opt.param_groups:
             for key, val in mine[0]["param_groups"][0].items():
                 if key not in ("params", "lr", "fused", "foreach"):
@@ -566,14 +619,16 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
         val_t, val_eps = torch.stack(val_t), torch.stack(val_eps)
 
     params = model.flat_params()
-    raw_p = [p.detach() for p in params]
-    ema_p = [p.detach().clone() for p in params]
+    layout = _Flat(params)
+    raw_flat = layout.pack(params)  # the run's weights; copied back into ``model`` at the end
+    ema_flat = raw_flat.clone()
+    raw_p, ema_p = layout.views(raw_flat), layout.views(ema_flat)
     n_threads = torch.get_num_threads() if threads is None else int(threads)
     n_shards = max(1, min(K, n_threads)) if device.type == "cpu" else 1
     loop_seeds = [cs[1] for cs in chain_seeds]
     if chunk is None:
         chunk = 1 if device.type == "cpu" else K
-    shards = [_Shard(lo, hi, params, ema_p, cfg, device, loop_seeds, train_x, bsz, event,
+    shards = [_Shard(lo, hi, layout, raw_flat, ema_flat, cfg, device, loop_seeds, train_x, bsz, event,
                      len(model.weights), model.dim, model.time_embed_dim, chunk)
               for lo, hi in _bounds(K, n_shards)]
     if optimizer_states is not None and all(s["state"] for s in optimizer_states):
@@ -598,6 +653,8 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
     def check(upto: int):
         lo = upto - 1 if check_every == 1 else 0
         block = hist[lo:upto]
+        if bool(torch.isfinite(block).all()):
+            return
         for k in range(K):
             if not active[k]:
                 continue
@@ -663,6 +720,9 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
         if pool is not None:
             pool.shutdown()
             torch.set_num_threads(prev_threads)
+        with torch.no_grad():  # the model holds the trained weights, also after an error
+            for p, v in zip(params, raw_p, strict=True):
+                p.copy_(v)
 
     results = []
     lr_final = _lr_at(step, total, cfg)
@@ -671,7 +731,7 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
         steps_k = step if snap is None else snap["step"]
         if snap is not None:  # put the frozen raw weights back into the batched model
             with torch.no_grad():
-                for p, r in zip(raw_p, snap["raw"], strict=True):
+                for p, r in zip(params, snap["raw"], strict=True):
                     p[k].copy_(r)
         ema_k = [p[k] for p in ema_p] if snap is None else snap["ema"]
         if best_state[k] is not None:
