@@ -133,8 +133,8 @@ def core_variants(K, dim, hidden, layers, emb, batch):
     bufs = _Buffers([w.shape[2] for w in raw[:nw]], batch, "cpu", torch.float32)
     out = torch.empty(K, batch, dim)
     chains = [([w[k] for w in raw[:nw]], [b[k] for b in raw[nw:]], [g[k] for g in grads[:nw]],
-               [g[k] for g in grads[nw:]], inp[k], eps[k], bufs, [w[k].T for w in raw[:nw]] + [inp[k].T],
-               out[k]) for k in range(K)]
+               [g[k] for g in grads[nw:]], inp[k], eps[k], bufs,
+               [w[k].T for w in raw[:nw]] + [inp[k].T], out[k]) for k in range(K)]
 
     def fb_2d():
         for args in chains:

@@ -273,10 +273,10 @@ def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
     256 KiB activation per op otherwise goes through malloc, often to fresh pages). The bias is
     added after the product (``addmm`` first copies the broadcast bias into the output, one
     more pass). ``silu_backward`` runs in place on the input gradient. ``wts`` are the
-    transposed weights and, last, the transposed input (views made once by the caller). ``out`` (B, dim) receives the gradient
-    of the loss in the network output, 2(ε_θ − ε)/B; :func:`_losses` turns the shard's rows of
-    it into the losses in one pass over all chains. Same gradients as the batched form up to
-    float rounding.
+    transposed weights and, last, the transposed input (views made once by the caller).
+    ``out`` (B, dim) receives the gradient of the loss in the network output, 2(ε_θ − ε)/B;
+    :func:`_losses` turns the shard's rows of it into the losses in one pass over all chains.
+    Same gradients as the batched form up to float rounding.
     """
     zs, acts, gs = bufs.z, bufs.act, bufs.grad
     last = len(ws) - 1
@@ -628,8 +628,8 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
     loop_seeds = [cs[1] for cs in chain_seeds]
     if chunk is None:
         chunk = 1 if device.type == "cpu" else K
-    shards = [_Shard(lo, hi, layout, raw_flat, ema_flat, cfg, device, loop_seeds, train_x, bsz, event,
-                     len(model.weights), model.dim, model.time_embed_dim, chunk)
+    shards = [_Shard(lo, hi, layout, raw_flat, ema_flat, cfg, device, loop_seeds, train_x, bsz,
+                     event, len(model.weights), model.dim, model.time_embed_dim, chunk)
               for lo, hi in _bounds(K, n_shards)]
     if optimizer_states is not None and all(s["state"] for s in optimizer_states):
         steps_seen = {float(s["state"][0]["step"]) for s in optimizer_states}
