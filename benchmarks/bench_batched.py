@@ -53,6 +53,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
 import torch
 
@@ -168,54 +169,88 @@ def _in_processes(pool, nets, datas, proc, cfg, seeds) -> None:
         f.result()
 
 
+def _mm_seconds(n: int, reps: int) -> float:
+    """A pool worker's share of the 2-process matmul reference: reps n² mm, one thread."""
+    torch.set_num_threads(1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    return time.perf_counter() - t0
+
+
 def bench_training(args, dim: int, compile_ok: bool, pool) -> tuple[list[dict], dict]:
+    """Every method is timed at ``args.steps`` and at ``args.short`` steps per call, both in
+    each repeat; the per-step cost is the difference over the extra steps (so set-up, result
+    assembly and, for (b4), pickling and process hand-off cancel), beside the whole-call time
+    per step."""
     K, B = args.K, args.batch
     gen = torch.Generator().manual_seed(0)
     nets = [MLPNet(dim, args.hidden, args.layers, args.time_embed_dim) for _ in range(K)]
     datas = torch.randn(K, 8192, dim, generator=gen)
-    cfg = TrainConfig(steps=args.steps, batch_size=B)
     seeds = list(range(K))
     proc = OU()
     flops = step_flops(K, B, dim, args.hidden, args.layers, args.time_embed_dim)
 
-    def seq():
-        for k in range(K):
-            train_dsm(copy.deepcopy(nets[k]), datas[k], proc, cfg.__class__(
-                **{**cfg.__dict__, "seed": seeds[k]}))
+    def seq(cfg):
+        return lambda: [train_dsm(copy.deepcopy(nets[k]), datas[k], proc,
+                                  replace(cfg, seed=seeds[k])) for k in range(K)]
 
     def bat(threads, comp=False, chunk=None):
-        return lambda: train_dsm_batched([copy.deepcopy(n) for n in nets], datas, proc, cfg,
-                                         seeds, threads=threads, chunk=chunk, compile=comp)
+        return lambda cfg: lambda: train_dsm_batched(
+            [copy.deepcopy(n) for n in nets], datas, proc, cfg, seeds, threads=threads,
+            chunk=chunk, compile=comp)
+
+    def procs(cfg):
+        return lambda: _in_processes(pool, nets, datas, proc, cfg, seeds)
 
     A = torch.randn(2048, 2048, generator=gen)
     Bm = torch.randn(2048, 2048, generator=gen)
-    methods = {
-        "(a1) sequential train_dsm, 1 thread": with_threads(1, seq),
-        "(a2) sequential train_dsm, 2 threads": with_threads(2, seq),
-        "(b0) train_dsm_batched, 1 shard, chunk=K": with_threads(1, bat(1, chunk=K)),
-        "(b1) train_dsm_batched, 1 shard": with_threads(1, bat(1)),
-        "(b2) train_dsm_batched, 2 shards": with_threads(2, bat(2)),
+    makers = {
+        "(a1) sequential train_dsm, 1 thread": lambda c: with_threads(1, seq(c)),
+        "(a2) sequential train_dsm, 2 threads": lambda c: with_threads(2, seq(c)),
+        "(b0) train_dsm_batched, 1 shard, chunk=K": lambda c: with_threads(1, bat(1, chunk=K)(c)),
+        "(b1) train_dsm_batched, 1 shard": lambda c: with_threads(1, bat(1)(c)),
+        "(b2) train_dsm_batched, 2 shards": lambda c: with_threads(2, bat(2)(c)),
+        "(b4) train_dsm_batched, 2 processes x 1 shard": procs,
     }
-    methods["(b4) train_dsm_batched, 2 processes x 1 shard"] = lambda: _in_processes(
-        pool, nets, datas, proc, cfg, seeds)
     compile_s = None
     if compile_ok:
         t0 = time.perf_counter()
-        with_threads(2, bat(2, True))()  # compile once (cached for the timed calls)
-        compile_s = time.perf_counter() - t0
-        methods["(b3) train_dsm_batched, 2 shards, compiled"] = with_threads(2, bat(2, True))
+        with_threads(2, bat(2, True)(TrainConfig(steps=args.short, batch_size=B)))()
+        compile_s = time.perf_counter() - t0  # compiled once, cached for the timed calls
+        makers["(b3) train_dsm_batched, 2 shards, compiled"] = lambda c: with_threads(
+            2, bat(2, True)(c))
+    long_cfg = TrainConfig(steps=args.steps, batch_size=B)
+    short_cfg = TrainConfig(steps=args.short, batch_size=B)
+    methods = {name: (mk(long_cfg), mk(short_cfg)) for name, mk in makers.items()}
+    reps_mm = 3
+
+    def mm_two_processes():
+        futs = [pool.submit(_mm_seconds, 2048, reps_mm) for _ in range(2)]
+        return max(f.result() for f in futs) / 2  # two products in the slower one's time
+
     mm = {"mm 2048² float32, 1 thread": with_threads(1, lambda: torch.mm(A, Bm)),
           "mm 2048² float32, 2 threads": with_threads(2, lambda: torch.mm(A, Bm))}
     core = {k: with_threads(1, v) for k, v in core_variants(
         K, dim, args.hidden, args.layers, args.time_embed_dim, B).items()}
 
+    extra_steps = args.steps - args.short
+    for _long_fn, short_fn in methods.values():  # warm-up: imports in the workers, caches
+        short_fn()
     times: dict[str, list[float]] = {}
+    whole: dict[str, list[float]] = {}
     for _ in range(args.repeats):
-        for name, fn in methods.items():
-            times.setdefault(name, []).append(timed(fn) / args.steps)
+        for name, (long_fn, short_fn) in methods.items():
+            t_long, t_short = timed(long_fn), timed(short_fn)
+            times.setdefault(name, []).append((t_long - t_short) / extra_steps)
+            whole.setdefault(name, []).append(t_long / args.steps)
         for name, fn in mm.items():
             fn()
-            times.setdefault(name, []).append(timed(fn, 3))
+            times.setdefault(name, []).append(timed(fn, reps_mm))
+        times.setdefault("mm 2048² float32, 2 processes x 1 thread", []).append(
+            mm_two_processes() / reps_mm)
         for name, fn in core.items():
             fn()
             times.setdefault(name, []).append(timed(fn, 10))
@@ -227,9 +262,13 @@ def bench_training(args, dim: int, compile_ok: bool, pool) -> tuple[list[dict], 
             rows.append(dict(dim=dim, method=name, ms=med * 1e3, best_ms=best * 1e3,
                              gflops=f / med / 1e9, best_gflops=f / best / 1e9))
         else:
-            rows.append(dict(dim=dim, method=name, ms=med * 1e3, best_ms=best * 1e3,
-                             chain_steps_s=K / med, best_chain_steps_s=K / best,
-                             gflops=flops / med / 1e9, best_gflops=flops / best / 1e9))
+            row = dict(dim=dim, method=name, ms=med * 1e3, best_ms=best * 1e3,
+                       chain_steps_s=K / med, best_chain_steps_s=K / best,
+                       gflops=flops / med / 1e9, best_gflops=flops / best / 1e9)
+            if name in whole:
+                w = statistics.median(whole[name])
+                row.update(whole_call_ms=w * 1e3, whole_call_gflops=flops / w / 1e9)
+            rows.append(row)
     return rows, {"compile_s": compile_s, "flops_per_step": flops}
 
 
@@ -282,13 +321,17 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--time-embed-dim", type=int, default=64)
     ap.add_argument("--dims", type=int, nargs="+", default=[2, 10])
-    ap.add_argument("--steps", type=int, default=100, help="training steps per timed call")
+    ap.add_argument("--steps", type=int, default=150, help="training steps per long call")
+    ap.add_argument("--short", type=int, default=10,
+                    help="training steps per short call (per-step cost = difference)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-kde", action="store_true")
     ap.add_argument("--kde-memory-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.steps <= args.short or args.short < 1:
+        ap.error("--steps must exceed --short, and --short must be >= 1")
     if args.kde_memory_child:
         print(json.dumps(kde_memory()))
         return 0
@@ -297,8 +340,9 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"# load before: {os.getloadavg()}")
     print(f"# K={args.K} chains, batch {args.batch}, width {args.hidden}, layers {args.layers}, "
-          f"time embedding {args.time_embed_dim}, {args.steps} steps per call, "
-          f"{args.repeats} interleaved repeats (median, best)")
+          f"time embedding {args.time_embed_dim}; per-step cost = (T({args.steps} steps) - "
+          f"T({args.short} steps)) / {args.steps - args.short}; {args.repeats} interleaved "
+          f"repeats (median, best)")
     all_rows, extra = [], {}
     pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
     for _ in pool.map(int, range(2)):  # start both workers before anything is timed
@@ -311,17 +355,19 @@ def main(argv=None) -> int:
               + (f"; compile took {info['compile_s']:.1f} s (first call, incl. the steps)"
                  if info["compile_s"] else ""))
         print(f"{'method':46s} {'ms/step':>9s} {'chain-steps/s':>14s} {'GFLOP/s':>9s} "
-              f"{'(best)':>8s}")
+              f"{'(best)':>8s} {'whole call ms/step':>19s}")
         for r in rows:
             cs = f"{r['chain_steps_s']:14.0f}" if "chain_steps_s" in r else " " * 14
+            wc = f"{r['whole_call_ms']:19.2f}" if "whole_call_ms" in r else ""
             print(f"{r['method']:46s} {r['ms']:9.2f} {cs} {r['gflops']:9.1f} "
-                  f"{r['best_gflops']:8.1f}")
+                  f"{r['best_gflops']:8.1f} {wc}")
         by = {r["method"]: r for r in rows}
         seq_best = max(by[m]["chain_steps_s"] for m in by if m.startswith("(a"))
         bat = {m: by[m] for m in by if m.startswith("(b")}
         bat_best_name = max(bat, key=lambda m: bat[m]["chain_steps_s"])
         bat_best = bat[bat_best_name]
-        mm_best = max(by[m]["gflops"] for m in by if m.startswith("mm"))
+        mm_best_name = max((m for m in by if m.startswith("mm")), key=lambda m: by[m]["gflops"])
+        mm_best = by[mm_best_name]["gflops"]
         ratio = bat_best["chain_steps_s"] / seq_best
         frac = bat_best["gflops"] / mm_best
         a2 = by["(a2) sequential train_dsm, 2 threads"]["chain_steps_s"]
@@ -329,7 +375,11 @@ def main(argv=None) -> int:
               f"{ratio:.2f}x [{'MET' if ratio >= 2 else 'MISSED'}] "
               f"(vs the 2-thread default (a2): {bat_best['chain_steps_s'] / a2:.2f}x)")
         print(f"target (b) >= 60% of matmul: {bat_best['gflops']:.1f} / {mm_best:.1f} GFLOP/s "
-              f"= {100 * frac:.0f}% [{'MET' if frac >= 0.6 else 'MISSED'}]")
+              f"({mm_best_name.split(', ', 1)[1]}) = {100 * frac:.0f}% [{'MET' if frac >= 0.6 else 'MISSED'}]")
+        b1 = by["(b1) train_dsm_batched, 1 shard"]["gflops"]
+        mm1 = by["mm 2048² float32, 1 thread"]["gflops"]
+        print(f"  (one process, one thread: (b1) {b1:.1f} GFLOP/s = {100 * b1 / mm1:.0f}% of the "
+              f"1-thread mm)")
         fb = by["hand-written forward/backward alone"]["gflops"]
         print(f"  (the forward/backward alone, 1 thread: {fb:.1f} GFLOP/s = "
               f"{100 * fb / by['mm 2048² float32, 1 thread']['gflops']:.0f}% of the 1-thread mm)")

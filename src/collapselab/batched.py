@@ -24,8 +24,9 @@ and written out (``bmm`` for weight and input gradients, ``aten.silu_backward``)
 the graph bookkeeping. The K chains are split into shards, one per thread, each running whole
 steps with one intra-op thread (one synchronisation per step instead of one per op); inside a
 shard the forward/backward goes chain by chain (cache-resident activations) while sampling,
-clipping, Adam (one fused call) and the EMA (one foreach call) run over the shard's stacked
-tensors. ``compile=True`` adds ``torch.compile`` to the forward/backward. Measurements and
+clipping, Adam and the EMA run over the shard's chains at once: the training state is
+chain-major flat (row k of a (K, P) tensor is chain k's parameters), so each of these is one
+kernel. ``compile=True`` adds ``torch.compile`` to the forward/backward. Measurements and
 where the time goes: docs/performance.md, "Batched chains".
 """
 
