@@ -114,11 +114,13 @@ def test_one_step_equals_unbatched_steps():
         assert_nets_close(bm.chain_net(k), net, atol=1e-5)
 
 
-@pytest.mark.parametrize("threads,chunk", [(1, None), (2, None), (1, K)])
-def test_run_matches_train_dsm_per_chain(threads, chunk):
+@pytest.mark.parametrize("threads,chunk,native", [(1, None, True), (2, None, True),
+                                                   (1, K, True), (1, None, False)])
+def test_run_matches_train_dsm_per_chain(threads, chunk, native):
     """Same seeds ⇒ same minibatches, t and ε per chain; with validation, early stopping,
     clipping, AdamW and a cosine schedule, every chain matches its own train_dsm run. chunk = K
-    is the accelerator's formulation (one bmm per layer over all chains), run here on CPU."""
+    is the accelerator's formulation (one bmm per layer over all chains), run here on CPU;
+    native=False uses PyTorch's SiLU ops instead of collapselab.native's fused kernels."""
     nets = make_nets()
     datas = make_data()
     # patience 1 every 4 steps: chains 0 and 1 stop early (steps 32, 20), chain 2 runs to 80.
@@ -130,7 +132,8 @@ def test_run_matches_train_dsm_per_chain(threads, chunk):
     refs = [train_dsm(copy.deepcopy(nets[k]), datas[k], proc, replace(cfg, seed=seeds[k]))
             for k in range(K)]
     given = [copy.deepcopy(n) for n in nets]
-    res = train_dsm_batched(given, datas, proc, cfg, seeds, threads=threads, chunk=chunk)
+    res = train_dsm_batched(given, datas, proc, cfg, seeds, threads=threads, chunk=chunk,
+                            native=native)
     assert len(res) == K
     for k, (r, b) in enumerate(zip(refs, res, strict=True)):
         assert b.net is given[k]  # trained in place, like train_dsm

@@ -1,6 +1,7 @@
 """report.html: one self-contained file that opens with the answer; every figure embedded."""
 
 import base64
+import math
 import re
 import shutil
 import subprocess
@@ -129,3 +130,29 @@ def test_final_table_answers_at_the_newest_generation():
     assert set(table.metric) == {"accumulated_kl"} and set(table.generation) == {2}
     assert table.set_index("alpha")["mean"].to_dict() == pytest.approx({0.1: 1.805, 0.9: 0.205})
     assert "no estimate at generation 2" in answer_sentence(table)
+
+
+def test_final_table_falls_back_when_chi2_is_flagged_unreliable():
+    """χ² finite for every seed but with an infinite uncertainty for one (the feature proxy
+    near its finiteness boundary): it cannot rank α, so the answer is KL, and says why."""
+    from collapselab.report import answer_sentence, final_table
+
+    rows = []
+    for a in (0.1, 0.9):
+        for s in (0, 1):
+            chi2_err = math.inf if (a, s) == (0.9, 0) else 1.0
+            rows.append(dict(alpha=a, seed=s, generation=3, metric="accumulated_chi2",
+                             estimator="gaussian_features", value=1e4 * (1 + s), stderr=chi2_err,
+                             note=""))
+            rows.append(dict(alpha=a, seed=s, generation=3, metric="accumulated_kl",
+                             estimator="gaussian_features", value=2 * (1 - a), stderr=0.01,
+                             note=""))
+    table = final_table(pd.DataFrame(rows))
+    assert set(table.metric) == {"accumulated_kl"}
+    sentence = answer_sentence(table)
+    assert "flagged unreliable (infinite uncertainty) for 1 of 4 seed values" in sentence
+    assert sentence.count("Drift falls as the fresh-data fraction α grows") == 1
+    # Without the flag the χ² answer stands.
+    df = pd.DataFrame(rows)
+    df.loc[df.stderr == math.inf, "stderr"] = 1.0
+    assert set(final_table(df).metric) == {"accumulated_chi2"}

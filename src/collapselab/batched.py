@@ -41,6 +41,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from .native import Kernels
+from .native import load as load_native
 from .scores.mlp import MLPNet, embedding_freqs, sinusoidal_embedding
 from .scores.training import (
     TrainConfig,
@@ -266,33 +268,46 @@ def _forward_backward(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor], gbs
 
 def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
                          gbs: list[Tensor], inp: Tensor, eps: Tensor, bufs: _Buffers,
-                         wts: list[Tensor], out: Tensor) -> None:
+                         wts: list[Tensor], out: Tensor, nat: Kernels | None = None) -> None:
     """:func:`_forward_backward` for one chain with 2-D operands and preallocated buffers.
 
     The CPU path. Per chain, ``mm(out=)`` into buffers that live for the whole run is ~15%
     faster than ``bmm`` over a batch of one: no batch bookkeeping, and no allocation (a
     256 KiB activation per op otherwise goes through malloc, often to fresh pages). The bias is
     added after the product (``addmm`` first copies the broadcast bias into the output, one
-    more pass). ``silu_backward`` runs in place on the input gradient. ``wts`` are the
-    transposed weights and, last, the transposed input (views made once by the caller).
-    ``out`` (B, dim) receives the gradient of the loss in the network output, 2(ε_θ − ε)/B;
-    :func:`_losses` turns the shard's rows of it into the losses in one pass over all chains.
-    Same gradients as the batched form up to float rounding.
+    more pass). ``wts`` are the transposed weights and, last, the transposed input (views made
+    once by the caller). ``out`` (B, dim) receives the gradient of the loss in the network
+    output, 2(ε_θ − ε)/B; :func:`_losses` turns the shard's rows of it into the losses in one
+    pass over all chains. Same gradients as the batched form up to float rounding.
+
+    With ``nat`` (:mod:`collapselab.native`) each hidden layer's bias add and SiLU are one
+    fused pass that leaves silu'(z) in the pre-activation buffer, and the backward's
+    multiplication by it and the bias gradient are another; without, the PyTorch ops
+    (``silu_backward`` in place on the input gradient).
     """
     zs, acts, gs = bufs.z, bufs.act, bufs.grad
     last = len(ws) - 1
     a = inp
-    for i in range(last + 1):
-        z = torch.mm(a, ws[i], out=zs[i] if i < last else out).add_(bs[i])
-        if i < last:
-            a = torch.ops.aten.silu.out(z, out=acts[i])
+    for i in range(last):
+        z = torch.mm(a, ws[i], out=zs[i])
+        if nat is not None:
+            a = nat.bias_silu_(z, bs[i], acts[i])  # zs[i] now holds silu'(z)
+        else:
+            a = torch.ops.aten.silu.out(z.add_(bs[i]), out=acts[i])
+    torch.mm(a, ws[last], out=out).add_(bs[last])
     g = out.sub_(eps).mul_(2.0 / eps.shape[0])  # d loss / d out
+    if nat is not None:
+        nat.mul_colsum_(g, None, gbs[last])
     for i in range(last, -1, -1):
         torch.mm(wts[last + 1] if i == 0 else bufs.act_t[i - 1], g, out=gws[i])
-        torch.sum(g, dim=0, keepdim=True, out=gbs[i])
+        if nat is None:
+            torch.sum(g, dim=0, keepdim=True, out=gbs[i])
         if i > 0:  # no gradient for the input layer's input
             g = torch.mm(g, wts[i], out=gs[i - 1])
-            torch.ops.aten.silu_backward.grad_input(g, zs[i - 1], grad_input=g)
+            if nat is not None:
+                nat.mul_colsum_(g, zs[i - 1], gbs[i - 1])
+            else:
+                torch.ops.aten.silu_backward.grad_input(g, zs[i - 1], grad_input=g)
 
 
 def _losses(out_grads: Tensor) -> Tensor:
@@ -355,7 +370,8 @@ class _Shard:
 
     def __init__(self, lo: int, hi: int, layout: _Flat, raw_flat: Tensor, ema_flat: Tensor,
                  cfg: TrainConfig, device, loop_seeds: list[int], train_x: Tensor, bsz: int,
-                 event: tuple, n_weights: int, dim: int, time_embed_dim: int, chunk: int):
+                 event: tuple, n_weights: int, dim: int, time_embed_dim: int, chunk: int,
+                 native: bool = True):
         self.lo, self.hi = lo, hi
         self.layout = layout
         # Rows lo:hi of the chain-major (K, P) tensors are contiguous: Adam, clipping and the
@@ -392,12 +408,14 @@ class _Shard:
             self.out = torch.empty(k, bsz, dim, device=device, dtype=dtype)
             widths = [w.shape[2] for w in self.params[:n_weights]]
             self.bufs = _Buffers(widths, bsz, device, dtype)
+            nat = load_native() if native and device.type == "cpu" \
+                and dtype == torch.float32 else None
             self.per_chain = []
             for v in self.chunks:
                 ws, bs, gws, gbs = ([t[0] for t in group] for group in v[:4])
                 self.per_chain.append((ws, bs, gws, gbs, v[4][0], v[5][0], self.bufs,
                                        [w.T for w in ws] + [v[4][0].T],
-                                       self.out[len(self.per_chain)]))
+                                       self.out[len(self.per_chain)], nat))
         self._adam = None  # cached argument lists of the fused Adam kernel (see _adam_step)
 
     def _views(self, a: int, b: int):
@@ -547,7 +565,7 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
                       process, cfg: TrainConfig | None = None, seeds: Sequence[int] | None = None,
                       *, optimizer_states: Sequence[dict] | None = None, device="cpu",
                       threads: int | None = None, chunk: int | None = None,
-                      compile: bool = False,
+                      compile: bool = False, native: bool = True,
                       nan_check: bool = True) -> list[TrainResult]:
     """:func:`~collapselab.scores.training.train_dsm` for K chains at once (DSM, PAPER.md §3).
 
@@ -570,6 +588,9 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
     compile: run the forward/backward through ``torch.compile`` (falls back to eager with a
         warning where compilation fails). It costs tens of seconds once per process and shape
         and saves ~10-20% per step on CPU: worth it for long runs or many generations only.
+    native: on CPU in float32 (chunk = 1), use the fused SiLU/bias kernels of
+        :mod:`collapselab.native` where they compile and pass their self-test (else, and with
+        False, the PyTorch ops; results agree to float rounding).
 
     Returns one :class:`TrainResult` per chain: the raw net (last weights), the EMA net (best
     validated EMA weights when ``cfg.restore_best``), per-chain loss and validation histories,
@@ -630,7 +651,8 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
     if chunk is None:
         chunk = 1 if device.type == "cpu" else K
     shards = [_Shard(lo, hi, layout, raw_flat, ema_flat, cfg, device, loop_seeds, train_x, bsz,
-                     event, len(model.weights), model.dim, model.time_embed_dim, chunk)
+                     event, len(model.weights), model.dim, model.time_embed_dim, chunk,
+                     native)
               for lo, hi in _bounds(K, n_shards)]
     if optimizer_states is not None and all(s["state"] for s in optimizer_states):
         steps_seen = {float(s["state"][0]["step"]) for s in optimizer_states}

@@ -349,15 +349,22 @@ def final_table(df: pd.DataFrame) -> pd.DataFrame:
         last_g = sub.groupby(swept, dropna=False).generation.transform("max") if swept else \
             sub.generation.max()
         sub = sub[sub.generation == last_g]
+        # A finite value whose own uncertainty is infinite (e.g. the feature χ² proxy near its
+        # finiteness boundary, where bootstrap replicates diverge) cannot rank α.
+        flagged = int((np.isfinite(sub.value) & np.isinf(sub.stderr)).sum()) \
+            if "stderr" in sub else 0
         summ = summarize(sub).rename(columns={"half_width": "half", "n_nonfinite": "nonfinite"})
         cols = swept + ["alpha", "generation", "metric", "estimator", "mean", "half", "n",
                         "nonfinite"]
         out = summ[cols].reset_index(drop=True)
-        if np.isfinite(out["mean"].to_numpy(float)).all():
+        finite = np.isfinite(out["mean"].to_numpy(float)).all()
+        if finite and not flagged:
             break
         # χ² infinite or unreliable for some α at the last generation (heavy tails): the answer
-        # must compare like with like across α, so fall back to KL.
-        fallback = f"{metric} has no finite mean at the last generation for every α"
+        # must compare like with like across α, so fall back to KL (where KL exists).
+        fallback = f"{metric} has no finite mean at the last generation for every α" \
+            if not finite else (f"{metric} is flagged unreliable (infinite uncertainty) for "
+                                f"{flagged} of {len(sub)} seed values at the last generation")
     if fallback and len(out) and out.metric.iloc[0] != "accumulated_chi2":
         out.attrs["fallback"] = fallback
     return out
