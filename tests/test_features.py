@@ -92,3 +92,16 @@ def test_cnn_on_small_images_and_shape_check(tmp_path):
     assert fe.test_accuracy > 0.9
     with pytest.raises(ValueError, match="shape"):
         fe.features(np.zeros((2, 1, 8, 8), np.float32))
+
+
+def test_hash_separates_devices_but_keeps_cpu_entries(fitted, digits):
+    """A classifier trained on an accelerator rounds differently: its own cache entry. CPU
+    entries keep the hash they had before the device was part of the key."""
+    from collapselab.features import _content_hash
+
+    fe, _ = fitted
+    train, _ = digits
+    cpu = _content_hash(train, fe.config, "cpu")
+    assert cpu == _content_hash(train, fe.config) == fe.content_hash
+    assert _content_hash(train, fe.config, "cuda") not in (cpu, _content_hash(train, fe.config,
+                                                                               "mps"))

@@ -96,10 +96,14 @@ class _FeatureNet(nn.Module):
         return self.head(self.trunk(x))
 
 
-def _content_hash(train: ImageData, cfg: FeatureNetConfig) -> str:
+def _content_hash(train: ImageData, cfg: FeatureNetConfig, device_type: str = "cpu") -> str:
     h = hashlib.sha256()
     h.update(_FORMAT.encode())
     h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
+    if device_type != "cpu":
+        # Trained elsewhere, the weights round differently: a separate entry. (CPU entries
+        # keep the hash they had before the device became part of the key.)
+        h.update(f"device={device_type}".encode())
     images = np.ascontiguousarray(train.images, dtype=np.float32)
     h.update(str(images.shape).encode())
     h.update(images.tobytes())
@@ -190,7 +194,7 @@ class FeatureExtractor:
             weight_decay=float(weight_decay),
             seed=int(seed),
         )
-        digest = _content_hash(train, cfg)
+        digest = _content_hash(train, cfg, torch.device(device).type)
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         folder = folder / "features"
         folder.mkdir(parents=True, exist_ok=True)
