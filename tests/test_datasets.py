@@ -186,3 +186,24 @@ def test_config_errors():
         load_dataset("digits", downsample=3)
     with pytest.raises(ConfigError, match="classes"):
         load_dataset("digits", classes=[42])
+
+
+def test_build_target_loads_once_per_process_and_rereads_a_replaced_file(tmp_path):
+    """The CLI's check and every chain of an in-process run share one load; a file written
+    again (new modification time) is read again."""
+    import os
+
+    from collapselab.config import load_config
+    from collapselab.loop import build_target
+
+    path = tmp_path / "imgs.npy"
+    np.save(path, np.zeros((6, 1, 4, 4), dtype=np.uint8))
+    cfg = load_config("digits", ["target.dataset=npy", f"target.root={path}",
+                                 "target.limit=null", "target.classes=null"])
+    first = build_target(cfg)
+    assert build_target(cfg) is first and first.train.images.shape == (6, 1, 4, 4)
+    np.save(path, np.full((5, 1, 4, 4), 255, dtype=np.uint8))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = build_target(cfg)
+    assert again is not first and again.train.images.shape == (5, 1, 4, 4)

@@ -11,10 +11,12 @@ for every α of a seed and different α share common random numbers.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,17 +46,32 @@ class NonFiniteSamples(FloatingPointError):
     """A generation's samples contain NaN/Inf (a diverged model); the chain stops there."""
 
 
+@functools.lru_cache(maxsize=2)
+def _empirical_target(dataset: str, root: str | None, classes: tuple[int, ...] | None,
+                      downsample: int | None, limit: int | None, where: str) -> EmpiricalTarget:
+    """Loaded once per process and data location (``where``): the CLI's check and every chain
+    of an in-process run share it (~1 s per load for the image presets). Read-only."""
+    from .datasets import load_dataset
+
+    kw = dict(root=root, classes=classes, downsample=downsample)
+    test_split = "train" if dataset in ("npy", "npz") else "test"
+    return EmpiricalTarget(
+        load_dataset(dataset, split="train", limit=limit, **kw),
+        load_dataset(dataset, split=test_split, **kw),
+    )
+
+
 def build_target(cfg: Config) -> GaussianMixture | EmpiricalTarget:
     t = cfg.target
     if t.kind == "dataset":
-        from .datasets import load_dataset
+        from .datasets import default_root
 
-        kw = dict(root=t.root, classes=t.classes, downsample=t.downsample)
-        test_split = "train" if t.dataset in ("npy", "npz") else "test"
-        return EmpiricalTarget(
-            load_dataset(t.dataset, split="train", limit=t.limit, **kw),
-            load_dataset(t.dataset, split=test_split, **kw),
-        )
+        path = Path(t.root) if t.root is not None else default_root(t.dataset)
+        # The modification time keys the cache too: a file replaced in place is read again.
+        where = f"{path}@{path.stat().st_mtime_ns if path.exists() else 0}"
+        return _empirical_target(t.dataset, None if t.root is None else str(t.root),
+                                 None if t.classes is None else tuple(t.classes), t.downsample,
+                                 t.limit, where)
     if t.kind == "ring":
         return ring(t.n_components, t.radius, t.std if isinstance(t.std, float) else 0.5)
     means = paper_gmm_means(t.dim) if t.kind == "paper_gmm" else torch.tensor(t.means)
