@@ -2,12 +2,11 @@
 
 import math
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from _cli import cli
 
 from collapselab import theory
 from collapselab.config import load_config
@@ -20,11 +19,6 @@ TINY = ["loop.generations=3", "loop.n_train=200", "sampler.steps=20", "estimator
         "pathwise.n_paths=200", "pathwise.n_mc=200", "pathwise.n_times=7", "pathwise.steps=20",
         "pathwise.observability=false"]
 ETA = 0.5  # η rows added by hand: the loop's η (an expensive regression) is tested elsewhere
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "collapselab.cli", *args], capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

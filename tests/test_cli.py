@@ -1,19 +1,14 @@
 """The command line: exit codes, one-line errors, nothing written on bad input."""
 
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
+from _cli import cli
 
 SMALL = ["--set", "loop.generations=2", "--set", "loop.n_train=200", "--set", "sampler.steps=20",
          "--set", "estimators.n_mc=1000", "--set", "estimators.n_eval=200",
          "--set", "sweep.alphas=[0.1,0.9]", "--set", "sweep.seeds=[0]"]
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "collapselab.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,12 @@
 """The observability experiment (`collapselab run observability`): rows, ordering, exit codes."""
 
 import math
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+from _cli import cli
 from click.testing import CliRunner
 
 from collapselab.cli import main
@@ -24,11 +23,6 @@ from collapselab.observability import (
 
 TINY = ["targets=[gmm]", "magnitudes=[0.1, 1.0]", "seeds=[0, 1]", "paths.n_paths=600",
         "paths.steps=40"]
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "collapselab.cli", *args], capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
