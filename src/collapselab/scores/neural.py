@@ -70,7 +70,17 @@ def fit_neural(
     device="cpu",
     init_state: dict | None = None,
 ) -> tuple[NeuralScore, TrainResult]:
-    """Train generation i's network on its training set; the score samples with EMA weights."""
+    """Train generation i's network on its training set; the score samples with EMA weights.
+
+    An MLP trains through the batched trainer with one chain (:func:`fit_neural_batched`):
+    the same draws, schedule and result as :func:`~.training.train_dsm` up to float rounding,
+    with its hand-written backward, flat optimizer state and (on CPU) fused SiLU kernels,
+    1.1-1.7x faster per step at the presets' sizes (docs/performance.md). A U-Net trains with
+    ``train_dsm``."""
+    if score_cfg.kind == "mlp":
+        return fit_neural_batched(score_cfg, process, [data], generation=generation,
+                                  seeds=[seed], t_min=t_min, device=device,
+                                  init_states=[init_state])[0]
     net = build_network(score_cfg, tuple(data.shape[1:]), seed)
     cfg = train_config(score_cfg, generation, seed, t_min)
     result = train_dsm(net, data, process, cfg, init_state=init_state, device=device)
