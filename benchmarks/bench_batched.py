@@ -167,12 +167,22 @@ def _train_part(nets, datas, proc, cfg, seeds) -> int:
     return len(nets)
 
 
-def _in_processes(pool, nets, datas, proc, cfg, seeds) -> None:
+def _train_part_one_by_one(nets, datas, proc, cfg, seeds) -> int:
+    """A pool worker's share of (a5): its chains one after another, each trained alone by the
+    single-chain fast path (train_dsm_batched with K = 1, what fit_neural does), one thread."""
+    torch.set_num_threads(1)
+    for n, d, s in zip(nets, datas, seeds, strict=True):
+        train_dsm_batched([n], [d], proc, cfg, [s], threads=1)
+    return len(nets)
+
+
+def _in_processes(pool, nets, datas, proc, cfg, seeds, part=_train_part) -> None:
     """(b4): the K chains split in two halves, each trained batched in its own process (no GIL
-    shared between the halves; the inputs travel by pickle, included in the time)."""
+    shared between the halves; the inputs travel by pickle, included in the time). With
+    ``part=_train_part_one_by_one``, (a5): the same split, unbatched."""
     h = (len(nets) + 1) // 2
     parts = [(nets[:h], datas[:h], seeds[:h]), (nets[h:], datas[h:], seeds[h:])]
-    futs = [pool.submit(_train_part, n, d, proc, cfg, s) for n, d, s in parts if n]
+    futs = [pool.submit(part, n, d, proc, cfg, s) for n, d, s in parts if n]
     for f in futs:
         f.result()
 
@@ -210,14 +220,21 @@ def bench_training(args, dim: int, compile_ok: bool, pool) -> tuple[list[dict], 
             [copy.deepcopy(n) for n in nets], datas, proc, cfg, seeds, threads=threads,
             chunk=chunk, compile=comp, native=native)
 
-    def procs(cfg):
-        return lambda: _in_processes(pool, nets, datas, proc, cfg, seeds)
+    def procs(cfg, part=_train_part):
+        return lambda: _in_processes(pool, nets, datas, proc, cfg, seeds, part)
+
+    def seq_k1(cfg):
+        return lambda: [train_dsm_batched([copy.deepcopy(nets[k])], [datas[k]], proc, cfg,
+                                          [seeds[k]]) for k in range(K)]
 
     A = torch.randn(2048, 2048, generator=gen)
     Bm = torch.randn(2048, 2048, generator=gen)
     makers = {
         "(a1) sequential train_dsm, 1 thread": lambda c: with_threads(1, seq(c)),
         "(a2) sequential train_dsm, 2 threads": lambda c: with_threads(2, seq(c)),
+        "(a3) sequential, 1-chain fast path, 1 thread": lambda c: with_threads(1, seq_k1(c)),
+        "(a4) sequential, 1-chain fast path, 2 threads": lambda c: with_threads(2, seq_k1(c)),
+        "(a5) 1-chain fast path, 2 processes": lambda c: procs(c, _train_part_one_by_one),
         "(b0) train_dsm_batched, 1 shard, chunk=K": lambda c: with_threads(1, bat(1, chunk=K)(c)),
         "(b1) train_dsm_batched, 1 shard": lambda c: with_threads(1, bat(1)(c)),
         "(b1') (b1) without the native kernels": lambda c: with_threads(
@@ -374,7 +391,9 @@ def main(argv=None) -> int:
             print(f"{r['method']:46s} {r['ms']:9.2f} {cs} {r['gflops']:9.1f} "
                   f"{r['best_gflops']:8.1f} {wc}")
         by = {r["method"]: r for r in rows}
-        seq_best = max(by[m]["chain_steps_s"] for m in by if m.startswith("(a"))
+        seq_best = max(by[m]["chain_steps_s"] for m in by if m.startswith(("(a1)", "(a2)")))
+        fast_best_name = max((m for m in by if m.startswith(("(a3)", "(a4)", "(a5)"))),
+                             key=lambda m: by[m]["chain_steps_s"])
         bat = {m: by[m] for m in by if m.startswith("(b")}
         bat_best_name = max(bat, key=lambda m: bat[m]["chain_steps_s"])
         bat_best = bat[bat_best_name]
@@ -396,7 +415,14 @@ def main(argv=None) -> int:
         fb = by["hand-written forward/backward alone"]["gflops"]
         print(f"  (the forward/backward alone, 1 thread: {fb:.1f} GFLOP/s = "
               f"{100 * fb / by['mm 2048² float32, 1 thread']['gflops']:.0f}% of the 1-thread mm)")
-        extra[dim].update(ratio=ratio, fraction_of_mm=frac, best_batched=bat_best_name)
+        fast = by[fast_best_name]["chain_steps_s"]
+        one = (by["(b1) train_dsm_batched, 1 shard"]["chain_steps_s"]
+               / by["(a3) sequential, 1-chain fast path, 1 thread"]["chain_steps_s"])
+        print(f"  against the best unbatched run of the single-chain fast path "
+              f"({fast_best_name[:4]}): {bat_best['chain_steps_s'] / fast:.2f}x; one thread, "
+              f"(b1) / (a3): {one:.2f}x")
+        extra[dim].update(ratio=ratio, fraction_of_mm=frac, best_batched=bat_best_name,
+                          ratio_vs_fast_path=bat_best["chain_steps_s"] / fast)
     pool.shutdown()
     print(f"\n# load after: {os.getloadavg()}")
 
