@@ -402,9 +402,13 @@ def main(argv=None) -> int:
         ratio = bat_best["chain_steps_s"] / seq_best
         frac = bat_best["gflops"] / mm_best
         a2 = by["(a2) sequential train_dsm, 2 threads"]["chain_steps_s"]
-        print(f"target (b) >= 2x (a): best batched {bat_best_name[:4]} / best sequential = "
-              f"{ratio:.2f}x [{'MET' if ratio >= 2 else 'MISSED'}] "
-              f"(vs the 2-thread default (a2): {bat_best['chain_steps_s'] / a2:.2f}x)")
+        fast = by[fast_best_name]["chain_steps_s"]
+        strict = bat_best["chain_steps_s"] / fast
+        print(f"target (b) >= 2x (a): best batched {bat_best_name[:4]} / best sequential "
+              f"train_dsm = {ratio:.2f}x [{'MET' if ratio >= 2 else 'MISSED'}] "
+              f"(vs the 2-thread default (a2): {bat_best['chain_steps_s'] / a2:.2f}x); "
+              f"/ best sequential single-chain fast path {fast_best_name[:4]} = {strict:.2f}x "
+              f"[{'MET' if strict >= 2 else 'MISSED'}]")
         verdict = "MET" if frac >= 0.6 else "MISSED"
         print(f"target (b) >= 60% of matmul: {bat_best['gflops']:.1f} / {mm_best:.1f} GFLOP/s "
               f"({mm_best_name.split(', ', 1)[1]}) = {100 * frac:.0f}% [{verdict}]")
@@ -415,14 +419,11 @@ def main(argv=None) -> int:
         fb = by["hand-written forward/backward alone"]["gflops"]
         print(f"  (the forward/backward alone, 1 thread: {fb:.1f} GFLOP/s = "
               f"{100 * fb / by['mm 2048² float32, 1 thread']['gflops']:.0f}% of the 1-thread mm)")
-        fast = by[fast_best_name]["chain_steps_s"]
         one = (by["(b1) train_dsm_batched, 1 shard"]["chain_steps_s"]
                / by["(a3) sequential, 1-chain fast path, 1 thread"]["chain_steps_s"])
-        print(f"  against the best unbatched run of the single-chain fast path "
-              f"({fast_best_name[:4]}): {bat_best['chain_steps_s'] / fast:.2f}x; one thread, "
-              f"(b1) / (a3): {one:.2f}x")
+        print(f"  (batching alone, one thread: (b1) / (a3) = {one:.2f}x)")
         extra[dim].update(ratio=ratio, fraction_of_mm=frac, best_batched=bat_best_name,
-                          ratio_vs_fast_path=bat_best["chain_steps_s"] / fast)
+                          ratio_vs_fast_path=strict)
     pool.shutdown()
     print(f"\n# load after: {os.getloadavg()}")
 
