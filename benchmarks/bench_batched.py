@@ -15,6 +15,10 @@ Methods:
 
   (a1) sequential 1t   K train_dsm runs one after another, torch intra-op threads = 1
   (a2) sequential 2t   the same with 2 intra-op threads (torch's default on this machine)
+  (a3), (a4)           K runs one after another of the single-chain fast path (train_dsm_batched
+                       with K = 1, what fit_neural uses for an MLP), 1 and 2 intra-op threads
+  (a5)                 the same split over two processes (K/2 chains each, one thread), as the
+                       local executor's process pool runs chains
   (b0) batched, chunk=K  train_dsm_batched, one shard, one bmm over all K chains per layer
   (b1) batched 1t      train_dsm_batched, one shard (all K chains in one thread; default
                        chunk = 1: the forward/backward runs chain by chain, everything else
