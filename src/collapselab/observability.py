@@ -229,8 +229,9 @@ def digits_data() -> torch.Tensor:
 
 def digits_base(cfg: ObservabilityConfig, root: Path, process):
     """The digits base score (trained once per run, cached as DIR/base/digits.safetensors)."""
+    from .batched import train_dsm_batched
     from .scores.mlp import MLPNet, NeuralScore
-    from .scores.training import TrainConfig, load_checkpoint, save_checkpoint, train_dsm
+    from .scores.training import TrainConfig, load_checkpoint, save_checkpoint
 
     path = root / "base" / "digits.safetensors"
     if path.exists():
@@ -242,7 +243,8 @@ def digits_base(cfg: ObservabilityConfig, root: Path, process):
         net = MLPNet(64, hidden=dc.hidden, layers=dc.layers)
     tc = TrainConfig(steps=dc.train_steps, batch_size=dc.batch_size, lr=dc.lr,
                      schedule="cosine", ema_decay=0.995, t_min=cfg.paths.t0, seed=0)
-    res = train_dsm(net, digits_data(), process, tc)
+    # The fast MLP step with one chain (as fit_neural): train_dsm's result up to rounding.
+    (res,) = train_dsm_batched([net], [digits_data()], process, tc)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, res.net, res.ema_net, meta={"what": "observability digits base"})
     return NeuralScore(res.ema_net, process)
