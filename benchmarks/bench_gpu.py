@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from collapselab.batched import train_dsm_batched
 from collapselab.config import load_config
 from collapselab.executors import prepare_run_dir, run_experiment
 from collapselab.kernels import KDEKeys, _queries, kde_score, ou_scale_var
@@ -167,6 +168,15 @@ def network_steps(device: torch.device, quick: bool, repeats: int) -> list[dict]
     cfg = TrainConfig(steps=steps, batch_size=512, val_fraction=0.0)
     ts = timed(lambda: train_dsm(mlp, data, OU(), cfg, device=device), device, repeats)
     rows.append(dict(net="MLP d=10 width 128, batch 512", ms_per_step=1e3 * min(ts) / steps))
+    # The single-chain fast path (what fit_neural uses) and 6 chains batched (one bmm per layer
+    # over all chains): ms per step of all chains together.
+    for k in (1, 6):
+        nets = [MLPNet(10, hidden=128, layers=3) for _ in range(k)]
+        datas = torch.randn(k, 8192, 10)
+        ts = timed(lambda nets=nets, datas=datas, k=k: train_dsm_batched(
+            nets, datas, OU(), cfg, list(range(k)), device=device), device, repeats)
+        rows.append(dict(net=f"MLP d=10 width 128, batch 512, train_dsm_batched K={k} "
+                             "(all chains)", ms_per_step=1e3 * min(ts) / steps))
     score_cfg = load_config("fashion-mnist").score
     if quick:
         score_cfg = score_cfg.model_copy(update=dict(base_channels=16, num_res_blocks=1))
