@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,6 +97,19 @@ def streams(
     return torch.Generator().manual_seed(torch_seed), np.random.default_rng(ss)
 
 
+def deterministic_cuda() -> None:
+    """Make CUDA work in this process bit-reproducible, as a resumed chain must compute what
+    an uninterrupted one does: cuDNN's deterministic algorithms without autotuning, PyTorch's
+    deterministic kernels where they exist (a warning where one does not), and cuBLAS's fixed
+    workspace (read when cuBLAS starts, so set before the first product). Process-wide. On an
+    H200, two identical U-Net chains differed by 1% in their metrics without it; MLP chains
+    were already identical."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 @dataclass
 class ChainContext:
     """What one chain needs that does not change across generations."""
@@ -110,6 +124,8 @@ class ChainContext:
     _features: object = field(default=None, init=False)
 
     def __post_init__(self):
+        if self.device.type == "cuda":
+            deterministic_cuda()
         self.target = build_target(self.cfg)
         self.process = build_process(self.cfg)
 
