@@ -9,7 +9,9 @@ Four parts, one table each:
    (analytic, population_kde, kde, mlp on a 2-D Gaussian mixture with Euler–Maruyama and DDPM;
    unet on the embedded 8×8 digits with DDPM), through ``run_experiment`` exactly as
    ``collapselab run --set device=cuda`` runs them. A run passes when it completes, every
-   sample is finite and every metric row is present.
+   sample is finite and every metric row is present. Then the U-Net chain runs twice more
+   from scratch: its results.parquet values and samples must agree to the last bit (what a
+   resumed chain relies on; cuDNN's convolutions are not deterministic by default).
 2. Kernel accuracy: ``kde_score`` on the device (float32) against the float64 CPU reference
    at t = 0.02 (the sharpest point of the paper's sampler), 0.5 and 2.
 3. Kernel throughput: query–centre pairs per second of (b) ``kde_score`` with prepared keys
@@ -21,7 +23,8 @@ Four parts, one table each:
    ``fashion-mnist`` preset's U-Net (batch 128, 28×28), the time that dominates the image
    presets.
 
-Nothing is downloaded. Exit status 0 when every check of parts 1 and 2 passes, 1 otherwise;
+Nothing is downloaded. Exit status 0 when every check of parts 1 and 2 passes (the
+reproducibility check included), 1 otherwise;
 2 when the device is not available.
 """
 
@@ -107,6 +110,32 @@ def run_cases(device: str) -> list[dict]:
                              note=f"{type(exc).__name__}: {exc}".splitlines()[0][:120]))
             traceback.print_exc(file=sys.stderr)
     return rows
+
+
+def reproducibility(device: str) -> dict:
+    """The U-Net chain of part 1 (the case whose kernels can be non-deterministic on a GPU:
+    cuDNN convolutions) run twice from scratch: a resumed chain recomputes what an
+    uninterrupted one did only if these agree to the last bit."""
+    out = []
+    try:
+        cfg = load_config("digits", DIGITS_RUN + [f"device={device}"])
+        for _ in range(2):
+            with tempfile.TemporaryDirectory() as tmp:
+                store = prepare_run_dir(cfg, Path(tmp) / "run")
+                df = run_experiment(cfg, store)
+                samples = [np.load(p) for p in sorted(Path(tmp).rglob("samples.npy"))]
+                out.append((df.value.to_numpy(float), samples))
+    except Exception as exc:  # reported as a failed check, like part 1
+        traceback.print_exc(file=sys.stderr)
+        return dict(ok=False, note=f"{type(exc).__name__}: {exc}".splitlines()[0][:120])
+    (va, sa), (vb, sb) = out
+    same_values = np.array_equal(va, vb, equal_nan=True)
+    pairs = list(zip(sa, sb, strict=False))  # the same cells in both runs, or it differs
+    same_samples = len(sa) == len(sb) and all(np.array_equal(x, y) for x, y in pairs)
+    diff = 0.0 if same_samples or not pairs else max(
+        float(np.abs(x - y).max()) if x.shape == y.shape else math.inf for x, y in pairs)
+    return dict(ok=same_values and same_samples, values_identical=same_values,
+                samples_identical=same_samples, max_sample_diff=diff, note="")
 
 
 # ---- 2. kernel accuracy -------------------------------------------------------------------
@@ -211,6 +240,12 @@ def main(argv=None) -> int:
     for r in runs:
         print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['case']:32s} {r['seconds']:7.1f} s "
               f"{r['rows']:5d} rows  {r['note']}")
+    rep = reproducibility(args.device)
+    print(f"{'ok  ' if rep['ok'] else 'FAIL'} unet chain run twice: results.parquet values "
+          f"{'identical' if rep.get('values_identical') else 'DIFFER'}, samples "
+          f"{'identical' if rep.get('samples_identical') else 'DIFFER'}"
+          + (f" (max diff {rep['max_sample_diff']:.2e})" if rep.get("max_sample_diff") else "")
+          + (f" {rep['note']}" if rep["note"] else ""))
     acc = kernel_accuracy(device)
     print("\n## 2. kde_score float32 on the device vs float64 reference (h = 0.1)")
     for r in acc:
@@ -233,9 +268,9 @@ def main(argv=None) -> int:
         print(f"{r['net']:48s} {r['ms_per_step']:8.2f} ms/step")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            dict(device=str(device), name=name, runs=runs, accuracy=acc, throughput=tp,
-                 projection=proj, networks=nets), indent=1))
-    return 0 if all(r["ok"] for r in runs + acc) else 1
+            dict(device=str(device), name=name, runs=runs, reproducibility=rep, accuracy=acc,
+                 throughput=tp, projection=proj, networks=nets), indent=1))
+    return 0 if all(r["ok"] for r in runs + acc + [rep]) else 1
 
 
 if __name__ == "__main__":
