@@ -81,6 +81,10 @@ void mul_colsum(float *restrict g, const float *restrict d, float *restrict gb,
 }
 """
 
+# IEEE semantics: no -ffast-math (NaN and inf must propagate as in PyTorch).
+_BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
+               "-fopenmp-simd"]
+
 _TARGETS = {  # cpu flag -> (simdlen, compiler flags); the first one the CPU has is used
     "avx512f": (16, ["-mavx2", "-mfma", "-mavx512f", "-mprefer-vector-width=512"]),
     "avx2": (8, ["-mavx2", "-mfma"]),
@@ -141,8 +145,7 @@ def _compile(cc: str, source: str, flags: list[str], out: Path) -> None:
         src = Path(tmp) / "kernels.c"
         src.write_text(source)
         so = Path(tmp) / "kernels.so"
-        cmd = [cc, "-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
-               "-fopenmp-simd", *flags, str(src), "-o", str(so), "-lm"]
+        cmd = [cc, *_BASE_FLAGS, *flags, str(src), "-o", str(so), "-lm"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[:300]}")
@@ -195,7 +198,9 @@ def load() -> Kernels | None:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                                  timeout=30).stdout.splitlines()[:1]
-        key = hashlib.sha256("\n".join([source, *flags, *version]).encode()).hexdigest()[:16]
+        # Everything that shapes the library keys its cache entry (flags included).
+        key = hashlib.sha256("\n".join([source, *_BASE_FLAGS, *flags, *version]).encode()
+                             ).hexdigest()[:16]
         path = _cache_dir() / f"kernels-{target}-{key}.so"
         if not path.exists():
             _compile(cc, source, flags, path)
