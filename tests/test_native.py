@@ -49,6 +49,66 @@ def test_kernels_equal_pytorch_ops(rows, n):
     torch.testing.assert_close(gb2, g.sum(0, keepdim=True), rtol=1e-5, atol=1e-5 * rows**0.5)
 
 
+@pytest.mark.parametrize("rows,n,d", [(512, 128, 2), (512, 128, 10), (37, 48, 3), (8, 16, 16),
+                                      (5, 32, 1)])
+def test_output_layer_kernels_equal_pytorch(rows, n, d):
+    """The narrow output layer's two passes against the products and ops they replace. Their
+    sums run in another order than BLAS's: tolerances scale with the number of terms."""
+    k = kernels_or_skip()
+    gen = torch.Generator().manual_seed(rows * d)
+    a = torch.nn.functional.silu(torch.randn(rows, n, generator=gen) * 3)
+    w = torch.randn(n, d, generator=gen) / n**0.5
+    b = torch.randn(1, d, generator=gen)
+    e = torch.randn(rows, d, generator=gen)
+    sd = torch.rand(rows, n, generator=gen)  # silu' of the layer below
+    c = 2.0 / rows
+    assert k.fits_output(w)
+    g, gb, sq = torch.empty(rows, d), torch.empty(1, d), torch.empty(1)
+    k.out_fwd_(a, w, b, e, g, gb, sq, c)
+    want_g = ((a @ w + b) - e) * c
+    torch.testing.assert_close(g, want_g, rtol=1e-5, atol=1e-6 * n**0.5 * c)
+    torch.testing.assert_close(gb, want_g.sum(0, keepdim=True), rtol=1e-5,
+                               atol=1e-6 * (rows * n) ** 0.5 * c)
+    torch.testing.assert_close(sq, want_g.double().square().sum()[None].float(), rtol=1e-5,
+                               atol=0)
+    h, gw, gh = sd.clone(), torch.empty(n, d), torch.empty(n)
+    k.out_bwd_(a, g, w, h, gw, gh)
+    want_h = (g @ w.T) * sd
+    scale = g.abs().max().item()
+    torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-6 * d**0.5 * scale)
+    torch.testing.assert_close(gh, want_h.sum(0), rtol=1e-5, atol=1e-6 * rows**0.5 * scale)
+    torch.testing.assert_close(gw, a.T @ g, rtol=1e-5, atol=1e-6 * rows**0.5 * scale)
+
+
+def test_output_layer_kernels_take_only_narrow_layers():
+    k = kernels_or_skip()
+    assert k.fits_output(torch.empty(128, 16)) and k.fits_output(torch.empty(2048, 1))
+    assert not k.fits_output(torch.empty(128, 17))  # wider than one vector
+    assert not k.fits_output(torch.empty(100, 2))  # not whole vectors of hidden units
+    assert not k.fits_output(torch.empty(4096, 2))  # its stack copies would be too large
+
+
+def test_output_layer_propagates_nan_and_inf():
+    """A NaN target or an infinite activation reaches the loss, the gradients and the bias
+    gradients, so the divergence check sees it."""
+    k = kernels_or_skip()
+    rows, n, d = 9, 16, 2
+    a = torch.ones(rows, n)
+    a[3, 5] = float("inf")
+    w, b, e = torch.full((n, d), 0.1), torch.zeros(1, d), torch.zeros(rows, d)
+    e[6, 1] = float("nan")
+    g, gb, sq = torch.empty(rows, d), torch.empty(1, d), torch.empty(1)
+    k.out_fwd_(a, w, b, e, g, gb, sq, 1.0)
+    want = (a @ w + b) - e
+    torch.testing.assert_close(g, want, equal_nan=True)
+    assert torch.isinf(g[3]).all() and torch.isnan(g[6, 1]) and torch.isnan(sq).all()
+    torch.testing.assert_close(gb, want.sum(0, keepdim=True), equal_nan=True)  # [inf, nan]
+    h, gw, gh = torch.ones(rows, n), torch.empty(n, d), torch.empty(n)
+    k.out_bwd_(a, g, w, h, gw, gh)
+    assert not torch.isfinite(h[3]).any() and not torch.isfinite(gw).all()
+    assert not torch.isfinite(gh).all()
+
+
 def test_nan_and_inf_propagate_as_in_pytorch():
     """Compiled without -ffast-math: a diverging network's NaN/inf reach the loss check."""
     k = kernels_or_skip()
@@ -79,9 +139,13 @@ def test_missing_compiler_falls_back(fresh_load, monkeypatch):
     assert "no C compiler" in native.status()
 
 
-def test_failed_self_test_falls_back(fresh_load, monkeypatch):
-    """A library that computes something else is never used."""
-    monkeypatch.setattr(native, "_SOURCE", native._SOURCE.replace("1.0f - s", "1.5f - s"))
+@pytest.mark.parametrize("right,wrong", [("1.0f - s", "1.5f - s"),
+                                         ("t * hr[q];", "t * hr[q] * 1.001f;")])
+def test_failed_self_test_falls_back(fresh_load, monkeypatch, right, wrong):
+    """A library that computes something else (here: silu', or the output layer's input
+    gradient off by 0.1%) is never used."""
+    assert right in native._SOURCE
+    monkeypatch.setattr(native, "_SOURCE", native._SOURCE.replace(right, wrong))
     if fresh_load() is not None:
         pytest.fail("a wrong kernel passed the self-test")
     assert native.status().startswith("off:")

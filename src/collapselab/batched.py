@@ -268,7 +268,8 @@ def _forward_backward(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor], gbs
 
 def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
                          gbs: list[Tensor], inp: Tensor, eps: Tensor, bufs: _Buffers,
-                         wts: list[Tensor], out: Tensor, nat: Kernels | None = None) -> None:
+                         wts: list[Tensor], out: Tensor, nat: Kernels | None = None,
+                         sq: Tensor | None = None) -> None:
     """:func:`_forward_backward` for one chain with 2-D operands and preallocated buffers.
 
     The CPU path. Per chain, ``mm(out=)`` into buffers that live for the whole run is ~15%
@@ -283,9 +284,13 @@ def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
     With ``nat`` (:mod:`collapselab.native`) each hidden layer's bias add and SiLU are one
     fused pass that leaves silu'(z) in the pre-activation buffer, and the backward's
     multiplication by it and the bias gradient are another; without, the PyTorch ops
-    (``silu_backward`` in place on the input gradient).
+    (``silu_backward`` in place on the input gradient). With ``sq`` as well (a one-element
+    buffer; the caller passes it only where :meth:`~collapselab.native.Kernels.fits_output`
+    holds), a narrow output layer runs as two native passes: forward with the loss gradient
+    and the loss Σ g² (into ``sq``), and back into the layer below with its weight gradient
+    (BLAS is slow at this shape: 20-30 µs for 512 x 128 x 2).
     """
-    zs, acts, gs = bufs.z, bufs.act, bufs.grad
+    zs, acts = bufs.z, bufs.act
     last = len(ws) - 1
     a = inp
     for i in range(last):
@@ -294,16 +299,23 @@ def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
             a = nat.bias_silu_(z, bs[i], acts[i])  # zs[i] now holds silu'(z)
         else:
             a = torch.ops.aten.silu.out(z.add_(bs[i]), out=acts[i])
-    torch.mm(a, ws[last], out=out).add_(bs[last])
-    g = out.sub_(eps).mul_(2.0 / eps.shape[0])  # d loss / d out
-    if nat is not None:
-        nat.mul_colsum_(g, None, gbs[last])
-    for i in range(last, -1, -1):
+    if sq is not None:
+        nat.out_fwd_(a, ws[last], bs[last], eps, out, gbs[last], sq, 2.0 / eps.shape[0])
+        g = nat.out_bwd_(a, out, ws[last], zs[last - 1], gws[last], gbs[last - 1])
+        top = last - 1
+    else:
+        torch.mm(a, ws[last], out=out).add_(bs[last])
+        g = out.sub_(eps).mul_(2.0 / eps.shape[0])  # d loss / d out
+        if nat is not None:
+            nat.mul_colsum_(g, None, gbs[last])
+        top = last
+    for i in range(top, -1, -1):
         torch.mm(wts[last + 1] if i == 0 else bufs.act_t[i - 1], g, out=gws[i])
         if nat is None:
             torch.sum(g, dim=0, keepdim=True, out=gbs[i])
         if i > 0:  # no gradient for the input layer's input
-            g = torch.mm(g, wts[i], out=gs[i - 1])
+            # Into the activation buffer of layer i - 1: it was last needed just above.
+            g = torch.mm(g, wts[i], out=acts[i - 1])
             if nat is not None:
                 nat.mul_colsum_(g, zs[i - 1], gbs[i - 1])
             else:
@@ -318,9 +330,10 @@ def _losses(out_grads: Tensor) -> Tensor:
 
 
 class _Buffers:
-    """Per-thread work space of :func:`_forward_backward_2d`: pre-activations ``z``,
-    activations ``act`` (and their transposed views) and input gradients ``grad`` of one
-    chain's batch, reused every step."""
+    """Per-thread work space of :func:`_forward_backward_2d`: pre-activations ``z`` and
+    activations ``act`` (and their transposed views) of one chain's batch, reused every step;
+    the backward writes each input gradient over the activation it no longer needs (a
+    smaller working set: one chain's buffers fit the 2 MiB L2 of this machine's cores)."""
 
     def __init__(self, widths: list[int], bsz: int, device, dtype):
         def new(w):
@@ -329,7 +342,6 @@ class _Buffers:
         self.z = [new(w) for w in widths[:-1]]  # the output layer writes the caller's rows
         self.act = [new(w) for w in widths[:-1]]
         self.act_t = [a.T for a in self.act]
-        self.grad = [new(w) for w in widths[:-1]]
 
 
 def _clip_per_chain_(gflat: Tensor, max_norm: float) -> None:
@@ -410,12 +422,15 @@ class _Shard:
             self.bufs = _Buffers(widths, bsz, device, dtype)
             nat = load_native() if native and device.type == "cpu" \
                 and dtype == torch.float32 else None
+            # A narrow output layer goes native and yields the losses (Σ g² per chain) too.
+            self.sq = torch.empty(k, 1, device=device, dtype=dtype) if nat is not None \
+                and n_weights > 1 and nat.fits_output(self.params[n_weights - 1][0]) else None
             self.per_chain = []
-            for v in self.chunks:
+            for i, v in enumerate(self.chunks):
                 ws, bs, gws, gbs = ([t[0] for t in group] for group in v[:4])
                 self.per_chain.append((ws, bs, gws, gbs, v[4][0], v[5][0], self.bufs,
-                                       [w.T for w in ws] + [v[4][0].T],
-                                       self.out[len(self.per_chain)], nat))
+                                       [w.T for w in ws] + [v[4][0].T], self.out[i], nat,
+                                       None if self.sq is None else self.sq[i]))
         self._adam = None  # cached argument lists of the fused Adam kernel (see _adam_step)
 
     def _views(self, a: int, b: int):
@@ -442,10 +457,11 @@ class _Shard:
             torch.rand(bsz, generator=g, out=t_i)
             torch.randn((bsz,) + event, generator=g, out=eps_i)
         t = self.t.mul_(t_max - t_min).add_(t_min)
-        shape = (k, bsz) + (1,) * len(event)
-        xt = process.scale(t).reshape(shape) * self.x0 \
-            + process.var(t).sqrt().reshape(shape) * self.eps
-        self.inp_x.copy_(xt.view(self.inp_x.shape))
+        # x_t = scale(t)·x0 + √var(t)·ε (process.noise's expression), written into inp.
+        shape = (k, bsz, 1)
+        x = torch.mul(self.x0.view(self.inp_x.shape), process.scale(t).view(shape),
+                      out=self.inp_x)
+        x.add_(self.eps.view(self.inp_x.shape) * process.var(t).sqrt_().view(shape))
         # The same elementwise ops as sinusoidal_embedding: bit-identical features.
         # cos/sin into a contiguous buffer, then one copy: written straight into the strided
         # columns of inp they take ~4x longer (measured).
@@ -458,7 +474,7 @@ class _Shard:
         if self.per_chain is not None and fb is _forward_backward:
             for v in self.per_chain:
                 _forward_backward_2d(*v)
-            loss = _losses(self.out)
+            loss = _losses(self.out) if self.sq is None else self.sq.view(-1).mul(bsz / 4.0)
         else:
             loss = torch.cat([fb(*views) for views in self.chunks])
         if check:

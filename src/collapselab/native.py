@@ -79,6 +79,91 @@ void mul_colsum(float *restrict g, const float *restrict d, float *restrict gb,
         }
     }
 }
+
+/* The output layer, of width d <= 16 (one vector: w's rows padded to 16 lanes), on the last
+   activations a (rows x n), with the loss gradient: g = c ((a w + b) - e) (rows x d),
+   gb = column sums of g, *sq = sum of g^2 (in double). w is n x d. Eight rows at a time in
+   registers, like a GEMM kernel. */
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+static void out_rows(const float *restrict a, const v16 *restrict wp, const float *restrict b,
+                     const float *restrict e, float *restrict g, float *restrict gb,
+                     double *restrict sq, long m, long n, long d, float c) {
+    v16 s[8] = {0};
+    for (long k = 0; k < n; k++) {
+        const v16 wk = wp[k];
+        for (long i = 0; i < 8; i++) s[i] += a[i * n + k] * wk;
+    }
+    for (long i = 0; i < m; i++)
+        for (long j = 0; j < d; j++) {
+            float v = ((s[i][j] + b[j]) - e[i * d + j]) * c;
+            g[i * d + j] = v;
+            gb[j] += v;
+            *sq += (double)v * v;
+        }
+}
+
+void out_fwd(const float *restrict a, const float *restrict w, const float *restrict b,
+             const float *restrict e, float *restrict g, float *restrict gb,
+             float *restrict sq, long rows, long n, long d, float c) {
+    v16 wp[n];
+    double acc = 0.0;
+    for (long k = 0; k < n; k++) {
+        v16 t = {0};
+        for (long j = 0; j < d; j++) t[j] = w[k * d + j];
+        wp[k] = t;
+    }
+    for (long j = 0; j < d; j++) gb[j] = 0.0f;
+    long r = 0;
+    for (; r + 8 <= rows; r += 8)
+        out_rows(a + r * n, wp, b, e + r * d, g + r * d, gb, &acc, 8, n, d, c);
+    if (r < rows) {  /* the last rows, through a zero-padded copy */
+        float tail[8 * n];
+        for (long i = 0; i < 8 * n; i++) tail[i] = r * n + i < rows * n ? a[r * n + i] : 0.0f;
+        out_rows(tail, wp, b, e + r * d, g + r * d, gb, &acc, rows - r, n, d, c);
+    }
+    *sq = (float)acc;
+}
+
+/* Back through the output layer (w: n x d, d <= 16, n a multiple of 16) into the hidden
+   layer below it: gw (n x d) = a^T g; h = (g w^T) * silu', written over silu' (sh: rows x n,
+   in: silu', out: h); gh (n) = column sums of h. */
+void out_bwd(const float *restrict a, const float *restrict g, const float *restrict w,
+             float *restrict sh, float *restrict gw, float *restrict gh,
+             long rows, long n, long d) {
+    const long nb = n / 16;
+    v16 wt[d * nb], gwt[d * nb], ghv[nb];
+    for (long j = 0; j < d; j++)
+        for (long q = 0; q < nb; q++) {
+            v16 t;
+            for (long l = 0; l < 16; l++) t[l] = w[(q * 16 + l) * d + j];
+            wt[j * nb + q] = t;
+            gwt[j * nb + q] = (v16){0};
+        }
+    for (long q = 0; q < nb; q++) ghv[q] = (v16){0};
+    for (long r = 0; r < rows; r++) {
+        const float *gr = g + r * d;
+        const v16u *ar = (const v16u *)(a + r * n);
+        v16u *hr = (v16u *)(sh + r * n);
+        for (long q = 0; q < nb; q++) {
+            const v16 av = ar[q];
+            v16 t = {0};
+            for (long j = 0; j < d; j++) {
+                gwt[j * nb + q] += av * gr[j];
+                t += gr[j] * wt[j * nb + q];
+            }
+            const v16 h = t * hr[q];
+            hr[q] = h;
+            ghv[q] += h;
+        }
+    }
+    for (long q = 0; q < nb; q++)
+        for (long l = 0; l < 16; l++) {
+            gh[q * 16 + l] = ghv[q][l];
+            for (long j = 0; j < d; j++) gw[(q * 16 + l) * d + j] = gwt[j * nb + q][l];
+        }
+}
 """
 
 # IEEE semantics: no -ffast-math (NaN and inf must propagate as in PyTorch).
@@ -101,6 +186,10 @@ class Kernels:
         for f in (self._fwd, self._bwd):
             f.restype = None
             f.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
+        self._ofwd, self._obwd = lib.out_fwd, lib.out_bwd
+        self._ofwd.restype = self._obwd.restype = None
+        self._ofwd.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3 + [ctypes.c_float]
+        self._obwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 3
 
     def bias_silu_(self, z: Tensor, b: Tensor, a: Tensor) -> Tensor:
         """z += b (broadcast over rows), a = silu(z), z ← silu'(z), in place; returns a."""
@@ -112,6 +201,30 @@ class Kernels:
         self._bwd(g.data_ptr(), None if d is None else d.data_ptr(), gb.data_ptr(), g.shape[0],
                   g.shape[1])
         return g
+
+    @staticmethod
+    def fits_output(w: Tensor) -> bool:
+        """Whether :meth:`out_fwd_` / :meth:`out_bwd_` take an output layer of weights w
+        (n x d): a narrow one (d ≤ 16, where BLAS is slow: 20-30 µs for a 512 x 128 x 2
+        product), n a multiple of 16 up to 2048 (its padded copies live on the stack)."""
+        n, d = w.shape
+        return d <= 16 and n % 16 == 0 and n <= 2048
+
+    def out_fwd_(self, a: Tensor, w: Tensor, b: Tensor, e: Tensor, g: Tensor, gb: Tensor,
+                 sq: Tensor, c: float) -> Tensor:
+        """g = c((a w + b) − e), gb = column sums of g, sq (one element) = Σ g² (the output
+        layer, the loss gradient and the loss in one pass); returns g."""
+        self._ofwd(a.data_ptr(), w.data_ptr(), b.data_ptr(), e.data_ptr(), g.data_ptr(),
+                   gb.data_ptr(), sq.data_ptr(), a.shape[0], a.shape[1], w.shape[1], c)
+        return g
+
+    def out_bwd_(self, a: Tensor, g: Tensor, w: Tensor, sh: Tensor, gw: Tensor,
+                 gh: Tensor) -> Tensor:
+        """gw = aᵀg; sh ← (g wᵀ) ⊙ sh (sh holds silu' of the layer below on entry: its
+        input gradient on exit); gh = column sums of it. Returns sh."""
+        self._obwd(a.data_ptr(), g.data_ptr(), w.data_ptr(), sh.data_ptr(), gw.data_ptr(),
+                   gh.data_ptr(), a.shape[0], a.shape[1], w.shape[1])
+        return sh
 
 
 _status = "not loaded yet"
@@ -167,9 +280,28 @@ def _self_test(k: Kernels) -> None:
     k.mul_colsum_(gg, zz, gb)
     gb2 = torch.empty(45)
     k.mul_colsum_(g.clone(), None, gb2)
+    # The narrow output layer (45 -> 3), forward with the loss gradient, then backward into
+    # the layer below (silu' = zz from above); e carries a NaN to the gradient.
+    a48, s48 = torch.nn.functional.silu(z[:, :3].repeat(1, 16)), torch.rand(37, 48)
+    w = torch.randn(48, 3, generator=gen)
+    bo = torch.randn(1, 3, generator=gen)
+    e = torch.randn(37, 3, generator=gen)
+    e[5, 1] = float("nan")
+    go, gbo, sq = torch.empty(37, 3), torch.empty(1, 3), torch.empty(1)
+    k.out_fwd_(a48, w, bo, e, go, gbo, sq, 0.25)
+    want_go = ((a48 @ w + bo) - e) * 0.25
+    sh, gw, gh = s48.clone(), torch.empty(48, 3), torch.empty(48)
+    k.out_bwd_(a48, go, w, sh, gw, gh)
+    want_h = (go @ w.T) * s48
     for got, want, what in ((a, want_a, "silu"), (gg, want_g, "silu_backward"),
                             (gb, want_g.sum(0), "column sum"),
-                            (gb2, g.sum(0), "plain column sum")):
+                            (gb2, g.sum(0), "plain column sum"),
+                            (go, want_go, "output layer"), (gbo, want_go.sum(0, True),
+                                                            "output bias gradient"),
+                            (sq, want_go.square().sum()[None], "loss"),
+                            (gw, a48.T @ go, "output weight gradient"),
+                            (sh, want_h, "output input gradient"),
+                            (gh, want_h.sum(0), "hidden bias gradient")):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True,
                                    msg=f"native {what} disagrees with PyTorch")
 
