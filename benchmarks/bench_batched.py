@@ -36,11 +36,13 @@ autograd through torch.func.vmap(functional_call(MLPNet)), and the hand-written 
 train_dsm_batched uses on CPU (2-D per-chain products into reused buffers), and that
 forward/backward alone.
 
-FLOP counts: forward + backward matmuls, 3 · 2·B·Σ(in·out) per chain and step (the nominal
-count the issue asks for; the input layer's input gradient is never computed, so the work
-actually done is ~7% lower at d = 2). The machine reference is a 2048² float32 torch.mm at 1
-thread, at 2 threads, and in two processes of one thread each at once (the pool's workers),
-interleaved with the rest; the best of the three is "the machine's matmul throughput".
+FLOP counts: the products the step executes, per chain 2·B·Σ(in·out) forward, as many for the
+weight gradients, and 2·B·Σ(in·out) over all layers but the input layer for the input
+gradients (the network input needs none). GFLOP/s and the 60% verdict use this count; the
+nominal 3 · 2·B·Σ(in·out) ("6 N B"), 6-7% higher here, is printed beside it. The machine
+reference is a 2048² float32 torch.mm at 1 thread, at 2 threads, and in two processes of one
+thread each at once (the pool's workers), interleaved with the rest; the best of the three is
+"the machine's matmul throughput".
 
 KDE memory: a fresh subprocess imports collapselab, builds N = 100,000 centres and 10,000
 queries in d = 10 (float32) and calls collapselab.kernels.kde_score once; the peak resident set
@@ -80,9 +82,13 @@ from collapselab.scores.mlp import MLPNet
 from collapselab.scores.training import TrainConfig, train_dsm
 
 
-def step_flops(K: int, batch: int, dim: int, hidden: int, layers: int, emb: int) -> float:
+def step_flops(K: int, batch: int, dim: int, hidden: int, layers: int, emb: int,
+               nominal: bool = False) -> float:
+    """FLOPs of the products of one step of K chains: executed (no input gradient for the
+    input layer), or the nominal 3 x forward."""
     sizes = [dim + emb] + [hidden] * layers + [dim]
-    return 3 * 2 * batch * K * sum(i * o for i, o in zip(sizes[:-1], sizes[1:], strict=True))
+    fwd = 2 * batch * K * sum(i * o for i, o in zip(sizes[:-1], sizes[1:], strict=True))
+    return 3 * fwd if nominal else 3 * fwd - 2 * batch * K * sizes[0] * sizes[1]
 
 
 def timed(fn, reps: int = 1) -> float:
@@ -144,15 +150,19 @@ def core_variants(K, dim, hidden, layers, emb, batch):
     inp = bm2.embed(x, t)
     bufs = _Buffers([w.shape[2] for w in raw[:nw]], batch, "cpu", torch.float32)
     out = torch.empty(K, batch, dim)
+    nat = load_native()
+    # as train_dsm_batched: a narrow output layer goes native and yields the losses
+    sq = torch.empty(K, 1) if nat is not None and nat.fits_output(raw[nw - 1][0]) else None
     chains = [([w[k] for w in raw[:nw]], [b[k] for b in raw[nw:]], [g[k] for g in grads[:nw]],
                [g[k] for g in grads[nw:]], inp[k], eps[k], bufs,
-               [w[k].T for w in raw[:nw]] + [inp[k].T], out[k], load_native())
+               [w[k].T for w in raw[:nw]] + [inp[k].T], out[k], nat,
+               None if sq is None else sq[k])
               for k in range(K)]
 
     def fb_2d():
         for args in chains:
             _forward_backward_2d(*args)
-        _losses(out)
+        return _losses(out) if sq is None else sq.view(-1).mul(batch / 4.0)
 
     def manual():
         with torch.no_grad():
@@ -300,7 +310,9 @@ def bench_training(args, dim: int, compile_ok: bool, pool) -> tuple[list[dict], 
                 w = statistics.median(whole[name])
                 row.update(whole_call_ms=w * 1e3, whole_call_gflops=flops / w / 1e9)
             rows.append(row)
-    return rows, {"compile_s": compile_s, "flops_per_step": flops}
+    return rows, {"compile_s": compile_s, "flops_per_step": flops,
+                  "nominal_flops_per_step": step_flops(K, B, dim, args.hidden, args.layers,
+                                                       args.time_embed_dim, nominal=True)}
 
 
 def _status_kib(field: str) -> int | None:
@@ -384,7 +396,8 @@ def main(argv=None) -> int:
         rows, info = bench_training(args, dim, not args.no_compile, pool)
         all_rows += rows
         extra[dim] = info
-        print(f"\n## d = {dim}: {info['flops_per_step'] / 1e6:.0f} MFLOP per batched step"
+        print(f"\n## d = {dim}: {info['flops_per_step'] / 1e6:.0f} MFLOP per batched step "
+              f"(nominal {info['nominal_flops_per_step'] / 1e6:.0f})"
               + (f"; compile took {info['compile_s']:.1f} s (first call, incl. the steps)"
                  if info["compile_s"] else ""))
         print(f"{'method':46s} {'ms/step':>9s} {'chain-steps/s':>14s} {'GFLOP/s':>9s} "
@@ -414,8 +427,10 @@ def main(argv=None) -> int:
               f"/ best sequential single-chain fast path {fast_best_name[:4]} = {strict:.2f}x "
               f"[{'MET' if strict >= 2 else 'MISSED'}]")
         verdict = "MET" if frac >= 0.6 else "MISSED"
+        nominal = info["nominal_flops_per_step"] / info["flops_per_step"]
         print(f"target (b) >= 60% of matmul: {bat_best['gflops']:.1f} / {mm_best:.1f} GFLOP/s "
-              f"({mm_best_name.split(', ', 1)[1]}) = {100 * frac:.0f}% [{verdict}]")
+              f"({mm_best_name.split(', ', 1)[1]}) = {100 * frac:.0f}% [{verdict}] "
+              f"(by the nominal count: {100 * frac * nominal:.0f}%)")
         b1 = by["(b1) train_dsm_batched, 1 shard"]["gflops"]
         mm1 = by["mm 2048² float32, 1 thread"]["gflops"]
         print(f"  (one process, one thread: (b1) {b1:.1f} GFLOP/s = {100 * b1 / mm1:.0f}% of the "
@@ -426,7 +441,8 @@ def main(argv=None) -> int:
         one = (by["(b1) train_dsm_batched, 1 shard"]["chain_steps_s"]
                / by["(a3) sequential, 1-chain fast path, 1 thread"]["chain_steps_s"])
         print(f"  (batching alone, one thread: (b1) / (a3) = {one:.2f}x)")
-        extra[dim].update(ratio=ratio, fraction_of_mm=frac, best_batched=bat_best_name,
+        extra[dim].update(ratio=ratio, fraction_of_mm=frac,
+                          nominal_fraction_of_mm=frac * nominal, best_batched=bat_best_name,
                           ratio_vs_fast_path=strict)
     pool.shutdown()
     print(f"\n# load after: {os.getloadavg()}")

@@ -159,3 +159,15 @@ def test_compiled_once_into_the_cache(fresh_load, tmp_path):
     mtime = k.path.stat().st_mtime_ns
     native.load.cache_clear()
     assert fresh_load().path == k.path and k.path.stat().st_mtime_ns == mtime
+
+
+def test_avx2_build_passes_its_self_test(fresh_load, monkeypatch):
+    """The AVX2 build (machines without AVX-512) compiles and computes the same; here it runs
+    on a CPU that has both."""
+    if "avx2" not in native._cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
+    k = fresh_load()
+    if k is None:
+        pytest.skip(f"native kernels unavailable here: {native.status()}")
+    assert k.target == "avx2" and "avx2" in k.path.name

@@ -1,4 +1,4 @@
-"""Optional native kernels for the CPU step of batched MLP chains (issue 6, part 3).
+"""Optional native kernels for the CPU step of MLP training (issue 6, part 3).
 
 The DSM step of a SiLU MLP has, per hidden layer, four elementwise passes in eager PyTorch:
 the bias add, ``silu``, ``silu_backward`` (which computes the sigmoid again) and the bias
@@ -8,8 +8,13 @@ gradient's column sum. Two fused, vectorised C loops replace them:
   pre-activation is only ever needed through silu', so its buffer keeps that instead);
 - backward ``mul_colsum``: ``g *= d; gb = Σ_rows g`` (d = silu', or none for the output layer).
 
-At width 128 and batch 512 they take about half the time of the four PyTorch kernels
-(docs/performance.md, "Batched chains").
+At width 128 and batch 512 they take about half the time of the four PyTorch kernels. A
+narrow output layer (d ≤ 16 outputs, as in the GMM experiments) is a poor shape for BLAS
+(20-30 µs for a 512 × 128 × 2 product: ~10 GFLOP/s, a tenth of the square products' rate),
+so two more passes do it: ``out_fwd`` (the layer, the loss gradient, its column sums and the loss,
+eight rows at a time in vector registers like a GEMM micro-kernel) and ``out_bwd`` (its weight
+gradient, and the input gradient of the layer below times silu', with its column sums).
+docs/performance.md, "Batched chains", has the measurements.
 
 Nothing depends on them. The C source below is compiled once per machine with the system C
 compiler (``$CC`` or ``cc``) into the cache (``$COLLAPSELAB_CACHE/native``, default
