@@ -23,11 +23,14 @@ Speed (CPU). The training step does not use autograd: the backward of a SiLU MLP
 and written out (``bmm`` for weight and input gradients, ``aten.silu_backward``), which removes
 the graph bookkeeping. The K chains are split into shards, one per thread, each running whole
 steps with one intra-op thread (one synchronisation per step instead of one per op); inside a
-shard the forward/backward goes chain by chain (cache-resident activations) while sampling,
-clipping, Adam and the EMA run over the shard's chains at once: the training state is
-chain-major flat (row k of a (K, P) tensor is chain k's parameters), so each of these is one
-kernel. ``compile=True`` adds ``torch.compile`` to the forward/backward. Measurements and
-where the time goes: docs/performance.md, "Batched chains".
+shard the forward/backward goes chain by chain (cache-resident activations; input gradients
+overwrite the activations they no longer need) while sampling, clipping, Adam and the EMA run
+over the shard's chains at once: the training state is chain-major flat (row k of a (K, P)
+tensor is chain k's parameters), so each of these is one kernel. Where a C compiler is
+available, :mod:`collapselab.native` fuses the SiLU/bias passes and computes a narrow output
+layer (d ≤ 16) with the loss. ``compile=True`` adds ``torch.compile`` to the
+forward/backward. Measurements and where the time goes: docs/performance.md, "Batched
+chains".
 """
 
 from __future__ import annotations
