@@ -123,7 +123,7 @@ def test_run_matches_train_dsm_per_chain(threads, chunk, native, dim):
     is the accelerator's formulation (one bmm per layer over all chains), run here on CPU;
     native=False uses PyTorch's SiLU ops instead of collapselab.native's fused kernels; at
     dim = 2 the native path computes the narrow output layer and the loss itself, at dim = 20
-    (wider than its 16 lanes) BLAS does."""
+    (wider than the native output layer is used for) BLAS does."""
     nets = make_nets(dim=dim)
     datas = make_data(dim=dim)
     # patience 1 every 4 steps: chains 0 and 1 stop early (steps 32, 20), chain 2 runs to 80.

@@ -28,7 +28,7 @@ overwrite the activations they no longer need) while sampling, clipping, Adam an
 over the shard's chains at once: the training state is chain-major flat (row k of a (K, P)
 tensor is chain k's parameters), so each of these is one kernel. Where a C compiler is
 available, :mod:`collapselab.native` fuses the SiLU/bias passes and computes a narrow output
-layer (d ≤ 16) with the loss. ``compile=True`` adds ``torch.compile`` to the
+layer (d ≤ 10) with the loss. ``compile=True`` adds ``torch.compile`` to the
 forward/backward. Measurements and where the time goes: docs/performance.md, "Batched
 chains".
 """

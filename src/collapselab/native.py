@@ -9,7 +9,7 @@ gradient's column sum. Two fused, vectorised C loops replace them:
 - backward ``mul_colsum``: ``g *= d; gb = Σ_rows g`` (d = silu', or none for the output layer).
 
 At width 128 and batch 512 they take about half the time of the four PyTorch kernels. A
-narrow output layer (d ≤ 16 outputs, as in the GMM experiments) is a poor shape for BLAS
+narrow output layer (d ≤ 10 outputs, as in the GMM experiments) is a poor shape for BLAS
 (20-30 µs for a 512 × 128 × 2 product: ~10 GFLOP/s, a tenth of the square products' rate),
 so two more passes do it: ``out_fwd`` (the layer, the loss gradient, its column sums and the loss,
 eight rows at a time in vector registers like a GEMM micro-kernel) and ``out_bwd`` (its weight
@@ -210,10 +210,12 @@ class Kernels:
     @staticmethod
     def fits_output(w: Tensor) -> bool:
         """Whether :meth:`out_fwd_` / :meth:`out_bwd_` take an output layer of weights w
-        (n x d): a narrow one (d ≤ 16, where BLAS is slow: 20-30 µs for a 512 x 128 x 2
-        product), n a multiple of 16 up to 2048 (its padded copies live on the stack)."""
+        (n x d): a narrow one, d ≤ 10 (the kernels take up to 16 outputs, but their backward
+        costs grow with d: against the BLAS products they measured 1.14x / 1.07x / 1.00x /
+        0.94x / 0.80x as fast at d = 8 / 10 / 12 / 14 / 16), n a multiple of 16 up to 2048
+        (the padded copies live on the stack)."""
         n, d = w.shape
-        return d <= 16 and n % 16 == 0 and n <= 2048
+        return d <= 10 and n % 16 == 0 and n <= 2048
 
     def out_fwd_(self, a: Tensor, w: Tensor, b: Tensor, e: Tensor, g: Tensor, gb: Tensor,
                  sq: Tensor, c: float) -> Tensor:
