@@ -163,6 +163,28 @@ def test_run_matches_train_dsm_per_chain(threads, chunk, native, dim):
     assert isinstance(res[0].score(proc), NeuralScore)
 
 
+@pytest.mark.parametrize("native,threads", [(True, 1), (False, 1), (True, 2)])
+def test_a_chain_does_not_depend_on_its_companions(native, threads):
+    """A chain trained beside others gives the same bits as the same chain trained alone (what
+    the local executor does), with clipping and AdamW: the flat state's rows are padded to
+    whole vectors (P = 2,786 parameters here, not a multiple of 16), so the vectorised
+    optimizer rounds every chain the same way whatever K and the shard split."""
+    nets = make_nets()
+    datas = make_data()
+    assert batched_mod._Flat(BatchedMLP.from_nets(nets).flat_params()).P % 16 == 0
+    cfg = TrainConfig(steps=40, batch_size=64, lr=1e-2, optimizer="adamw", weight_decay=1e-3,
+                      grad_clip=0.5, ema_decay=0.9)
+    together = train_dsm_batched([copy.deepcopy(n) for n in nets], datas, VPProcess(), cfg,
+                                 [5, 17, 29], threads=threads, native=native)
+    for k, seed in enumerate([5, 17, 29]):
+        (alone,) = train_dsm_batched([copy.deepcopy(nets[k])], [datas[k]], VPProcess(), cfg,
+                                     [seed], threads=1, native=native)
+        assert alone.loss_history == together[k].loss_history
+        for a, b in ((alone.net, together[k].net), (alone.ema_net, together[k].ema_net)):
+            for p, q in zip(a.parameters(), b.parameters(), strict=True):
+                assert torch.equal(p, q)
+
+
 def test_adam_with_coupled_weight_decay_matches():
     """The shard calls the fused Adam kernel itself after step 1: plain Adam (L2 weight decay
     added to the gradient) must take the _fused_adam_ kernel, AdamW the _fused_adamw_ one."""
