@@ -337,10 +337,13 @@ def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
                 torch.ops.aten.silu_backward.grad_input(g, zs[i - 1], grad_input=g)
 
 
-def _losses(out_grads: Tensor) -> Tensor:
+def _losses(out_grads: Tensor, sq: Tensor | None = None) -> Tensor:
     """Per-chain DSM losses mean_b ‖ε_θ − ε‖² from the output gradients g = 2(ε_θ − ε)/B
-    (shape (k, B, ...)): Σ g² · B/4 (exact rescaling when B is a power of two)."""
+    (shape (k, B, ...)): Σ g² · B/4 (exact rescaling when B is a power of two). ``sq`` (k, 1)
+    holds the Σ g² where the native output layer already summed them."""
     k, bsz = out_grads.shape[0], out_grads.shape[1]
+    if sq is not None:
+        return sq.view(-1).mul(bsz / 4.0)
     return out_grads.reshape(k, -1).square().sum(1).mul_(bsz / 4.0)
 
 
@@ -439,7 +442,7 @@ class _Shard:
                 and dtype == torch.float32 else None
             # A narrow output layer goes native and yields the losses (Σ g² per chain) too.
             self.sq = torch.empty(k, 1, device=device, dtype=dtype) if nat is not None \
-                and n_weights > 1 and nat.fits_output(self.params[n_weights - 1][0]) else None
+                and nat.fits_output(self.params[n_weights - 1][0]) else None
             self.per_chain = []
             for i, v in enumerate(self.chunks):
                 ws, bs, gws, gbs = ([t[0] for t in group] for group in v[:4])
@@ -489,7 +492,7 @@ class _Shard:
         if self.per_chain is not None and fb is _forward_backward:
             for v in self.per_chain:
                 _forward_backward_2d(*v)
-            loss = _losses(self.out) if self.sq is None else self.sq.view(-1).mul(bsz / 4.0)
+            loss = _losses(self.out, self.sq)
         else:
             loss = torch.cat([fb(*views) for views in self.chunks])
         if check:
