@@ -11,13 +11,13 @@ and, in this process:
    differ in shape); other score kinds are fitted one by one as run_chain fits them;
 3. samples, measures and writes each chain's cell (:meth:`loop.ChainRunner.finish`).
 
-Chain k of a batched fit gets the network :func:`loop.fit_score` would give it (same init,
-seed, warm start, schedule and draws) up to float rounding of the batched matmuls (~1e-6
-relative), so results equal the local executor's up to that rounding carried through the
-sampler and the Monte Carlo estimators. The rounding may also depend (observed: ~1e-8) on
-which chains share a batch, so a resumed run whose chains were at different generations
-reproduces the uninterrupted one up to rounding too; one resumed at the same generation for
-all chains, exactly.
+Chain k of a batched fit gets the network :func:`loop.fit_score` would give it, to the last
+bit: the same init, seed, warm start, schedule and draws, and the same trainer (fit_score
+trains an MLP with :func:`~collapselab.batched.train_dsm_batched` and one chain), whose
+arithmetic per chain does not depend on the other chains of the batch (see
+:class:`~collapselab.batched._Flat`). So results equal the local executor's exactly, and a
+resumed run reproduces the uninterrupted one exactly whatever generations its chains
+restart at.
 
 Generation 0 does not depend on α: it is computed for the first α of each seed only (batched
 across seeds) and adopted by the other α (:func:`loop.adopt_generation_zero`), as the other
@@ -36,9 +36,8 @@ the GIL; sampling and measuring, one chain after another, then use both cores to
 part (W = 1, or a single group) the lockstep runs in this process with W threads. The parent
 reports progress from the run directory, as the other executors' drivers do, and stands in
 for a part whose process dies: its unfinished chains are recorded as failed, the other parts
-go on. A part's results are those of a one-process run of its chains with the same thread
-count; they differ from a run that batches other chains with them only by the batch-dependent
-rounding above.
+go on. A part's results equal those of any run of the same chains, batched with others or
+not.
 """
 
 from __future__ import annotations
@@ -350,9 +349,8 @@ class _Lockstep:
         """Fit every item's score; returns the fitted items in their original order."""
         singles, batches = items, []
         if self.cfg.score.kind == "mlp":
-            # One batched call per training-set shape. A lone chain is a batch of one, not a
-            # train_dsm call: every net of this executor then comes from the same trainer
-            # (the two agree only up to rounding).
+            # One batched call per training-set shape; a lone chain is a batch of one, which
+            # is exactly what fit_score does for an MLP.
             by_shape: dict[tuple, list[_Item]] = {}
             for it in items:
                 by_shape.setdefault(tuple(it.train.x.shape), []).append(it)
