@@ -46,6 +46,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from .gemm import Products
+from .gemm import load as load_products
 from .native import Kernels
 from .native import load as load_native
 from .scores.mlp import MLPNet, embedding_freqs, sinusoidal_embedding
@@ -250,6 +252,9 @@ class _Flat:
 # ---- the fused training step --------------------------------------------------------------------
 
 
+_MM = Products()  # torch.mm, the default of _forward_backward_2d
+
+
 def _forward_backward(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor], gbs: list[Tensor],
                       inp: Tensor, eps: Tensor) -> Tensor:
     """Per-chain DSM loss (K,) of ε-prediction and its gradients, written into gws / gbs.
@@ -284,20 +289,21 @@ def _forward_backward(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor], gbs
 def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
                          gbs: list[Tensor], inp: Tensor, eps: Tensor, bufs: _Buffers,
                          wts: list[Tensor], out: Tensor, nat: Kernels | None = None,
-                         sq: Tensor | None = None) -> None:
+                         sq: Tensor | None = None, prod: Products = _MM) -> None:
     """:func:`_forward_backward` for one chain with 2-D operands and preallocated buffers.
 
-    The CPU path. Per chain, ``mm(out=)`` into buffers that live for the whole run is ~15%
-    faster than ``bmm`` over a batch of one: no batch bookkeeping, and no allocation (a
-    256 KiB activation per op otherwise goes through malloc, often to fresh pages). The bias is
-    added after the product (``addmm`` first copies the broadcast bias into the output, one
-    more pass). ``wts`` are the transposed weights and, last, the transposed input (views made
-    once by the caller). ``out`` (B, dim) receives the gradient of the loss in the network
-    output, 2(ε_θ − ε)/B; :func:`_losses` turns the shard's rows of it into the losses in one
-    pass over all chains. Same gradients as the batched form up to float rounding.
+    The CPU path. ``prod`` (:mod:`collapselab.gemm`) makes the products: oneDNN's where
+    PyTorch has it (2x MKL's rate on this machine's AMD cores; fresh outputs), else
+    ``torch.mm(out=)`` into buffers that live for the whole run, per chain ~15% faster than
+    ``bmm`` over a batch of one. The bias is added after the product (``addmm`` first copies
+    the broadcast bias into the output, one more pass). ``wts`` are the transposed weights
+    and, last, the transposed input (views made once by the caller). ``out`` (B, dim) receives
+    the gradient of the loss in the network output, 2(ε_θ − ε)/B; :func:`_losses` turns the
+    shard's rows of it into the losses in one pass over all chains. Same gradients as the
+    batched form up to float rounding.
 
     With ``nat`` (:mod:`collapselab.native`) each hidden layer's bias add and SiLU are one
-    fused pass that leaves silu'(z) in the pre-activation buffer, and the backward's
+    fused pass that leaves silu'(z) in the pre-activation's buffer, and the backward's
     multiplication by it and the bias gradient are another; without, the PyTorch ops
     (``silu_backward`` in place on the input gradient). With ``sq`` as well (a one-element
     buffer; the caller passes it only where :meth:`~collapselab.native.Kernels.fits_output`
@@ -305,13 +311,15 @@ def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
     and the loss Σ g² (into ``sq``), and back into the layer below with its weight gradient
     (BLAS is slow at this shape: 20-30 µs for 512 x 128 x 2).
     """
-    zs, acts = bufs.z, bufs.act
+    acts = bufs.act
+    zs = []  # pre-activations (silu' with nat): the buffers, or the products' fresh outputs
     last = len(ws) - 1
     a = inp
     for i in range(last):
-        z = torch.mm(a, ws[i], out=zs[i])
+        z = prod.forward(a, ws[i], wts[i], bufs.z[i])
+        zs.append(z)
         if nat is not None:
-            a = nat.bias_silu_(z, bs[i], acts[i])  # zs[i] now holds silu'(z)
+            a = nat.bias_silu_(z, bs[i], acts[i])  # z now holds silu'(z)
         else:
             a = torch.ops.aten.silu.out(z.add_(bs[i]), out=acts[i])
     if sq is not None:
@@ -319,18 +327,22 @@ def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
         g = nat.out_bwd_(a, out, ws[last], zs[last - 1], gws[last], gbs[last - 1])
         top = last - 1
     else:
-        torch.mm(a, ws[last], out=out).add_(bs[last])
+        z = prod.forward(a, ws[last], wts[last], out)
+        if z is out:
+            out.add_(bs[last])
+        else:
+            torch.add(z, bs[last], out=out)
         g = out.sub_(eps).mul_(2.0 / eps.shape[0])  # d loss / d out
         if nat is not None:
             nat.mul_colsum_(g, None, gbs[last])
         top = last
     for i in range(top, -1, -1):
-        torch.mm(wts[last + 1] if i == 0 else bufs.act_t[i - 1], g, out=gws[i])
+        prod.weight_grad(wts[last + 1] if i == 0 else bufs.act_t[i - 1], g, gws[i])
         if nat is None:
             torch.sum(g, dim=0, keepdim=True, out=gbs[i])
         if i > 0:  # no gradient for the input layer's input
-            # Into the activation buffer of layer i - 1: it was last needed just above.
-            g = torch.mm(g, wts[i], out=acts[i - 1])
+            # (torch.mm: into the activation buffer of layer i - 1, last needed just above)
+            g = prod.input_grad(g, ws[i], wts[i], acts[i - 1])
             if nat is not None:
                 nat.mul_colsum_(g, zs[i - 1], gbs[i - 1])
             else:
@@ -401,7 +413,7 @@ class _Shard:
     def __init__(self, lo: int, hi: int, layout: _Flat, raw_flat: Tensor, ema_flat: Tensor,
                  cfg: TrainConfig, device, loop_seeds: list[int], train_x: Tensor, bsz: int,
                  event: tuple, n_weights: int, dim: int, time_embed_dim: int, chunk: int,
-                 native: bool = True):
+                 native: bool = True, products: Products | None = None):
         self.lo, self.hi = lo, hi
         self.layout = layout
         # Rows lo:hi of the chain-major (K, P) tensors are contiguous: Adam, clipping and the
@@ -443,12 +455,14 @@ class _Shard:
             # A narrow output layer goes native and yields the losses (Σ g² per chain) too.
             self.sq = torch.empty(k, 1, device=device, dtype=dtype) if nat is not None \
                 and nat.fits_output(self.params[n_weights - 1][0]) else None
+            prod = products if products is not None else (
+                load_products() if device.type == "cpu" and dtype == torch.float32 else _MM)
             self.per_chain = []
             for i, v in enumerate(self.chunks):
                 ws, bs, gws, gbs = ([t[0] for t in group] for group in v[:4])
                 self.per_chain.append((ws, bs, gws, gbs, v[4][0], v[5][0], self.bufs,
                                        [w.T for w in ws] + [v[4][0].T], self.out[i], nat,
-                                       None if self.sq is None else self.sq[i]))
+                                       None if self.sq is None else self.sq[i], prod))
         self._adam = None  # cached argument lists of the fused Adam kernel (see _adam_step)
 
     def _views(self, a: int, b: int):
@@ -600,6 +614,7 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
                       *, optimizer_states: Sequence[dict] | None = None, device="cpu",
                       threads: int | None = None, chunk: int | None = None,
                       compile: bool = False, native: bool = True,
+                      products: Products | None = None,
                       nan_check: bool = True) -> list[TrainResult]:
     """:func:`~collapselab.scores.training.train_dsm` for K chains at once (DSM, PAPER.md §3).
 
@@ -625,6 +640,9 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
     native: on CPU in float32 (chunk = 1), use the fused SiLU/bias kernels of
         :mod:`collapselab.native` where they compile and pass their self-test (else, and with
         False, the PyTorch ops; results agree to float rounding).
+    products: the CPU float32 step's matrix products (chunk = 1): default
+        :func:`collapselab.gemm.load` (oneDNN where PyTorch has it, else ``torch.mm``);
+        ``collapselab.gemm.Products()`` forces ``torch.mm``. Results agree to float rounding.
 
     Returns one :class:`TrainResult` per chain: the raw net (last weights), the EMA net (best
     validated EMA weights when ``cfg.restore_best``), per-chain loss and validation histories,
@@ -686,7 +704,7 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
         chunk = 1 if device.type == "cpu" else K
     shards = [_Shard(lo, hi, layout, raw_flat, ema_flat, cfg, device, loop_seeds, train_x, bsz,
                      event, len(model.weights), model.dim, model.time_embed_dim, chunk,
-                     native)
+                     native, products)
               for lo, hi in _bounds(K, n_shards)]
     if optimizer_states is not None and all(s["state"] for s in optimizer_states):
         steps_seen = {float(s["state"][0]["step"]) for s in optimizer_states}

@@ -1,0 +1,128 @@
+"""The matrix products of the CPU training step of :mod:`collapselab.batched` (issue 6, part 3).
+
+Per chain and layer the step makes three float32 products of small shapes (batch 512, width
+128): the forward ``a @ w``, the input gradient ``g @ wᵀ`` and the weight gradient ``aᵀ @ g``.
+PyTorch's ``torch.mm`` hands them to its BLAS (MKL in the x86 wheels), whose speed depends on
+the CPU: on the AMD EPYC (Zen 5) development machine MKL takes its AVX2 path and reaches
+~95 GFLOP/s per core, where oneDNN, which PyTorch also ships and which picks its kernels by
+instruction set, reaches 180-195 GFLOP/s on the step's shapes and ~230 on 2048² (the
+measured FMA peak of a core is ~235; docs/performance.md, "Batched chains").
+
+:func:`load` returns the products the step uses: oneDNN's fp32 inner product
+(``torch.ops.mkldnn._linear_pointwise``, ``x @ wᵀ``, in IEEE float32: no reduced-precision
+math mode) where PyTorch has it and it passes a self-test against float64 products, else
+``torch.mm``. ``COLLAPSELAB_GEMM=torch`` forces ``torch.mm``. The choice is a rule, not a
+timing, so one machine always computes the same bits; two backends agree to float32 rounding
+(tests/test_gemm.py).
+
+oneDNN wants its first operand dense and reorders the second into its blocked layout on
+every call, so each product is arranged with the activation (or gradient) as the dense first
+operand; its results are fresh tensors (no ``out=``), copied where the caller owns the storage
+(the weight gradients live in the flat gradient that Adam reads).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+
+import torch
+from torch import Tensor
+
+__all__ = ["Products", "load", "status"]
+
+log = logging.getLogger(__name__)
+
+_status = "not loaded yet"
+
+
+class Products:
+    """``torch.mm`` into caller-owned buffers (the portable path)."""
+
+    name = "torch.mm"
+
+    def forward(self, a: Tensor, w: Tensor, wt: Tensor, out: Tensor) -> Tensor:
+        """a @ w (w: (in, out); wt its transposed view); may write ``out`` and return it."""
+        return torch.mm(a, w, out=out)
+
+    def input_grad(self, g: Tensor, w: Tensor, wt: Tensor, out: Tensor) -> Tensor:
+        """g @ wᵀ; may write ``out`` and return it."""
+        return torch.mm(g, wt, out=out)
+
+    def weight_grad(self, at: Tensor, g: Tensor, out: Tensor) -> None:
+        """out = aᵀ @ g (``at`` is the transposed view of the layer's input a)."""
+        torch.mm(at, g, out=out)
+
+
+class OneDNNProducts(Products):
+    """oneDNN's float32 inner product: ``linear(x, w) = x @ wᵀ``, fresh outputs."""
+
+    name = "oneDNN"
+
+    def __init__(self):
+        self._lp = torch.ops.mkldnn._linear_pointwise
+
+    def forward(self, a, w, wt, out):
+        return self._lp(a, wt, None, "none", [], "")
+
+    def input_grad(self, g, w, wt, out):
+        return self._lp(g, w, None, "none", [], "")
+
+    def weight_grad(self, at, g, out):
+        out.copy_(self._lp(at, g.T, None, "none", [], ""))
+
+
+def status() -> str:
+    """Which products the step uses, and why (after :func:`load`)."""
+    return _status
+
+
+def _self_test(p: Products) -> None:
+    """The three products against float64 ones, on odd shapes and strided operands."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 45, generator=gen)
+    w = torch.randn(45, 29, generator=gen)
+    g = torch.randn(37, 29, generator=gen)
+    got_f = p.forward(a, w, w.T, torch.empty(37, 29))
+    got_i = p.input_grad(g, w, w.T, torch.empty(37, 45))
+    got_w = torch.empty(45, 29)
+    p.weight_grad(a.T, g, got_w)
+    a64, w64, g64 = a.double(), w.double(), g.double()
+    for got, want, what in ((got_f, a64 @ w64, "forward"), (got_i, g64 @ w64.T, "input grad"),
+                            (got_w, a64.T @ g64, "weight grad")):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4,
+                                   msg=f"{p.name} {what} disagrees with float64")
+
+
+@functools.cache
+def load() -> Products:
+    """The products of the CPU float32 step (see the module docstring and :func:`status`)."""
+    global _status
+    forced = os.environ.get("COLLAPSELAB_GEMM", "").strip().lower()
+    if forced in ("torch", "mm", "blas"):
+        _status = "torch.mm: COLLAPSELAB_GEMM=torch"
+        return Products()
+    if forced not in ("", "onednn", "auto"):
+        _status = f"torch.mm: unknown COLLAPSELAB_GEMM={forced!r} (allowed: torch, onednn)"
+        log.warning("collapselab: %s", _status)
+        return Products()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        _status = f"torch.mm: oneDNN's fp32 path is used on x86-64 only, this is " \
+                  f"{platform.machine()}"
+        return Products()
+    if not (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        _status = "torch.mm: this PyTorch has no oneDNN linear"
+        return Products()
+    try:
+        p = OneDNNProducts()
+        _self_test(p)
+    except Exception as exc:  # noqa: BLE001 - any failure means: use torch.mm
+        _status = f"torch.mm: oneDNN failed ({type(exc).__name__}: " \
+                  f"{str(exc).splitlines()[0][:200]})"
+        log.info("collapselab: %s", _status)
+        return Products()
+    _status = "oneDNN (torch.ops.mkldnn._linear_pointwise, float32)"
+    return p
