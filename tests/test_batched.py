@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import collapselab.batched as batched_mod
+from collapselab import gemm
 from collapselab.batched import BatchedMLP, _forward_backward, train_dsm_batched
 from collapselab.processes import OU, VPProcess
 from collapselab.scores.mlp import MLPNet, NeuralScore
@@ -114,16 +115,21 @@ def test_one_step_equals_unbatched_steps():
         assert_nets_close(bm.chain_net(k), net, atol=1e-5)
 
 
-@pytest.mark.parametrize("threads,chunk,native,dim", [(1, None, True, D), (2, None, True, D),
-                                                       (1, K, True, D), (1, None, False, D),
-                                                       (1, None, True, 20)])
-def test_run_matches_train_dsm_per_chain(threads, chunk, native, dim):
+@pytest.mark.parametrize("threads,chunk,native,dim,mm", [(1, None, True, D, False),
+                                                          (2, None, True, D, False),
+                                                          (1, K, True, D, False),
+                                                          (1, None, False, D, False),
+                                                          (1, None, True, 20, False),
+                                                          (1, None, True, D, True),
+                                                          (1, None, False, 20, True)])
+def test_run_matches_train_dsm_per_chain(threads, chunk, native, dim, mm):
     """Same seeds ⇒ same minibatches, t and ε per chain; with validation, early stopping,
     clipping, AdamW and a cosine schedule, every chain matches its own train_dsm run. chunk = K
     is the accelerator's formulation (one bmm per layer over all chains), run here on CPU;
     native=False uses PyTorch's SiLU ops instead of collapselab.native's fused kernels; at
     dim = 2 the native path computes the narrow output layer and the loss itself, at dim = 20
-    (wider than the native output layer is used for) BLAS does."""
+    (wider than the native output layer is used for) BLAS does. The products are
+    collapselab.gemm's choice (oneDNN where PyTorch has it), or with mm torch.mm's."""
     nets = make_nets(dim=dim)
     datas = make_data(dim=dim)
     # patience 1 every 4 steps: chains 0 and 1 stop early (steps 32, 20), chain 2 runs to 80.
@@ -136,7 +142,7 @@ def test_run_matches_train_dsm_per_chain(threads, chunk, native, dim):
             for k in range(K)]
     given = [copy.deepcopy(n) for n in nets]
     res = train_dsm_batched(given, datas, proc, cfg, seeds, threads=threads, chunk=chunk,
-                            native=native)
+                            native=native, products=gemm.Products() if mm else None)
     assert len(res) == K
     for k, (r, b) in enumerate(zip(refs, res, strict=True)):
         assert b.net is given[k]  # trained in place, like train_dsm
@@ -163,8 +169,9 @@ def test_run_matches_train_dsm_per_chain(threads, chunk, native, dim):
     assert isinstance(res[0].score(proc), NeuralScore)
 
 
-@pytest.mark.parametrize("native,threads", [(True, 1), (False, 1), (True, 2)])
-def test_a_chain_does_not_depend_on_its_companions(native, threads):
+@pytest.mark.parametrize("native,threads,mm", [(True, 1, False), (False, 1, False),
+                                               (True, 2, False), (True, 1, True)])
+def test_a_chain_does_not_depend_on_its_companions(native, threads, mm):
     """A chain trained beside others gives the same bits as the same chain trained alone (what
     the local executor does), with clipping and AdamW: the flat state's rows are padded to
     whole vectors (P = 2,786 parameters here, not a multiple of 16), so the vectorised
@@ -174,11 +181,12 @@ def test_a_chain_does_not_depend_on_its_companions(native, threads):
     assert batched_mod._Flat(BatchedMLP.from_nets(nets).flat_params()).P % 16 == 0
     cfg = TrainConfig(steps=40, batch_size=64, lr=1e-2, optimizer="adamw", weight_decay=1e-3,
                       grad_clip=0.5, ema_decay=0.9)
+    prod = gemm.Products() if mm else None
     together = train_dsm_batched([copy.deepcopy(n) for n in nets], datas, VPProcess(), cfg,
-                                 [5, 17, 29], threads=threads, native=native)
+                                 [5, 17, 29], threads=threads, native=native, products=prod)
     for k, seed in enumerate([5, 17, 29]):
         (alone,) = train_dsm_batched([copy.deepcopy(nets[k])], [datas[k]], VPProcess(), cfg,
-                                     [seed], threads=1, native=native)
+                                     [seed], threads=1, native=native, products=prod)
         assert alone.loss_history == together[k].loss_history
         for a, b in ((alone.net, together[k].net), (alone.ema_net, together[k].ema_net)):
             for p, q in zip(a.parameters(), b.parameters(), strict=True):

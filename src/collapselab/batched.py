@@ -314,14 +314,23 @@ def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
     acts = bufs.act
     zs = []  # pre-activations (silu' with nat): the buffers, or the products' fresh outputs
     last = len(ws) - 1
+    # The weight gradients' first operands aᵀ: views, or dense copies where the products
+    # want them (written by the SiLU pass, and one transpose of the input).
+    dense = nat is not None and prod.dense_transpose and bufs.inp_t is not None
+    ats = [nat.transpose_(inp, bufs.inp_t) if dense else wts[last + 1]]
     a = inp
     for i in range(last):
         z = prod.forward(a, ws[i], wts[i], bufs.z[i])
         zs.append(z)
-        if nat is not None:
-            a = nat.bias_silu_(z, bs[i], acts[i])  # z now holds silu'(z)
+        if dense:
+            a = nat.bias_silu_t_(z, bs[i], acts[i], bufs.act_tt[i])  # z now holds silu'(z)
+            ats.append(bufs.act_tt[i])
+        elif nat is not None:
+            a = nat.bias_silu_(z, bs[i], acts[i])
+            ats.append(bufs.act_t[i])
         else:
             a = torch.ops.aten.silu.out(z.add_(bs[i]), out=acts[i])
+            ats.append(bufs.act_t[i])
     if sq is not None:
         nat.out_fwd_(a, ws[last], bs[last], eps, out, gbs[last], sq, 2.0 / eps.shape[0])
         g = nat.out_bwd_(a, out, ws[last], zs[last - 1], gws[last], gbs[last - 1])
@@ -337,7 +346,7 @@ def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
             nat.mul_colsum_(g, None, gbs[last])
         top = last
     for i in range(top, -1, -1):
-        prod.weight_grad(wts[last + 1] if i == 0 else bufs.act_t[i - 1], g, gws[i])
+        prod.weight_grad(ats[i], g, gws[i])
         if nat is None:
             torch.sum(g, dim=0, keepdim=True, out=gbs[i])
         if i > 0:  # no gradient for the input layer's input
@@ -362,16 +371,25 @@ def _losses(out_grads: Tensor, sq: Tensor | None = None) -> Tensor:
 class _Buffers:
     """Per-thread work space of :func:`_forward_backward_2d`: pre-activations ``z`` and
     activations ``act`` (and their transposed views) of one chain's batch, reused every step;
-    the backward writes each input gradient over the activation it no longer needs (a
-    smaller working set: one chain's buffers fit the 2 MiB L2 of this machine's cores)."""
+    with ``torch.mm`` the backward writes each input gradient over the activation it no longer
+    needs (a smaller working set: one chain's buffers fit the 2 MiB L2 of a core). With
+    ``in_width`` (the network input's width), dense transposes of the input and of the
+    activations too, for products that want them."""
 
-    def __init__(self, widths: list[int], bsz: int, device, dtype):
+    def __init__(self, widths: list[int], bsz: int, device, dtype,
+                 in_width: int | None = None):
         def new(w):
             return torch.empty(bsz, w, device=device, dtype=dtype)
 
         self.z = [new(w) for w in widths[:-1]]  # the output layer writes the caller's rows
         self.act = [new(w) for w in widths[:-1]]
         self.act_t = [a.T for a in self.act]
+        # Dense transposes aᵀ of the input and the activations, for products that want them
+        # (collapselab.gemm's dense_transpose; written by collapselab.native's passes).
+        self.inp_t = None if in_width is None else \
+            torch.empty(in_width, bsz, device=device, dtype=dtype)
+        self.act_tt = [] if in_width is None else \
+            [torch.empty(w, bsz, device=device, dtype=dtype) for w in widths[:-1]]
 
 
 def _clip_per_chain_(gflat: Tensor, max_norm: float) -> None:
@@ -449,14 +467,16 @@ class _Shard:
         if self.chunk == 1:
             self.out = torch.empty(k, bsz, dim, device=device, dtype=dtype)
             widths = [w.shape[2] for w in self.params[:n_weights]]
-            self.bufs = _Buffers(widths, bsz, device, dtype)
             nat = load_native() if native and device.type == "cpu" \
                 and dtype == torch.float32 else None
+            prod = products if products is not None else (
+                load_products() if device.type == "cpu" and dtype == torch.float32 else _MM)
+            dense = nat is not None and prod.dense_transpose
+            self.bufs = _Buffers(widths, bsz, device, dtype,
+                                 dim + time_embed_dim if dense else None)
             # A narrow output layer goes native and yields the losses (Σ g² per chain) too.
             self.sq = torch.empty(k, 1, device=device, dtype=dtype) if nat is not None \
                 and nat.fits_output(self.params[n_weights - 1][0]) else None
-            prod = products if products is not None else (
-                load_products() if device.type == "cpu" and dtype == torch.float32 else _MM)
             self.per_chain = []
             for i, v in enumerate(self.chunks):
                 ws, bs, gws, gbs = ([t[0] for t in group] for group in v[:4])

@@ -68,6 +68,50 @@ void bias_silu(float *restrict z, const float *restrict b, float *restrict a,
     }
 }
 
+/* A 16 x 16 block transposed in registers: four perfect shuffles of the rows (row r, lane c
+   go to row r', lane c' with the bits of r'c' those of rc rotated by one; four rotations swap
+   r and c). */
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int v16i __attribute__((vector_size(64)));
+
+static inline void transpose16(v16 *r) {
+    const v16i lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+    const v16i hi = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    for (int stage = 0; stage < 4; stage++) {
+        v16 s[16];
+        for (int i = 0; i < 8; i++) {
+            s[2 * i] = __builtin_shuffle(r[i], r[i + 8], lo);
+            s[2 * i + 1] = __builtin_shuffle(r[i], r[i + 8], hi);
+        }
+        for (int i = 0; i < 16; i++) r[i] = s[i];
+    }
+}
+
+/* at (n x rows) = a (rows x n) transposed, in 16 x 16 tiles, a column of tiles at a time:
+   at's rows are then written one after another (a row of tiles at a time scatters the
+   stores over all of at's rows: 3.4x slower). */
+void transpose(const float *restrict a, float *restrict at, long rows, long n) {
+    const long nq = n - n % 16, rq = rows - rows % 16;
+    for (long c0 = 0; c0 < nq; c0 += 16)
+        for (long r0 = 0; r0 < rq; r0 += 16) {
+            v16 t[16];
+            for (int i = 0; i < 16; i++) t[i] = *(const v16u *)(a + (r0 + i) * n + c0);
+            transpose16(t);
+            for (int i = 0; i < 16; i++) *(v16u *)(at + (c0 + i) * rows + r0) = t[i];
+        }
+    for (long j = 0; j < n; j++)  /* the remainders: last columns, last rows */
+        for (long i = j < nq ? rq : 0; i < rows; i++) at[j * rows + i] = a[i * n + j];
+}
+
+/* bias_silu, then at = a transposed (the weight gradient's dense operand), while a is in
+   L2. */
+void bias_silu_t(float *restrict z, const float *restrict b, float *restrict a,
+                 float *restrict at, long rows, long n) {
+    bias_silu(z, b, a, rows, n);
+    transpose(a, at, rows, n);
+}
+
 /* g (rows x n) *= d (if d is not NULL); gb (n) = column sums of g. */
 void mul_colsum(float *restrict g, const float *restrict d, float *restrict gb,
                 long rows, long n) {
@@ -89,9 +133,6 @@ void mul_colsum(float *restrict g, const float *restrict d, float *restrict gb,
    activations a (rows x n), with the loss gradient: g = c ((a w + b) - e) (rows x d),
    gb = column sums of g, *sq = sum of g^2 (in double). w is n x d. Eight rows at a time in
    registers, like a GEMM kernel. */
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-
 static void out_rows(const float *restrict a, const v16 *restrict wp, const float *restrict b,
                      const float *restrict e, float *restrict g, float *restrict gb,
                      double *restrict sq, long m, long n, long d, float c) {
@@ -191,6 +232,12 @@ class Kernels:
         for f in (self._fwd, self._bwd):
             f.restype = None
             f.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
+        self._fwdt = lib.bias_silu_t
+        self._fwdt.restype = None
+        self._fwdt.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2
+        self._tr = lib.transpose
+        self._tr.restype = None
+        self._tr.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2
         self._ofwd, self._obwd = lib.out_fwd, lib.out_bwd
         self._ofwd.restype = self._obwd.restype = None
         self._ofwd.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3 + [ctypes.c_float]
@@ -200,6 +247,18 @@ class Kernels:
         """z += b (broadcast over rows), a = silu(z), z ← silu'(z), in place; returns a."""
         self._fwd(z.data_ptr(), b.data_ptr(), a.data_ptr(), z.shape[0], z.shape[1])
         return a
+
+    def bias_silu_t_(self, z: Tensor, b: Tensor, a: Tensor, at: Tensor) -> Tensor:
+        """:meth:`bias_silu_` that also writes ``at`` (n x rows) = a transposed, 16 rows at a
+        time while they are in cache: the weight gradient's dense operand. Returns a."""
+        self._fwdt(z.data_ptr(), b.data_ptr(), a.data_ptr(), at.data_ptr(), z.shape[0],
+                   z.shape[1])
+        return a
+
+    def transpose_(self, a: Tensor, at: Tensor) -> Tensor:
+        """at (n x rows) = a (rows x n) transposed; returns at."""
+        self._tr(a.data_ptr(), at.data_ptr(), a.shape[0], a.shape[1])
+        return at
 
     def mul_colsum_(self, g: Tensor, d: Tensor | None, gb: Tensor) -> Tensor:
         """g *= d in place (skipped when d is None), gb = column sums of g; returns g."""
@@ -285,6 +344,11 @@ def _self_test(k: Kernels) -> None:
     zz, a, gg, gb = z.clone(), torch.empty_like(z), g.clone(), torch.empty(45)
     k.bias_silu_(zz, b, a)
     k.mul_colsum_(gg, zz, gb)
+    # The transposing variant, on 37 rows (two full blocks and a tail) of 45 columns (two full
+    # tiles and a remainder).
+    zt, at_, att = z.clone(), torch.empty_like(z), torch.full((45, 37), float("nan"))
+    k.bias_silu_t_(zt, b, at_, att)
+    gt = k.transpose_(g, torch.full((45, 37), float("nan")))
     gb2 = torch.empty(45)
     k.mul_colsum_(g.clone(), None, gb2)
     # The narrow output layer (45 -> 3), forward with the loss gradient, then backward into
@@ -301,6 +365,9 @@ def _self_test(k: Kernels) -> None:
     k.out_bwd_(a48, go, w, sh, gw, gh)
     want_h = (go @ w.T) * s48
     for got, want, what in ((a, want_a, "silu"), (gg, want_g, "silu_backward"),
+                            (at_, want_a, "silu (transposing)"),
+                            (att, want_a.T, "transposed silu"), (zt, zz, "silu' (transposing)"),
+                            (gt, g.T, "transpose"),
                             (gb, want_g.sum(0), "column sum"),
                             (gb2, g.sum(0), "plain column sum"),
                             (go, want_go, "output layer"), (gbo, want_go.sum(0, True),
