@@ -7,7 +7,7 @@ summation order; nothing is tuned to the backend."""
 import pytest
 import torch
 
-from collapselab import gemm
+from collapselab import gemm, native
 
 
 @pytest.fixture
@@ -18,10 +18,14 @@ def fresh_load():
 
 
 def backends():
+    """Every backend this machine has: torch.mm, oneDNN, collapselab.native's GEMM."""
     out = [gemm.Products()]
-    p = gemm.load()
-    if isinstance(p, gemm.OneDNNProducts):
-        out.append(p)
+    lib, _ = gemm._library()
+    if isinstance(lib, gemm.OneDNNProducts):
+        out.append(lib)
+    k = native.load()
+    if k is not None and k.target == "avx512f":
+        out.append(gemm.NativeProducts(k, gemm.Products()))
     return out
 
 
@@ -64,18 +68,50 @@ def test_unknown_setting_falls_back_and_says_so(fresh_load, monkeypatch):
 
 
 def test_without_onednn_uses_torch_mm(fresh_load, monkeypatch):
+    monkeypatch.setenv("COLLAPSELAB_GEMM", "onednn")
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert type(fresh_load()) is gemm.Products
     assert "no oneDNN" in gemm.status()
 
 
+def test_native_gemm_first_where_it_builds(fresh_load, monkeypatch):
+    """The order: collapselab.native's GEMM (its AVX-512 build), then oneDNN, then torch.mm;
+    without the native kernels, the library."""
+    k = native.load()
+    p = fresh_load()
+    if k is not None and k.target == "avx512f":
+        assert isinstance(p, gemm.NativeProducts)
+        assert type(p.fallback) is type(gemm._library()[0])
+    else:
+        assert not isinstance(p, gemm.NativeProducts)
+    gemm.load.cache_clear()
+    monkeypatch.setattr(native, "load", lambda: None)
+    assert not isinstance(fresh_load(), gemm.NativeProducts)
+
+
 def test_failed_self_test_falls_back(fresh_load, monkeypatch):
     """oneDNN products that are off by 1e-4 relative (or a bf16 math mode) are never used."""
-    if not isinstance(gemm.load(), gemm.OneDNNProducts):
-        pytest.skip(f"oneDNN unavailable here: {gemm.status()}")
-    gemm.load.cache_clear()
+    monkeypatch.setenv("COLLAPSELAB_GEMM", "onednn")
+    if not isinstance(gemm._library()[0], gemm.OneDNNProducts):
+        pytest.skip(f"oneDNN unavailable here: {gemm._library()[1]}")
     right = gemm.OneDNNProducts.input_grad
     monkeypatch.setattr(gemm.OneDNNProducts, "input_grad",
                         lambda self, g, w, wt, out: right(self, g, w, wt, out) * (1 + 1e-4))
     assert type(fresh_load()) is gemm.Products
     assert "input grad is off" in gemm.status()
+
+
+def test_failed_native_self_test_falls_back_to_the_library(fresh_load, monkeypatch):
+    k = native.load()
+    if k is None or k.target != "avx512f":
+        pytest.skip("collapselab.native's AVX-512 build is unavailable here")
+    right = gemm.NativeProducts.weight_grad
+
+    def off(self, at, g, out):
+        right(self, at, g, out)
+        out.mul_(1 + 1e-4)
+
+    monkeypatch.setattr(gemm.NativeProducts, "weight_grad", off)
+    p = fresh_load()
+    assert not isinstance(p, gemm.NativeProducts)
+    assert "native's GEMM failed" in gemm.status()

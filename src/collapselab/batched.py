@@ -30,9 +30,10 @@ overwrite the activations they no longer need) while sampling, clipping, Adam an
 over the shard's chains at once: the training state is chain-major flat (row k of a (K, P)
 tensor is chain k's parameters), so each of these is one kernel. Where a C compiler is
 available, :mod:`collapselab.native` fuses the SiLU/bias passes and computes a narrow output
-layer (d ≤ 10) with the loss. ``compile=True`` adds ``torch.compile`` to the
-forward/backward. Measurements and where the time goes: docs/performance.md, "Batched
-chains".
+layer (d ≤ 10) with the loss, and :mod:`collapselab.gemm` picks the products (the native
+register-tiled GEMM on AVX-512, else oneDNN's, else ``torch.mm``). ``compile=True`` adds
+``torch.compile`` to the forward/backward. Measurements and where the time goes:
+docs/performance.md, "Batched chains".
 """
 
 from __future__ import annotations

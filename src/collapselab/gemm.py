@@ -31,7 +31,7 @@ import platform
 import torch
 from torch import Tensor
 
-__all__ = ["OneDNNProducts", "Products", "load", "rounding_bound", "status"]
+__all__ = ["NativeProducts", "OneDNNProducts", "Products", "load", "rounding_bound", "status"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,36 @@ class OneDNNProducts(Products):
         out.copy_(self._lp(at, g.T, None, "none", [], ""))
 
 
+class NativeProducts(Products):
+    """:mod:`collapselab.native`'s register-tiled float32 GEMM (AVX-512): products written
+    straight into the caller's buffers, the weight gradient reading the layer input in place
+    (no transposed copy), the input gradient through one transpose of the weights (64 KiB at
+    width 128). Shapes it does not take (an output width not a multiple of 16) go to
+    ``fallback``."""
+
+    name = "collapselab.native GEMM"
+
+    def __init__(self, kernels, fallback: Products):
+        self.k, self.fallback = kernels, fallback
+
+    def forward(self, a, w, wt, out):
+        if self.k.fits_gemm(a, w, out):
+            return self.k.gemm_(a, w, out)
+        return self.fallback.forward(a, w, wt, out)
+
+    def input_grad(self, g, w, wt, out):
+        if out.shape[1] % 16 == 0 and g.stride(1) == 1:
+            w_t = self.k.transpose_(w, torch.empty(w.shape[1], w.shape[0], dtype=w.dtype))
+            return self.k.gemm_(g, w_t, out)
+        return self.fallback.input_grad(g, w, wt, out)
+
+    def weight_grad(self, at, g, out):
+        if self.k.fits_gemm(at, g, out):
+            self.k.gemm_(at, g, out)
+        else:
+            self.fallback.weight_grad(at, g, out)
+
+
 def status() -> str:
     """Which products the step uses, and why (after :func:`load`)."""
     return _status
@@ -111,33 +141,56 @@ def _self_test(p: Products) -> None:
                                   f"(max error {float(err.max()):.3g})")
 
 
+def _library() -> tuple[Products, str]:
+    """oneDNN where PyTorch has it and it passes the self-test, else torch.mm (and why)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return Products(), f"oneDNN's fp32 path is used on x86-64 only, this is " \
+                           f"{platform.machine()}"
+    if not (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return Products(), "this PyTorch has no oneDNN linear"
+    try:
+        p = OneDNNProducts()
+        _self_test(p)
+    except Exception as exc:  # noqa: BLE001 - any failure means: use torch.mm
+        return Products(), f"oneDNN failed ({type(exc).__name__}: " \
+                           f"{str(exc).splitlines()[0][:200]})"
+    return p, "oneDNN (torch.ops.mkldnn._linear_pointwise, float32)"
+
+
 @functools.cache
 def load() -> Products:
-    """The products of the CPU float32 step (see the module docstring and :func:`status`)."""
+    """The products of the CPU float32 step, the first of these that is available and passes
+    its self-test: collapselab.native's GEMM (AVX-512 builds), oneDNN, torch.mm.
+    ``COLLAPSELAB_GEMM`` = native | onednn | torch picks one (falling back likewise)."""
     global _status
     forced = os.environ.get("COLLAPSELAB_GEMM", "").strip().lower()
     if forced in ("torch", "mm", "blas"):
         _status = "torch.mm: COLLAPSELAB_GEMM=torch"
         return Products()
-    if forced not in ("", "onednn", "auto"):
-        _status = f"torch.mm: unknown COLLAPSELAB_GEMM={forced!r} (allowed: torch, onednn)"
+    if forced not in ("", "auto", "native", "onednn"):
+        _status = f"torch.mm: unknown COLLAPSELAB_GEMM={forced!r} (allowed: native, " \
+                  f"onednn, torch)"
         log.warning("collapselab: %s", _status)
         return Products()
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        _status = f"torch.mm: oneDNN's fp32 path is used on x86-64 only, this is " \
-                  f"{platform.machine()}"
-        return Products()
-    if not (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        _status = "torch.mm: this PyTorch has no oneDNN linear"
-        return Products()
+    lib, why = _library()
+    if forced == "onednn":
+        _status = f"{lib.name}: COLLAPSELAB_GEMM=onednn" + ("" if lib.name == "oneDNN"
+                                                            else f"; {why}")
+        return lib
+    from . import native  # here: native imports torch-heavy helpers of its own
+
+    k = native.load()
+    if k is None or k.target != "avx512f":
+        _status = f"{why} (collapselab.native's GEMM needs its AVX-512 build: " \
+                  f"{native.status() if k is None else k.target})"
+        return lib
     try:
-        p = OneDNNProducts()
+        p = NativeProducts(k, lib)
         _self_test(p)
-    except Exception as exc:  # noqa: BLE001 - any failure means: use torch.mm
-        _status = f"torch.mm: oneDNN failed ({type(exc).__name__}: " \
+    except Exception as exc:  # noqa: BLE001
+        _status = f"{why} (collapselab.native's GEMM failed: {type(exc).__name__}: " \
                   f"{str(exc).splitlines()[0][:200]})"
-        log.info("collapselab: %s", _status)
-        return Products()
-    _status = "oneDNN (torch.ops.mkldnn._linear_pointwise, float32)"
+        return lib
+    _status = f"collapselab.native GEMM (AVX-512), else {why}"
     return p

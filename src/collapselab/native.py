@@ -14,6 +14,9 @@ narrow output layer (d ≤ 10 outputs, as in the GMM experiments) is a poor shap
 so two more passes do it: ``out_fwd`` (the layer, the loss gradient, its column sums and the loss,
 eight rows at a time in vector registers like a GEMM micro-kernel) and ``out_bwd`` (its weight
 gradient, and the input gradient of the layer below times silu', with its column sums).
+``transpose`` and ``bias_silu_t`` (the forward pass that also writes its output transposed)
+give :mod:`collapselab.gemm`'s oneDNN products the dense transposed activations its weight
+gradients want (16 x 16 tiles transposed in registers).
 docs/performance.md, "Batched chains", has the measurements.
 
 Nothing depends on them. The C source below is compiled once per machine with the system C
@@ -110,6 +113,54 @@ void bias_silu_t(float *restrict z, const float *restrict b, float *restrict a,
                  float *restrict at, long rows, long n) {
     bias_silu(z, b, a, rows, n);
     transpose(a, at, rows, n);
+}
+
+/* C[i][:] (+)= sum_k A[i*si + k*sk] B[k][:] for a tile of mr <= 6 rows and nv <= 4 vectors of
+   16 columns: 24 accumulators in registers, B's rows loaded once per k, A broadcast. */
+static inline __attribute__((always_inline)) void
+gemm_tile(const float *restrict A, long si, long sk, const float *restrict B, long ldb,
+          float *restrict C, long ldc, long K, const int mr, const int nv, int load) {
+    v16 c[6][4];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nv; j++)
+            c[i][j] = load ? *(const v16u *)(C + i * ldc + 16 * j) : (v16){0};
+    for (long k = 0; k < K; k++) {
+        v16 b[4];
+        for (int j = 0; j < nv; j++) b[j] = *(const v16u *)(B + k * ldb + 16 * j);
+        for (int i = 0; i < mr; i++) {
+            const float s = A[i * si + k * sk];
+            for (int j = 0; j < nv; j++) c[i][j] += s * b[j];
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nv; j++) *(v16u *)(C + i * ldc + 16 * j) = c[i][j];
+}
+
+#define TILE(MR, NV) gemm_tile(a, si, sk, b, ldb, c, ldc, kc, MR, NV, load)
+#define ROWS(NV) switch (mr) { case 6: TILE(6, NV); break; case 5: TILE(5, NV); break; \
+    case 4: TILE(4, NV); break; case 3: TILE(3, NV); break; case 2: TILE(2, NV); break; \
+    default: TILE(1, NV); }
+
+/* C (M x N, row stride ldc) (+)= op(A) B, B (K x N, row stride ldb), N a multiple of 16;
+   op(A)[i][k] = A[i*si + k*sk]: (si, sk) = (lda, 1) for A, (1, lda) for A's transpose.
+   Blocked: 128 rows of B by 64 columns (32 KiB) stay in L1 while every row tile of C passes. */
+void gemm(const float *restrict A, long si, long sk, const float *restrict B, long ldb,
+          float *restrict C, long ldc, long M, long K, long N, int accumulate) {
+    for (long k0 = 0; k0 < K; k0 += 128) {
+        const long kc = K - k0 < 128 ? K - k0 : 128;
+        const int load = accumulate || k0 > 0;
+        for (long j0 = 0; j0 < N; j0 += 64) {
+            const int nv = (N - j0) >= 64 ? 4 : (int)((N - j0) / 16);
+            const float *b = B + k0 * ldb + j0;
+            for (long i0 = 0; i0 < M; i0 += 6) {
+                const int mr = M - i0 < 6 ? (int)(M - i0) : 6;
+                const float *a = A + i0 * si + k0 * sk;
+                float *c = C + i0 * ldc + j0;
+                switch (nv) { case 4: ROWS(4); break; case 3: ROWS(3); break;
+                              case 2: ROWS(2); break; default: ROWS(1); }
+            }
+        }
+    }
 }
 
 /* g (rows x n) *= d (if d is not NULL); gb (n) = column sums of g. */
@@ -238,6 +289,11 @@ class Kernels:
         self._tr = lib.transpose
         self._tr.restype = None
         self._tr.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2
+        self._gemm = lib.gemm
+        self._gemm.restype = None
+        self._gemm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                               ctypes.c_long, ctypes.c_void_p] + [ctypes.c_long] * 4 \
+            + [ctypes.c_int]
         self._ofwd, self._obwd = lib.out_fwd, lib.out_bwd
         self._ofwd.restype = self._obwd.restype = None
         self._ofwd.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3 + [ctypes.c_float]
@@ -259,6 +315,26 @@ class Kernels:
         """at (n x rows) = a (rows x n) transposed; returns at."""
         self._tr(a.data_ptr(), at.data_ptr(), a.shape[0], a.shape[1])
         return at
+
+    def gemm_(self, a: Tensor, b: Tensor, c: Tensor, accumulate: bool = False) -> Tensor:
+        """c (+)= a @ b in float32 (FMA, register tiles of 6 x 64). ``b`` and ``c`` have rows
+        of unit stride and c's width is a multiple of 16; ``a`` may be a row-major matrix or
+        the transpose of one (``x.T``: the weight gradient xᵀg reads x in place). Returns c."""
+        if a.stride(1) == 1:
+            si, sk = a.stride(0), 1
+        else:
+            si, sk = 1, a.stride(1)
+        self._gemm(a.data_ptr(), si, sk, b.data_ptr(), b.stride(0), c.data_ptr(), c.stride(0),
+                   a.shape[0], a.shape[1], b.shape[1], int(accumulate))
+        return c
+
+    @staticmethod
+    def fits_gemm(a: Tensor, b: Tensor, c: Tensor) -> bool:
+        """Whether :meth:`gemm_` takes these operands (float32 CPU, unit strides where it
+        needs them, c's width a multiple of 16)."""
+        return (c.shape[1] % 16 == 0 and b.stride(1) == 1 and c.stride(1) == 1
+                and (a.stride(1) == 1 or a.stride(0) == 1)
+                and a.dtype == b.dtype == c.dtype == torch.float32)
 
     def mul_colsum_(self, g: Tensor, d: Tensor | None, gb: Tensor) -> Tensor:
         """g *= d in place (skipped when d is None), gb = column sums of g; returns g."""
@@ -349,6 +425,16 @@ def _self_test(k: Kernels) -> None:
     zt, at_, att = z.clone(), torch.empty_like(z), torch.full((45, 37), float("nan"))
     k.bias_silu_t_(zt, b, at_, att)
     gt = k.transpose_(g, torch.full((45, 37), float("nan")))
+    # The products: 37 x 45 @ 45 x 32 (row tiles of 6 with a remainder, two vectors), the
+    # transposed form (45 x 37 @ 37 x 32), and an accumulation; 21 x 160 @ 160 x 80 (a
+    # second block of the reduction, a partial panel of 64 + 16 columns).
+    bm = torch.randn(45, 32, generator=gen)
+    gm = torch.randn(37, 32, generator=gen)
+    p1 = k.gemm_(z[:, :45].nan_to_num(0, 0, 0), bm, torch.full((37, 32), float("nan")))
+    p2 = k.gemm_(z[:, :45].nan_to_num(0, 0, 0).T, gm, torch.full((45, 32), float("nan")))
+    p3 = k.gemm_(z[:, :45].nan_to_num(0, 0, 0).T, gm, p2.clone(), accumulate=True)
+    xa, xb = torch.randn(21, 160, generator=gen), torch.randn(160, 80, generator=gen)
+    p4 = k.gemm_(xa, xb, torch.empty(21, 80))
     gb2 = torch.empty(45)
     k.mul_colsum_(g.clone(), None, gb2)
     # The narrow output layer (45 -> 3), forward with the loss gradient, then backward into
@@ -368,6 +454,9 @@ def _self_test(k: Kernels) -> None:
                             (at_, want_a, "silu (transposing)"),
                             (att, want_a.T, "transposed silu"), (zt, zz, "silu' (transposing)"),
                             (gt, g.T, "transpose"),
+                            (p1, z[:, :45].nan_to_num(0, 0, 0) @ bm, "product"),
+                            (p2, z[:, :45].nan_to_num(0, 0, 0).T @ gm, "transposed product"),
+                            (p3, 2 * p2, "accumulated product"), (p4, xa @ xb, "blocked product"),
                             (gb, want_g.sum(0), "column sum"),
                             (gb2, g.sum(0), "plain column sum"),
                             (go, want_go, "output layer"), (gbo, want_go.sum(0, True),

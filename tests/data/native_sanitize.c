@@ -1,6 +1,7 @@
 /* Driver for tests/test_native.py::test_kernels_clean_under_sanitizers: calls every kernel of
    collapselab.native over many shapes (rows not a multiple of 8, widths with and without a
-   vector remainder, every output width the output-layer kernels take) and checks them
+   vector remainder, every output width the output-layer kernels take; transposes with and
+   without whole 16 x 16 tiles) and checks them
    against double-precision loops. Built with -fsanitize=address,undefined, so an
    out-of-bounds access or undefined behaviour stops it with a report. Prints "ok". */
 #include <math.h>
@@ -13,6 +14,8 @@ void out_fwd(const float *a, const float *w, const float *b, const float *e, flo
              float *gb, float *sq, long rows, long n, long d, float c);
 void out_bwd(const float *a, const float *g, const float *w, float *sh, float *gw, float *gh,
              long rows, long n, long d);
+void transpose(const float *a, float *at, long rows, long n);
+void bias_silu_t(float *z, const float *b, float *a, float *at, long rows, long n);
 
 static float *noise(long count) {  /* exact-size heap blocks: ASan sees any overrun */
     float *p = malloc((size_t)count * sizeof(float));
@@ -72,6 +75,25 @@ int main(void) {
             mul_colsum(g, z, gb, rows, n);
             mul_colsum(g, NULL, gb, rows, n);
             free(z); free(b); free(g); free(a); free(gb);
+        }
+    /* the transposes: whole 16 x 16 tiles, remainders of rows and of columns, both */
+    for (long rows = 1; rows <= 50; rows += 7)
+        for (long n = 1; n <= 50; n += 7) {
+            float *z = noise(rows * n), *b = noise(n), *z2 = malloc(rows * n * sizeof(float));
+            float *a = malloc(rows * n * sizeof(float)), *a2 = malloc(rows * n * sizeof(float));
+            float *at = malloc(rows * n * sizeof(float)), *at2 = malloc(rows * n * sizeof(float));
+            for (long i = 0; i < rows * n; i++) z2[i] = z[i];
+            bias_silu(z2, b, a2, rows, n);
+            bias_silu_t(z, b, a, at, rows, n);
+            transpose(a, at2, rows, n);
+            for (long i = 0; i < rows; i++)
+                for (long j = 0; j < n; j++)
+                    if (a[i * n + j] != a2[i * n + j] || z[i * n + j] != z2[i * n + j]
+                        || at[j * rows + i] != a[i * n + j] || at2[j * rows + i] != a[i * n + j]) {
+                        printf("transpose wrong at rows=%ld n=%ld (%ld, %ld)\n", rows, n, i, j);
+                        return 1;
+                    }
+            free(z); free(b); free(z2); free(a); free(a2); free(at); free(at2);
         }
     printf("ok\n");
     return 0;
