@@ -65,9 +65,11 @@ import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -215,7 +217,8 @@ def _in_processes(pool, nets, datas, proc, cfg, seeds, part=_train_part, mm=Fals
 
 def _matmuls(n: int, gen: torch.Generator | None = None) -> dict:
     """The machine reference's float32 n x n products, by library: PyTorch's BLAS (MKL in the
-    x86 wheels), oneDNN (as collapselab.gemm calls it) and NumPy's BLAS (OpenBLAS)."""
+    x86 wheels), oneDNN (as collapselab.gemm calls it), NumPy's BLAS (OpenBLAS) and
+    collapselab.native's GEMM (one thread only: it has no threads of its own)."""
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     an, bn, cn = a.numpy(), b.numpy(), np.empty((n, n), dtype=np.float32)
     fns = {"torch.mm": lambda: torch.mm(a, b)}
@@ -223,6 +226,10 @@ def _matmuls(n: int, gen: torch.Generator | None = None) -> dict:
         wt = b.T.contiguous()  # linear(x, w) = x @ w.T: the same product a @ b
         fns["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, wt, None, "none", [], "")
     fns["NumPy (OpenBLAS)"] = lambda: np.matmul(an, bn, out=cn)
+    k = load_native()
+    if k is not None:
+        c = torch.empty(n, n)
+        fns["collapselab.native GEMM"] = lambda: k.gemm_(a, b, c)
     return fns
 
 
@@ -312,7 +319,8 @@ def bench_training(args, dim: int, compile_ok: bool, pool) -> tuple[list[dict], 
     mm = {}
     for lib, fn in mats.items():
         mm[f"mm 2048² {lib}, 1 thread"] = with_blas_threads(1, fn)
-        mm[f"mm 2048² {lib}, 2 threads"] = with_blas_threads(2, fn)
+        if lib != "collapselab.native GEMM":
+            mm[f"mm 2048² {lib}, 2 threads"] = with_blas_threads(2, fn)
     core = {k: with_threads(1, v) for k, v in core_variants(
         K, dim, args.hidden, args.layers, args.time_embed_dim, B).items()}
 
@@ -354,6 +362,31 @@ def bench_training(args, dim: int, compile_ok: bool, pool) -> tuple[list[dict], 
     return rows, {"compile_s": compile_s, "flops_per_step": flops,
                   "nominal_flops_per_step": step_flops(K, B, dim, args.hidden, args.layers,
                                                        args.time_embed_dim, nominal=True)}
+
+
+def fma_peak() -> dict | None:
+    """The float32 FMA peak of one core and of two at once (benchmarks/fma_peak.c, compiled
+    here with the system C compiler for AVX-512 or AVX2), or None without a compiler."""
+    from collapselab.native import _cpu_flags
+
+    cc = os.environ.get("CC") or "cc"
+    have = _cpu_flags()
+    flags = (["-DVBYTES=64", "-mavx512f", "-mfma"] if "avx512f" in have else
+             ["-DVBYTES=32", "-mavx2", "-mfma"] if "avx2" in have else None)
+    if flags is None or shutil.which(cc) is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "fma_peak")
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fma_peak.c")
+        if subprocess.run([cc, "-O2", *flags, src, "-o", exe], capture_output=True).returncode:
+            return None
+        one = [float(subprocess.run([exe], capture_output=True, text=True, check=True)
+                     .stdout.split()[0]) for _ in range(3)]
+        two = []
+        for _ in range(3):
+            ps = [subprocess.Popen([exe], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+            two.append(sum(float(p.communicate()[0].split()[0]) for p in ps))
+    return {"one_core": max(one), "two_cores": max(two)}
 
 
 def _status_kib(field: str) -> int | None:
@@ -430,7 +463,11 @@ def main(argv=None) -> int:
           f"time embedding {args.time_embed_dim}; per-step cost = (T({args.steps} steps) - "
           f"T({args.short} steps)) / {args.steps - args.short}; {args.repeats} interleaved "
           f"repeats (median, best)")
-    all_rows, extra = [], {}
+    peak = fma_peak()
+    if peak:
+        print(f"# float32 FMA peak (benchmarks/fma_peak.c): {peak['one_core']:.0f} GFLOP/s on one "
+              f"core, {peak['two_cores']:.0f} on two at once")
+    all_rows, extra = [], {"fma_peak": peak}
     pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
     for _ in pool.map(int, range(2)):  # start both workers before anything is timed
         pass
@@ -478,6 +515,10 @@ def main(argv=None) -> int:
               f"(by the nominal count: {100 * frac * nominal:.0f}%; best repeat of each, "
               f"timeit's convention, not the verdict: "
               f"{100 * bat_best['best_gflops'] / by[mm_best_name]['best_gflops']:.0f}%)")
+        if peak:
+            print(f"  (of the FMA peak of two cores, {peak['two_cores']:.0f} GFLOP/s: "
+                  f"{100 * bat_best['gflops'] / peak['two_cores']:.0f}%; the fastest matmul "
+                  f"reaches {100 * mm_best / peak['two_cores']:.0f}% of it)")
         tb = by[torch_best_name]["gflops"]
         print(f"  (against PyTorch's default BLAS alone, {torch_best_name[len('mm 2048² '):]}: "
               f"{tb:.1f} GFLOP/s, {100 * bat_best['gflops'] / tb:.0f}%; products: "

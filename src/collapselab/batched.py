@@ -47,7 +47,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from .gemm import Products
+from .gemm import NativeProducts, Products
 from .gemm import load as load_products
 from .native import Kernels
 from .native import load as load_native
@@ -465,6 +465,7 @@ class _Shard:
         self.chunks = [self._views(c, min(c + self.chunk, k)) for c in range(0, k, self.chunk)]
         # chunk == 1 (the CPU default): 2-D operands per chain, buffers shared by the chains.
         self.per_chain = None
+        self.plans = None
         if self.chunk == 1:
             self.out = torch.empty(k, bsz, dim, device=device, dtype=dtype)
             widths = [w.shape[2] for w in self.params[:n_weights]]
@@ -484,6 +485,14 @@ class _Shard:
                 self.per_chain.append((ws, bs, gws, gbs, v[4][0], v[5][0], self.bufs,
                                        [w.T for w in ws] + [v[4][0].T], self.out[i], nat,
                                        None if self.sq is None else self.sq[i], prod))
+            # With the native GEMM and output layer, each chain's whole forward/backward is
+            # one C call with its pointers bound here (same arithmetic as the per-op path).
+            if isinstance(prod, NativeProducts) and self.sq is not None \
+                    and nat.fits_mlp(self.per_chain[0][0]):
+                self.plans = [nat.mlp_plan(ws, bs, gws, gbs, inp, eps, self.bufs.z,
+                                           self.bufs.act, out, sq, bsz)
+                              for ws, bs, gws, gbs, inp, eps, _, _, out, _, sq, _
+                              in self.per_chain]
         self._adam = None  # cached argument lists of the fused Adam kernel (see _adam_step)
 
     def _views(self, a: int, b: int):
@@ -524,7 +533,11 @@ class _Shard:
         # Chains one at a time (chunk = 1 by default): a chain's activations (~2 MB at width
         # 128, batch 512) stay in L2, where the SiLU and bias passes are 1.3-1.5x cheaper
         # than over all K chains' (measured; docs/performance.md, "Batched chains").
-        if self.per_chain is not None and fb is _forward_backward:
+        if self.plans is not None and fb is _forward_backward:
+            for run in self.plans:
+                run()
+            loss = _losses(self.out, self.sq)
+        elif self.per_chain is not None and fb is _forward_backward:
             for v in self.per_chain:
                 _forward_backward_2d(*v)
             loss = _losses(self.out, self.sq)

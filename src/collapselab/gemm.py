@@ -2,23 +2,23 @@
 
 Per chain and layer the step makes three float32 products of small shapes (batch 512, width
 128): the forward ``a @ w``, the input gradient ``g @ wᵀ`` and the weight gradient ``aᵀ @ g``.
-PyTorch's ``torch.mm`` hands them to its BLAS (MKL in the x86 wheels), whose speed depends on
-the CPU: on the AMD EPYC (Zen 5) development machine MKL takes its AVX2 path and reaches
-~95 GFLOP/s per core, where oneDNN, which PyTorch also ships and which picks its kernels by
-instruction set, reaches 180-195 GFLOP/s on the step's shapes and ~230 on 2048² (the
-measured FMA peak of a core is ~235; docs/performance.md, "Batched chains").
+``torch.mm`` hands them to PyTorch's BLAS (MKL in the x86 wheels), whose speed depends on the
+CPU: on the AMD EPYC (Zen 5) development machine MKL takes its AVX2 path and reaches
+~95 GFLOP/s per core, where a core's FMA peak is ~235 (docs/performance.md, "Batched
+chains"). :func:`load` returns the first of these that is available and passes a self-test
+against float64 products within the float32 rounding bound (:func:`rounding_bound`):
 
-:func:`load` returns the products the step uses: oneDNN's fp32 inner product
-(``torch.ops.mkldnn._linear_pointwise``, ``x @ wᵀ``, in IEEE float32: no reduced-precision
-math mode) where PyTorch has it and it passes a self-test against float64 products, else
-``torch.mm``. ``COLLAPSELAB_GEMM=torch`` forces ``torch.mm``. The choice is a rule, not a
-timing, so one machine always computes the same bits; two backends agree to float32 rounding
-(tests/test_gemm.py).
+1. :class:`NativeProducts`: :mod:`collapselab.native`'s register-tiled GEMM (its AVX-512
+   build only): 213-232 GFLOP/s at the step's shapes, no per-call cost beyond ctypes', results
+   written into the step's own buffers, the weight gradient reading the layer input in place;
+2. :class:`OneDNNProducts`: oneDNN's fp32 inner product (``torch.ops.mkldnn._linear_pointwise``,
+   x @ wᵀ, IEEE float32), which PyTorch ships and which picks its kernels by instruction set:
+   155-195 GFLOP/s at these shapes, ~12.5 µs per call, fresh outputs;
+3. :class:`Products`: ``torch.mm(out=)``.
 
-oneDNN wants its first operand dense and reorders the second into its blocked layout on
-every call, so each product is arranged with the activation (or gradient) as the dense first
-operand; its results are fresh tensors (no ``out=``), copied where the caller owns the storage
-(the weight gradients live in the flat gradient that Adam reads).
+``COLLAPSELAB_GEMM`` = native | onednn | torch picks one (falling back the same way where it
+is unavailable). The choice is a rule, never a timing, so one machine always computes the
+same bits; the backends agree to float32 rounding (tests/test_gemm.py).
 """
 
 from __future__ import annotations

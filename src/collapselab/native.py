@@ -261,6 +261,38 @@ void out_bwd(const float *restrict a, const float *restrict g, const float *rest
             for (long j = 0; j < d; j++) gw[(q * 16 + l) * d + j] = gwt[j * nb + q][l];
         }
 }
+
+/* One chain's forward/backward of the DSM step of a SiLU MLP whose output layer is narrow
+   (out_fwd / out_bwd), all in this library: what batched._forward_backward_2d computes with
+   these kernels, in one call (the Python of ~20 calls per chain was ~0.05 ms). L weight
+   layers; widths w[0..L], w[1..L-1] multiples of 16, w[L] <= 16; W[l] (w[l] x w[l+1]) and
+   b[l] the weights, GW[l] and GB[l] their gradients; inp (rows x w[0]), eps (rows x w[L]);
+   work space z[l], act[l] (rows x w[l+1], l < L - 1) and wt (w x w for the widest hidden
+   layer); out (rows x w[L]) receives the loss gradient c (net - eps), sq its sum of squares. */
+void mlp_fb(long L, const long *w, float *const *W, float *const *b, float *const *GW,
+            float *const *GB, const float *inp, const float *eps, float *const *z,
+            float *const *act, float *out, float *wt, float *sq, long rows, float c) {
+    const float *a = inp;
+    for (long l = 0; l + 1 < L; l++) {
+        gemm(a, w[l], 1, W[l], w[l + 1], z[l], w[l + 1], rows, w[l], w[l + 1], 0);
+        bias_silu(z[l], b[l], act[l], rows, w[l + 1]);
+        a = act[l];
+    }
+    const long h = L - 2;  /* the last hidden layer */
+    out_fwd(a, W[L - 1], b[L - 1], eps, out, GB[L - 1], sq, rows, w[L - 1], w[L], c);
+    out_bwd(a, out, W[L - 1], z[h], GW[L - 1], GB[h], rows, w[L - 1], w[L]);
+    float *g = z[h];  /* the loss gradient in layer h's pre-activation */
+    for (long l = h; l >= 0; l--) {
+        const float *x = l == 0 ? inp : act[l - 1];
+        gemm(x, 1, w[l], g, w[l + 1], GW[l], w[l + 1], w[l], rows, w[l + 1], 0);  /* x^T g */
+        if (l > 0) {  /* into the activation buffer of layer l - 1: last needed just above */
+            transpose(W[l], wt, w[l], w[l + 1]);
+            gemm(g, w[l + 1], 1, wt, w[l], act[l - 1], w[l], rows, w[l + 1], w[l], 0);
+            mul_colsum(act[l - 1], z[l - 1], GB[l - 1], rows, w[l]);
+            g = act[l - 1];
+        }
+    }
+}
 """
 
 # IEEE semantics: no -ffast-math (NaN and inf must propagate as in PyTorch).
@@ -294,6 +326,8 @@ class Kernels:
         self._gemm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                ctypes.c_long, ctypes.c_void_p] + [ctypes.c_long] * 4 \
             + [ctypes.c_int]
+        self._mlp = lib.mlp_fb
+        self._mlp.restype = None
         self._ofwd, self._obwd = lib.out_fwd, lib.out_bwd
         self._ofwd.restype = self._obwd.restype = None
         self._ofwd.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3 + [ctypes.c_float]
@@ -335,6 +369,37 @@ class Kernels:
         return (c.shape[1] % 16 == 0 and b.stride(1) == 1 and c.stride(1) == 1
                 and (a.stride(1) == 1 or a.stride(0) == 1)
                 and a.dtype == b.dtype == c.dtype == torch.float32)
+
+    def fits_mlp(self, ws: list[Tensor]) -> bool:
+        """Whether :meth:`mlp_plan` takes a net of these (in, out) weights: its AVX-512 build,
+        hidden widths multiples of 16 (the GEMM's tiles), a narrow output layer."""
+        return (self.target == "avx512f" and len(ws) >= 2
+                and all(w.shape[1] % 16 == 0 for w in ws[:-1])
+                and self.fits_output(ws[-1]))
+
+    def mlp_plan(self, ws, bs, gws, gbs, inp, eps, z, act, out, sq, bsz):
+        """One chain's forward/backward (C ``mlp_fb``) with its pointers bound once: returns
+        a function of no arguments. Every tensor must keep its storage (the step's buffers
+        and views of the flat state do); they are referenced here so they stay alive."""
+        L = len(ws)
+        widths = [ws[0].shape[0]] + [w.shape[1] for w in ws]
+        ptrs = ctypes.c_void_p * L
+        wt = torch.empty(max(w.shape[0] * w.shape[1] for w in ws[1:-1]) if L > 2 else 1)
+        keep = (ws, bs, gws, gbs, inp, eps, z, act, out, sq, wt)
+        args = ((ctypes.c_long * (L + 1))(*widths),
+                ptrs(*[w.data_ptr() for w in ws]), ptrs(*[b.data_ptr() for b in bs]),
+                ptrs(*[g.data_ptr() for g in gws]), ptrs(*[g.data_ptr() for g in gbs]),
+                ctypes.c_void_p(inp.data_ptr()), ctypes.c_void_p(eps.data_ptr()),
+                (ctypes.c_void_p * (L - 1))(*[t.data_ptr() for t in z[:L - 1]]),
+                (ctypes.c_void_p * (L - 1))(*[t.data_ptr() for t in act[:L - 1]]),
+                ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(wt.data_ptr()),
+                ctypes.c_void_p(sq.data_ptr()), ctypes.c_long(bsz),
+                ctypes.c_float(2.0 / bsz))
+        fn = self._mlp
+
+        def run(_keep=keep):
+            fn(ctypes.c_long(L), *args)
+        return run
 
     def mul_colsum_(self, g: Tensor, d: Tensor | None, gb: Tensor) -> Tensor:
         """g *= d in place (skipped when d is None), gb = column sums of g; returns g."""
@@ -407,6 +472,36 @@ def _compile(cc: str, source: str, flags: list[str], out: Path) -> None:
         os.replace(so, out)  # atomic: a concurrent loader sees the old file or the whole new one
 
 
+def _mlp_case(k: Kernels, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """mlp_fb on a small net (widths 7 -> 16 -> 32 -> 3, 37 rows) and autograd's float64
+    answer, as two flat tensors: loss, gradients and the loss gradient in the output."""
+    widths, rows = [7, 16, 32, 3], 37
+    shapes = list(zip(widths[:-1], widths[1:], strict=True))
+    if not k.fits_mlp([torch.empty(i, o) for i, o in shapes]):
+        return torch.zeros(1), torch.zeros(1)  # no AVX-512 build: mlp_fb is never called
+    ws = [torch.randn(i, o, generator=gen) / i ** 0.5 for i, o in shapes]
+    bs = [torch.randn(1, o, generator=gen) for o in widths[1:]]
+    inp, eps = torch.randn(rows, widths[0], generator=gen), torch.randn(rows, 3, generator=gen)
+    gws, gbs = [torch.empty_like(w) for w in ws], [torch.empty_like(b) for b in bs]
+    z = [torch.empty(rows, o) for o in widths[1:-1]]
+    act = [torch.empty(rows, o) for o in widths[1:-1]]
+    out, sq = torch.empty(rows, 3), torch.empty(1)
+    k.mlp_plan(ws, bs, gws, gbs, inp, eps, z, act, out, sq, rows)()
+    p64 = [t.double().requires_grad_() for t in ws + bs]
+    h = inp.double()
+    for i in range(3):
+        h = h @ p64[i] + p64[3 + i]
+        if i < 2:
+            h = torch.nn.functional.silu(h)
+    g_out = (h - eps.double()) * (2.0 / rows)
+    loss = (h - eps.double()).square().sum() / rows
+    grads = torch.autograd.grad(loss, p64)
+    got = torch.cat([sq * (rows / 4.0), out.flatten()] + [g.flatten() for g in gws + gbs])
+    want = torch.cat([loss.detach()[None], g_out.detach().flatten()]
+                     + [g.flatten() for g in grads]).float()
+    return got, want
+
+
 def _self_test(k: Kernels) -> None:
     """The kernels against the PyTorch ops they replace, NaN and ±inf included."""
     gen = torch.Generator().manual_seed(0)
@@ -450,7 +545,9 @@ def _self_test(k: Kernels) -> None:
     sh, gw, gh = s48.clone(), torch.empty(48, 3), torch.empty(48)
     k.out_bwd_(a48, go, w, sh, gw, gh)
     want_h = (go @ w.T) * s48
-    for got, want, what in ((a, want_a, "silu"), (gg, want_g, "silu_backward"),
+    got_mlp, want_mlp = _mlp_case(k, gen)
+    for got, want, what in ((got_mlp, want_mlp, "MLP forward/backward"),
+                            (a, want_a, "silu"), (gg, want_g, "silu_backward"),
                             (at_, want_a, "silu (transposing)"),
                             (att, want_a.T, "transposed silu"), (zt, zz, "silu' (transposing)"),
                             (gt, g.T, "transpose"),
