@@ -494,6 +494,10 @@ class _Shard:
                               for ws, bs, gws, gbs, inp, eps, _, _, out, _, sq, _
                               in self.per_chain]
         self._adam = None  # cached argument lists of the fused Adam kernel (see _adam_step)
+        self._steps = 0  # Adam's step count, mirrored from its state tensor
+        # collapselab.native's one-pass clipping + Adam(W) + EMA, where the fused kind is used
+        self.nat = load_native() if native and device.type == "cpu" \
+            and dtype == torch.float32 else None
 
     def _views(self, a: int, b: int):
         nw = self.nw
@@ -548,6 +552,15 @@ class _Shard:
             ok = loss if all(mine) else loss[torch.tensor(mine, device=loss.device)]
             if not bool(torch.isfinite(ok).all()):
                 return loss  # no update: the raw weights stay finite (the caller raises)
+        if self._adam and self.nat is not None:  # clipping, Adam and EMA in one native pass
+            kernel, lists, kw = self._adam
+            torch._foreach_add_(lists[-1], 1)
+            self._steps += 1
+            self.nat.adam_ema_(self.flat, self.gflat, lists[2][0], lists[3][0], self.eflat,
+                               grad_clip, lr, kw["beta1"], kw["beta2"], kw["eps"],
+                               kw["weight_decay"], kernel is torch._fused_adamw_,
+                               self._steps, 1.0 - ema_decay)
+            return loss
         if grad_clip is not None:
             _clip_per_chain_(self.gflat, grad_clip)
         self._adam_step(lr)
@@ -566,6 +579,8 @@ class _Shard:
             self.opt.step()
             if self._adam is None:
                 self._adam = self._fused_args() or False
+                if self._adam:
+                    self._steps = int(float(self._adam[1][-1][0]))
             return
         kernel, lists, kw = self._adam
         torch._foreach_add_(lists[-1], 1)
