@@ -1,6 +1,7 @@
 """collapselab.native: the fused SiLU/bias kernels against the PyTorch ops they replace, and
 the fallback when they are unavailable."""
 
+import copy
 import os
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from collapselab import native
+from collapselab import gemm, native
 
 
 @pytest.fixture
@@ -219,3 +220,64 @@ def test_sanitizer_run_catches_an_over_read(tmp_path):
     assert right in native._SOURCE
     run = _sanitized_run(tmp_path, native._SOURCE.replace(right, "tail[i] = a[r * n + i];"))
     assert run.returncode != 0 and "AddressSanitizer" in run.stderr
+
+
+@pytest.mark.parametrize("m,k,n", [(512, 128, 128), (512, 66, 128), (1, 1, 16), (7, 300, 80),
+                                   (37, 45, 32), (6, 129, 64), (13, 5, 48)])
+def test_gemm_within_float32_rounding(m, k, n):
+    """The native GEMM (row tiles of 6 with remainders, 1-4 vectors of columns, reduction
+    blocks of 128 with a remainder) and its transposed-A form, against float64 within the
+    float32 rounding bound γ_k |a||b| of any summation order."""
+    kern = kernels_or_skip()
+    gen = torch.Generator().manual_seed(m * n + k)
+    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    at = torch.randn(k, m, generator=gen).T  # a transposed view, read in place
+    for x in (a, at):
+        c = kern.gemm_(x, b, torch.full((m, n), float("nan")))
+        err = (c.double() - x.double() @ b.double()).abs()
+        assert bool((err <= gemm.rounding_bound(x, b)).all())
+    c0 = torch.randn(m, n, generator=gen)
+    c = kern.gemm_(a, b, c0.clone(), accumulate=True)
+    err = (c.double() - (c0.double() + a.double() @ b.double())).abs()
+    assert bool((err <= gemm.rounding_bound(a, b) + 2.0 ** -24 * c.double().abs()).all())
+
+
+def test_transpose_and_transposing_silu():
+    kern = kernels_or_skip()
+    gen = torch.Generator().manual_seed(3)
+    for rows, n in ((512, 128), (37, 45), (16, 16), (5, 3), (33, 17)):
+        a = torch.randn(rows, n, generator=gen)
+        assert torch.equal(kern.transpose_(a, torch.empty(n, rows)), a.T)
+        z, b = torch.randn(rows, n, generator=gen), torch.randn(n, generator=gen)
+        z2, a1, a2, at = z.clone(), torch.empty(rows, n), torch.empty(rows, n), torch.empty(n, rows)
+        kern.bias_silu_t_(z, b, a1, at)
+        kern.bias_silu_(z2, b, a2)
+        assert torch.equal(a1, a2) and torch.equal(z, z2) and torch.equal(at, a1.T)
+
+
+def test_one_call_forward_backward_equals_the_per_op_path(monkeypatch):
+    """mlp_fb (one C call per chain) and the per-op native path compute the same bits."""
+    import collapselab.batched as batched_mod
+    from collapselab.processes import VPProcess
+    from collapselab.scores.mlp import MLPNet
+    from collapselab.scores.training import TrainConfig
+
+    kern = kernels_or_skip()
+    if not isinstance(gemm.load(), gemm.NativeProducts):
+        pytest.skip(f"the native GEMM is not used here: {gemm.status()}")
+    torch.manual_seed(0)
+    nets = [MLPNet(2, hidden=32, layers=3, time_embed_dim=16) for _ in range(2)]
+    datas = [torch.randn(300, 2), torch.randn(300, 2) + 1]
+    cfg = TrainConfig(steps=30, batch_size=64, grad_clip=0.5)
+
+    def run():
+        return batched_mod.train_dsm_batched([copy.deepcopy(n) for n in nets], datas,
+                                             VPProcess(), cfg, [1, 2], threads=1)
+
+    planned = run()
+    monkeypatch.setattr(type(kern), "fits_mlp", lambda self, ws: False)
+    per_op = run()
+    for a, b in zip(planned, per_op, strict=True):
+        assert a.loss_history == b.loss_history
+        for p, q in zip(a.net.parameters(), b.net.parameters(), strict=True):
+            assert torch.equal(p, q)

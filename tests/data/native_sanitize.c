@@ -1,7 +1,8 @@
 /* Driver for tests/test_native.py::test_kernels_clean_under_sanitizers: calls every kernel of
    collapselab.native over many shapes (rows not a multiple of 8, widths with and without a
    vector remainder, every output width the output-layer kernels take; transposes with and
-   without whole 16 x 16 tiles) and checks them
+   without whole 16 x 16 tiles; the GEMM, the one-call forward/backward and the optimizer
+   pass) and checks them
    against double-precision loops. Built with -fsanitize=address,undefined, so an
    out-of-bounds access or undefined behaviour stops it with a report. Prints "ok". */
 #include <math.h>
@@ -15,6 +16,14 @@ void out_fwd(const float *a, const float *w, const float *b, const float *e, flo
 void out_bwd(const float *a, const float *g, const float *w, float *sh, float *gw, float *gh,
              long rows, long n, long d);
 void transpose(const float *a, float *at, long rows, long n);
+void gemm(const float *A, long si, long sk, const float *B, long ldb, float *C, long ldc,
+          long M, long K, long N, int accumulate);
+void mlp_fb(long L, const long *w, float *const *W, float *const *b, float *const *GW,
+            float *const *GB, const float *inp, const float *eps, float *const *z,
+            float *const *act, float *out, float *wt, float *sq, long rows, float c);
+void adam_ema(float *w, const float *g, float *m, float *v, float *e, long rows, long P,
+              float max_norm, float lr, float beta1, float beta2, float eps, float wd,
+              int decoupled, double step, float ew);
 void bias_silu_t(float *z, const float *b, float *a, float *at, long rows, long n);
 
 static float *noise(long count) {  /* exact-size heap blocks: ASan sees any overrun */
@@ -94,6 +103,57 @@ int main(void) {
                         return 1;
                     }
             free(z); free(b); free(z2); free(a); free(a2); free(at); free(at2);
+        }
+    /* the GEMM, A and A transposed: row tiles with remainders, 1-5 vectors of columns, a
+       reduction longer than one block of 128 */
+    for (long M = 1; M <= 14; M += 3)
+        for (long K = 1; K <= 140; K += 23)
+            for (long N = 16; N <= 80; N += 16) {
+                float *A = noise(M * K), *B = noise(K * N), *C = noise(M * N);
+                for (int tr = 0; tr < 2; tr++) {
+                    /* tr: A holds the K x M transpose, read as (si, sk) = (1, M) */
+                    gemm(A, tr ? 1 : K, tr ? M : 1, B, N, C, N, M, K, N, 0);
+                    for (long i = 0; i < M; i++)
+                        for (long j = 0; j < N; j++) {
+                            double s = 0.0;
+                            for (long k = 0; k < K; k++)
+                                s += (double)(tr ? A[k * M + i] : A[i * K + k]) * B[k * N + j];
+                            if (bad(C[i * N + j], s, K, "gemm", M, K, N)) return 1;
+                        }
+                }
+                free(A); free(B); free(C);
+            }
+    /* the one-call forward/backward (values are checked in Python; here: memory) */
+    for (long rows = 1; rows <= 20; rows += 6) {
+        long w[4] = {7, 16, 32, 3};
+        float *W[3], *b[3], *GW[3], *GB[3], *z[2], *act[2];
+        for (int l = 0; l < 3; l++) {
+            W[l] = noise(w[l] * w[l + 1]); b[l] = noise(w[l + 1]);
+            GW[l] = noise(w[l] * w[l + 1]); GB[l] = noise(w[l + 1]);
+        }
+        for (int l = 0; l < 2; l++) { z[l] = noise(rows * w[l + 1]); act[l] = noise(rows * w[l + 1]); }
+        float *inp = noise(rows * 7), *eps = noise(rows * 3), *out = noise(rows * 3);
+        float *wt = noise(16 * 32), sq;
+        mlp_fb(3, w, W, b, GW, GB, inp, eps, z, act, out, wt, &sq, rows, 2.0f / rows);
+        for (int l = 0; l < 3; l++) { free(W[l]); free(b[l]); free(GW[l]); free(GB[l]); }
+        for (int l = 0; l < 2; l++) { free(z[l]); free(act[l]); }
+        free(inp); free(eps); free(out); free(wt);
+    }
+    /* clipping + Adam + EMA, against the same formulas in double */
+    for (long rows = 1; rows <= 3; rows++)
+        for (long P = 1; P <= 40; P += 13) {
+            float *w = noise(rows * P), *g = noise(rows * P), *m = noise(rows * P);
+            float *v = noise(rows * P), *e = noise(rows * P), *w0 = noise(rows * P);
+            for (long i = 0; i < rows * P; i++) { v[i] = fabsf(v[i]); w0[i] = w[i]; }
+            float *m0 = malloc(rows * P * sizeof(float)), *v0 = malloc(rows * P * sizeof(float));
+            for (long i = 0; i < rows * P; i++) { m0[i] = m[i]; v0[i] = v[i]; }
+            adam_ema(w, g, m, v, e, rows, P, -1.0f, 0.01f, 0.9f, 0.999f, 1e-8f, 0.0f, 0, 3.0, 0.1f);
+            for (long i = 0; i < rows * P; i++) {
+                double mm = 0.9 * m0[i] + 0.1 * g[i], vv = 0.999 * v0[i] + 0.001 * g[i] * g[i];
+                double ww = w0[i] - 0.01 / (1 - 0.729) * mm / (sqrt(vv) / sqrt(1 - pow(0.999, 3)) + 1e-8);
+                if (bad(w[i], ww, 1.0, "adam_ema w", rows, P, 0)) return 1;
+            }
+            free(w); free(g); free(m); free(v); free(e); free(w0); free(m0); free(v0);
         }
     printf("ok\n");
     return 0;
