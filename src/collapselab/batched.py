@@ -473,6 +473,8 @@ class _Shard:
                 and dtype == torch.float32 else None
             prod = products if products is not None else (
                 load_products() if device.type == "cpu" and dtype == torch.float32 else _MM)
+            if not native and isinstance(prod, NativeProducts):
+                prod = prod.fallback  # native=False: nothing of collapselab.native
             dense = nat is not None and prod.dense_transpose
             self.bufs = _Buffers(widths, bsz, device, dtype,
                                  dim + time_embed_dim if dense else None)
@@ -686,9 +688,11 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
     compile: run the forward/backward through ``torch.compile`` (falls back to eager with a
         warning where compilation fails). It costs tens of seconds once per process and shape
         and saves ~10-20% per step on CPU: worth it for long runs or many generations only.
-    native: on CPU in float32 (chunk = 1), use the fused SiLU/bias kernels of
-        :mod:`collapselab.native` where they compile and pass their self-test (else, and with
-        False, the PyTorch ops; results agree to float rounding).
+    native: on CPU in float32 (chunk = 1), use the kernels of :mod:`collapselab.native`
+        (fused SiLU/bias passes, the narrow output layer, the optimizer pass and, through
+        :mod:`collapselab.gemm`, the GEMM) where they compile and pass their self-test (else,
+        and with False, the PyTorch ops and a library's products; results agree to float
+        rounding).
     products: the CPU float32 step's matrix products (chunk = 1): default
         :func:`collapselab.gemm.load` (oneDNN where PyTorch has it, else ``torch.mm``);
         ``collapselab.gemm.Products()`` forces ``torch.mm``. Results agree to float rounding.

@@ -14,15 +14,27 @@ narrow output layer (d ≤ 10 outputs, as in the GMM experiments) is a poor shap
 so two more passes do it: ``out_fwd`` (the layer, the loss gradient, its column sums and the loss,
 eight rows at a time in vector registers like a GEMM micro-kernel) and ``out_bwd`` (its weight
 gradient, and the input gradient of the layer below times silu', with its column sums).
-``transpose`` and ``bias_silu_t`` (the forward pass that also writes its output transposed)
-give :mod:`collapselab.gemm`'s oneDNN products the dense transposed activations its weight
-gradients want (16 x 16 tiles transposed in registers).
+The products themselves:
+
+- ``gemm``: C (+)= op(A) B in float32, op(A) = A or Aᵀ read in place; tiles of 6 rows x 64
+  columns of C in 24 vector accumulators, 128 x 64 panels of B kept in L1, A broadcast.
+  213-232 GFLOP/s at the step's shapes on the AMD EPYC development machine, whose core peaks
+  at ~235 (MKL, PyTorch's BLAS, takes its AVX2 path there: ~95). :mod:`collapselab.gemm`
+  uses it on AVX-512 builds only (the AVX2 build emulates its 512-bit vectors);
+- ``transpose`` (16 x 16 tiles in registers) and ``bias_silu_t`` (the forward pass that also
+  writes its output transposed): dense transposed activations for oneDNN's products, which
+  reorder a strided operand on every call.
+
+And the step around them: ``mlp_fb``, one chain's whole forward/backward in one call (~20
+ctypes calls per chain otherwise), and ``adam_ema``, gradient clipping + Adam(W) (torch's
+fused formulas) + the EMA in one pass over the flat training state.
 docs/performance.md, "Batched chains", has the measurements.
 
 Nothing depends on them. The C source below is compiled once per machine with the system C
 compiler (``$CC`` or ``cc``) into the cache (``$COLLAPSELAB_CACHE/native``, default
 ``~/.cache/collapselab/native``), loaded with ctypes, checked against the PyTorch ops on a test
-input (NaN and ±inf included), and used only where all of that succeeds; otherwise
+input (NaN and ±inf included; the products, the one-call step and the optimizer pass against
+float64 autograd and torch's fused Adam), and used only where all of that succeeds; otherwise
 :func:`load` returns None and the caller keeps the PyTorch ops. ``COLLAPSELAB_NATIVE=0``
 turns them off. The code is compiled without ``-ffast-math``: NaN and inf propagate exactly
 as in PyTorch, so divergence checks see them. Only x86-64 with AVX2 or AVX-512, whose vector
