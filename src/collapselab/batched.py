@@ -293,10 +293,12 @@ def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
                          sq: Tensor | None = None, prod: Products = _MM) -> None:
     """:func:`_forward_backward` for one chain with 2-D operands and preallocated buffers.
 
-    The CPU path. ``prod`` (:mod:`collapselab.gemm`) makes the products: oneDNN's where
-    PyTorch has it (2x MKL's rate on this machine's AMD cores; fresh outputs), else
-    ``torch.mm(out=)`` into buffers that live for the whole run, per chain ~15% faster than
-    ``bmm`` over a batch of one. The bias is added after the product (``addmm`` first copies
+    The CPU path. ``prod`` (:mod:`collapselab.gemm`) makes the products: the native GEMM into
+    the buffers, oneDNN's (fresh outputs; they want dense transposed inputs for the weight
+    gradients, which the native SiLU pass writes), or ``torch.mm(out=)`` into buffers that
+    live for the whole run, per chain ~15% faster than ``bmm`` over a batch of one. (With the
+    native GEMM and output layer the shard runs the same arithmetic as one C call per chain,
+    ``Kernels.mlp_plan``.) The bias is added after the product (``addmm`` first copies
     the broadcast bias into the output, one more pass). ``wts`` are the transposed weights
     and, last, the transposed input (views made once by the caller). ``out`` (B, dim) receives
     the gradient of the loss in the network output, 2(ε_θ − ε)/B; :func:`_losses` turns the
@@ -466,11 +468,13 @@ class _Shard:
         # chunk == 1 (the CPU default): 2-D operands per chain, buffers shared by the chains.
         self.per_chain = None
         self.plans = None
+        # collapselab.native's kernels (CPU float32): the step's passes, and the one-pass
+        # clipping + Adam(W) + EMA where the optimizer is the plain fused kind
+        self.nat = nat = load_native() if native and device.type == "cpu" \
+            and dtype == torch.float32 else None
         if self.chunk == 1:
             self.out = torch.empty(k, bsz, dim, device=device, dtype=dtype)
             widths = [w.shape[2] for w in self.params[:n_weights]]
-            nat = load_native() if native and device.type == "cpu" \
-                and dtype == torch.float32 else None
             prod = products if products is not None else (
                 load_products() if device.type == "cpu" and dtype == torch.float32 else _MM)
             if not native and isinstance(prod, NativeProducts):
@@ -497,9 +501,6 @@ class _Shard:
                               in self.per_chain]
         self._adam = None  # cached argument lists of the fused Adam kernel (see _adam_step)
         self._steps = 0  # Adam's step count, mirrored from its state tensor
-        # collapselab.native's one-pass clipping + Adam(W) + EMA, where the fused kind is used
-        self.nat = load_native() if native and device.type == "cpu" \
-            and dtype == torch.float32 else None
 
     def _views(self, a: int, b: int):
         nw = self.nw
