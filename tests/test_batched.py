@@ -115,21 +115,38 @@ def test_one_step_equals_unbatched_steps():
         assert_nets_close(bm.chain_net(k), net, atol=1e-5)
 
 
-@pytest.mark.parametrize("threads,chunk,native,dim,mm", [(1, None, True, D, False),
-                                                          (2, None, True, D, False),
-                                                          (1, K, True, D, False),
-                                                          (1, None, False, D, False),
-                                                          (1, None, True, 20, False),
-                                                          (1, None, True, D, True),
-                                                          (1, None, False, 20, True)])
-def test_run_matches_train_dsm_per_chain(threads, chunk, native, dim, mm):
+def products(kind):
+    """The products of the step: the default choice (None), torch.mm, or oneDNN (which with
+    the native kernels takes the dense-transpose path)."""
+    if kind is None:
+        return None
+    if kind == "mm":
+        return gemm.Products()
+    lib, why = gemm._library()
+    if not isinstance(lib, gemm.OneDNNProducts):
+        pytest.skip(f"oneDNN unavailable here: {why}")
+    return lib
+
+
+@pytest.mark.parametrize("threads,chunk,native,dim,prod", [(1, None, True, D, None),
+                                                            (2, None, True, D, None),
+                                                            (1, K, True, D, None),
+                                                            (1, None, False, D, None),
+                                                            (1, None, True, 20, None),
+                                                            (1, None, True, D, "mm"),
+                                                            (1, None, False, 20, "mm"),
+                                                            (1, None, True, D, "onednn"),
+                                                            (1, None, True, 20, "onednn")])
+def test_run_matches_train_dsm_per_chain(threads, chunk, native, dim, prod):
     """Same seeds ⇒ same minibatches, t and ε per chain; with validation, early stopping,
     clipping, AdamW and a cosine schedule, every chain matches its own train_dsm run. chunk = K
     is the accelerator's formulation (one bmm per layer over all chains), run here on CPU;
     native=False uses PyTorch's SiLU ops instead of collapselab.native's fused kernels; at
     dim = 2 the native path computes the narrow output layer and the loss itself, at dim = 20
-    (wider than the native output layer is used for) BLAS does. The products are
-    collapselab.gemm's choice (oneDNN where PyTorch has it), or with mm torch.mm's."""
+    (wider than the native output layer is used for) the products do. The products are
+    collapselab.gemm's choice (the native GEMM on AVX-512: then, at dim = 2, the one-call
+    forward/backward), torch.mm's, or oneDNN's (with dense transposes from the native
+    SiLU pass)."""
     nets = make_nets(dim=dim)
     datas = make_data(dim=dim)
     # patience 1 every 4 steps: chains 0 and 1 stop early (steps 32, 20), chain 2 runs to 80.
@@ -142,7 +159,7 @@ def test_run_matches_train_dsm_per_chain(threads, chunk, native, dim, mm):
             for k in range(K)]
     given = [copy.deepcopy(n) for n in nets]
     res = train_dsm_batched(given, datas, proc, cfg, seeds, threads=threads, chunk=chunk,
-                            native=native, products=gemm.Products() if mm else None)
+                            native=native, products=products(prod))
     assert len(res) == K
     for k, (r, b) in enumerate(zip(refs, res, strict=True)):
         assert b.net is given[k]  # trained in place, like train_dsm
@@ -169,9 +186,10 @@ def test_run_matches_train_dsm_per_chain(threads, chunk, native, dim, mm):
     assert isinstance(res[0].score(proc), NeuralScore)
 
 
-@pytest.mark.parametrize("native,threads,mm", [(True, 1, False), (False, 1, False),
-                                               (True, 2, False), (True, 1, True)])
-def test_a_chain_does_not_depend_on_its_companions(native, threads, mm):
+@pytest.mark.parametrize("native,threads,prod", [(True, 1, None), (False, 1, None),
+                                                 (True, 2, None), (True, 1, "mm"),
+                                                 (True, 1, "onednn")])
+def test_a_chain_does_not_depend_on_its_companions(native, threads, prod):
     """A chain trained beside others gives the same bits as the same chain trained alone (what
     the local executor does), with clipping and AdamW: the flat state's rows are padded to
     whole vectors (P = 2,786 parameters here, not a multiple of 16), so the vectorised
@@ -181,7 +199,7 @@ def test_a_chain_does_not_depend_on_its_companions(native, threads, mm):
     assert batched_mod._Flat(BatchedMLP.from_nets(nets).flat_params()).P % 16 == 0
     cfg = TrainConfig(steps=40, batch_size=64, lr=1e-2, optimizer="adamw", weight_decay=1e-3,
                       grad_clip=0.5, ema_decay=0.9)
-    prod = gemm.Products() if mm else None
+    prod = products(prod)
     together = train_dsm_batched([copy.deepcopy(n) for n in nets], datas, VPProcess(), cfg,
                                  [5, 17, 29], threads=threads, native=native, products=prod)
     for k, seed in enumerate([5, 17, 29]):
