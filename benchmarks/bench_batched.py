@@ -389,6 +389,45 @@ def fma_peak() -> dict | None:
     return {"one_core": max(one), "two_cores": max(two)}
 
 
+def step_products(batch: int, hidden: int, in_width: int, reps: int = 200) -> list[dict]:
+    """GFLOP/s of each backend of collapselab.gemm on the step's three product shapes (the
+    hidden layer's forward and input gradient, the input layer's forward, a hidden weight
+    gradient xᵀg), one thread, hot buffers, median of 5 timings of ``reps`` calls."""
+    torch.set_num_threads(1)
+    backends = [gemm.Products()]
+    lib, _ = gemm._library()
+    if isinstance(lib, gemm.OneDNNProducts):
+        backends.append(lib)
+    k = load_native()
+    if k is not None and k.target == "avx512f":
+        backends.append(gemm.NativeProducts(k, gemm.Products()))
+    g = torch.Generator().manual_seed(0)
+    a, a0 = torch.randn(batch, hidden, generator=g), torch.randn(batch, in_width, generator=g)
+    w, w0 = torch.randn(hidden, hidden, generator=g), torch.randn(in_width, hidden, generator=g)
+    gr = torch.randn(batch, hidden, generator=g)
+    z, gw = torch.empty(batch, hidden), torch.empty(hidden, hidden)
+    sq, inp = 2 * batch * hidden * hidden, 2 * batch * in_width * hidden
+    cases = {f"forward {batch}x{hidden}x{hidden}": (lambda p: p.forward(a, w, w.T, z), sq),
+             f"input grad {batch}x{hidden}x{hidden}": (
+                 lambda p: p.input_grad(gr, w, w.T, z), sq),
+             f"forward {batch}x{in_width}x{hidden}": (lambda p: p.forward(a0, w0, w0.T, z), inp),
+             f"weight grad {hidden}x{batch}x{hidden}": (
+                 lambda p: p.weight_grad(a.T, gr, gw), sq)}
+    rows = []
+    for name, (fn, flops) in cases.items():
+        for p in backends:
+            ts = []
+            for _ in range(5):
+                fn(p)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn(p)
+                ts.append((time.perf_counter() - t0) / reps)
+            rows.append(dict(shape=name, backend=p.name, us=1e6 * statistics.median(ts),
+                             gflops=flops / statistics.median(ts) / 1e9))
+    return rows
+
+
 def _status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as fh:
@@ -468,6 +507,12 @@ def main(argv=None) -> int:
         print(f"# float32 FMA peak (benchmarks/fma_peak.c): {peak['one_core']:.0f} GFLOP/s on one "
               f"core, {peak['two_cores']:.0f} on two at once")
     all_rows, extra = [], {"fma_peak": peak}
+    prods = step_products(args.batch, args.hidden, max(args.dims) + args.time_embed_dim)
+    extra["step_products"] = prods
+    print("\n## the step's products, one thread, hot buffers (median of 5 x 200 calls)")
+    print(f"{'shape':34s} {'backend':26s} {'us/call':>8s} {'GFLOP/s':>8s}")
+    for r in prods:
+        print(f"{r['shape']:34s} {r['backend']:26s} {r['us']:8.1f} {r['gflops']:8.1f}")
     pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
     for _ in pool.map(int, range(2)):  # start both workers before anything is timed
         pass
