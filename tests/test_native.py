@@ -281,3 +281,14 @@ def test_one_call_forward_backward_equals_the_per_op_path(monkeypatch):
         assert a.loss_history == b.loss_history
         for p, q in zip(a.net.parameters(), b.net.parameters(), strict=True):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_loads_under_no_grad_and_inference_mode(fresh_load, context):
+    """The self-test must not need autograd: the first load may happen inside a sampler's
+    no_grad or inference_mode block."""
+    if native.load() is None:
+        pytest.skip(f"native kernels unavailable here: {native.status()}")
+    native.load.cache_clear()
+    with context():
+        assert fresh_load() is not None, native.status()

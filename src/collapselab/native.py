@@ -555,18 +555,24 @@ def _mlp_case(k: Kernels, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     act = [torch.empty(rows, o) for o in widths[1:-1]]
     out, sq = torch.empty(rows, 3), torch.empty(1)
     k.mlp_plan(ws, bs, gws, gbs, inp, eps, z, act, out, sq, rows)()
-    p64 = [t.double().requires_grad_() for t in ws + bs]
-    h = inp.double()
+    # The reference in float64, backpropagated by hand (no autograd: load() may be called
+    # under no_grad or inference_mode).
+    w64, b64 = [w.double() for w in ws], [b.double() for b in bs]
+    hs, zs64 = [inp.double()], []
     for i in range(3):
-        h = h @ p64[i] + p64[3 + i]
-        if i < 2:
-            h = torch.nn.functional.silu(h)
-    g_out = (h - eps.double()) * (2.0 / rows)
-    loss = (h - eps.double()).square().sum() / rows
-    grads = torch.autograd.grad(loss, p64)
+        zi = hs[-1] @ w64[i] + b64[i]
+        zs64.append(zi)
+        hs.append(torch.nn.functional.silu(zi) if i < 2 else zi)
+    g = (hs[-1] - eps.double()) * (2.0 / rows)
+    g_out, loss = g, (hs[-1] - eps.double()).square().sum() / rows
+    gw64, gb64 = [None] * 3, [None] * 3
+    for i in (2, 1, 0):
+        gw64[i], gb64[i] = hs[i].T @ g, g.sum(0, keepdim=True)
+        if i > 0:
+            s_ = torch.sigmoid(zs64[i - 1])
+            g = (g @ w64[i].T) * (s_ * (1 + zs64[i - 1] * (1 - s_)))
     got = torch.cat([sq * (rows / 4.0), out.flatten()] + [g.flatten() for g in gws + gbs])
-    want = torch.cat([loss.detach()[None], g_out.detach().flatten()]
-                     + [g.flatten() for g in grads]).float()
+    want = torch.cat([loss[None], g_out.flatten()] + [g.flatten() for g in gw64 + gb64]).float()
     return got, want
 
 
