@@ -115,3 +115,17 @@ def test_failed_native_self_test_falls_back_to_the_library(fresh_load, monkeypat
     p = fresh_load()
     assert not isinstance(p, gemm.NativeProducts)
     assert "native's GEMM failed" in gemm.status()
+
+
+def test_strided_weights_give_the_same_products():
+    """A weight that is a strided view (not the step's contiguous rows) is still multiplied
+    correctly: the native products fall back where their layout assumptions fail."""
+    gen = torch.Generator().manual_seed(5)
+    a, g = torch.randn(40, 48, generator=gen), torch.randn(40, 32, generator=gen)
+    w = torch.randn(32, 48, generator=gen).T  # (48, 32), not contiguous
+    for p in backends():
+        f = p.forward(a, w, w.T, torch.empty(40, 32))
+        i = p.input_grad(g, w, w.T, torch.empty(40, 48))
+        for got, x, y in ((f, a, w), (i, g, w.T)):
+            err = (got.double() - x.double() @ y.double()).abs()
+            assert bool((err <= gemm.rounding_bound(x, y)).all()), p.name

@@ -96,7 +96,8 @@ class NativeProducts(Products):
         return self.fallback.forward(a, w, wt, out)
 
     def input_grad(self, g, w, wt, out):
-        if out.shape[1] % 16 == 0 and g.stride(1) == 1:
+        if (w.is_contiguous() and out.shape[1] % 16 == 0 and g.stride(1) == 1
+                and out.stride(1) == 1 and g.dtype == w.dtype == out.dtype == torch.float32):
             w_t = self.k.transpose_(w, torch.empty(w.shape[1], w.shape[0], dtype=w.dtype))
             return self.k.gemm_(g, w_t, out)
         return self.fallback.input_grad(g, w, wt, out)

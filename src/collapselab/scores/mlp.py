@@ -113,7 +113,7 @@ class _NativeInference:
         lins = [m for m in net.mlp if isinstance(m, nn.Linear)]
         for i, lin in enumerate(lins):
             if lin.out_features % 16 == 0:
-                w = lin.weight.detach()
+                w = lin.weight.detach().contiguous()
                 wt = self.k.transpose_(w, w.new_empty(w.shape[1], w.shape[0]))
                 z = self.k.gemm_(h, wt, h.new_empty(n, lin.out_features))
                 z.add_(lin.bias.detach())
