@@ -117,6 +117,10 @@ def test_neural_score_native_inference_equals_the_net(dim, hidden):
     net.mlp[0].weight.data.mul_(2.0)  # a weight changed in place, even through .data, is seen
     with torch.no_grad():
         torch.testing.assert_close(score.eps(x, t), net(x, t), rtol=1e-5, atol=1e-6)
+    # A forward hook changes what net(x, t) computes: the score then calls the net itself.
+    net.register_forward_hook(lambda mod, args, out: out * 3.0)
+    with torch.no_grad():
+        assert torch.equal(score.eps(x, t), net(x, t))
 
 
 def test_dsm_loss_of_exact_net_matches_closed_form():

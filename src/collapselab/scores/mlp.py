@@ -159,10 +159,13 @@ class NeuralScore:
         return self.net(xin, tv).to(device=x.device, dtype=x.dtype)
 
     def _fast(self, xin: Tensor, p: Tensor | None) -> bool:
-        """Whether the native inference path applies: an MLPNet, CPU float32, and nothing
-        that autograd must see."""
-        if p is None or not isinstance(self.net, MLPNet) or xin.device.type != "cpu" \
+        """Whether the native inference path applies: an MLPNet itself (not a subclass, no
+        forward hooks: both could change what ``net(x, t)`` computes), CPU float32, and
+        nothing that autograd must see."""
+        if p is None or type(self.net) is not MLPNet or xin.device.type != "cpu" \
                 or p.dtype != torch.float32 or xin.dtype != torch.float32:
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self.net.modules()):
             return False
         if torch.is_grad_enabled() and (xin.requires_grad or p.requires_grad):
             return False
