@@ -276,7 +276,7 @@ void out_bwd(const float *restrict a, const float *restrict g, const float *rest
 
 /* One chain's forward/backward of the DSM step of a SiLU MLP whose output layer is narrow
    (out_fwd / out_bwd), all in this library: what batched._forward_backward_2d computes with
-   these kernels, in one call (the Python of ~20 calls per chain was ~0.05 ms). L weight
+   these kernels, in one call (the Python of ~20 calls per chain was ~0.08 ms). L weight
    layers; widths w[0..L], w[1..L-1] multiples of 16, w[L] <= 16; W[l] (w[l] x w[l+1]) and
    b[l] the weights, GW[l] and GB[l] their gradients; inp (rows x w[0]), eps (rows x w[L]);
    work space z[l], act[l] (rows x w[l+1], l < L - 1) and wt (w x w for the widest hidden
