@@ -83,42 +83,38 @@ class MLPNet(nn.Module):
         mods.append(nn.Linear(hidden, dim))
         self.mlp = nn.Sequential(*mods)
 
-    def forward(self, x: Tensor, t) -> Tensor:
+    def net_input(self, x: Tensor, t) -> Tensor:
+        """The first layer's input [x flattened, sinusoidal(t)], of shape (n, dim + emb)."""
         n = x.shape[0]
         h = x.reshape(n, -1)
         if h.shape[1] != self.dim:
             raise ValueError(f"expected {self.dim} features per sample, got {h.shape[1]}")
         emb = sinusoidal_embedding(time_vector(t, n, h), self.time_embed_dim, freqs=self.freqs)
-        return self.mlp(torch.cat([h, emb], dim=1)).reshape(x.shape)
+        return torch.cat([h, emb], dim=1)
+
+    def forward(self, x: Tensor, t) -> Tensor:
+        return self.mlp(self.net_input(x, t)).reshape(x.shape)
 
 
 class _NativeInference:
-    """MLPNet's forward for inference through collapselab.native's GEMM (where
-    :func:`collapselab.gemm.load` picks it): the same function as ``net(x, t)`` up to float32
-    rounding, ~1.5-1.8x the speed where PyTorch's BLAS is slow (MKL's AVX2 path on AMD CPUs).
-    Layers whose width is not a multiple of 16 (a narrow read-out) stay with ``F.linear``. The
-    weights are transposed at every call (a few µs; a cache keyed on the weights would miss
-    in-place edits through ``.data``)."""
+    """MLPNet's forward for inference through :mod:`collapselab.gemm`'s native products (where
+    :func:`collapselab.gemm.load` picks them): the same function as ``net(x, t)`` up to float32
+    rounding, ~1.5-2x the speed where PyTorch's BLAS is slow (MKL's AVX2 path on AMD CPUs).
+    Layers the native GEMM does not take (a width not a multiple of 16) go to the products'
+    fallback. The weights are transposed at every call (a few µs; a cache keyed on the
+    weights would miss in-place edits through ``.data``)."""
 
-    def __init__(self, kernels):
-        self.k = kernels
+    def __init__(self, products):
+        self.p = products
 
     def __call__(self, net: MLPNet, x: Tensor, t) -> Tensor:
-        n = x.shape[0]
-        h = x.reshape(n, -1)
-        if h.shape[1] != net.dim:
-            raise ValueError(f"expected {net.dim} features per sample, got {h.shape[1]}")
-        emb = sinusoidal_embedding(time_vector(t, n, h), net.time_embed_dim, freqs=net.freqs)
-        h = torch.cat([h, emb], dim=1)
+        h = net.net_input(x, t)
         lins = [m for m in net.mlp if isinstance(m, nn.Linear)]
         for i, lin in enumerate(lins):
-            if lin.out_features % 16 == 0:
-                w = lin.weight.detach().contiguous()
-                wt = self.k.transpose_(w, w.new_empty(w.shape[1], w.shape[0]))
-                z = self.k.gemm_(h, wt, h.new_empty(n, lin.out_features))
-                z.add_(lin.bias.detach())
-            else:
-                z = nn.functional.linear(h, lin.weight.detach(), lin.bias.detach())
+            w = lin.weight.detach().contiguous()  # (out, in): the transpose of the product's
+            wt = self.p.k.transpose_(w, w.new_empty(w.shape[1], w.shape[0]))
+            z = self.p.forward(h, wt, w, h.new_empty(h.shape[0], lin.out_features))
+            z.add_(lin.bias.detach())
             h = z if i == len(lins) - 1 else nn.functional.silu(z, inplace=True)
         return h.reshape(x.shape)
 
@@ -128,7 +124,7 @@ def _native_inference() -> _NativeInference | None:
     from ..gemm import load as load_products
 
     p = load_products()
-    return _NativeInference(p.k) if isinstance(p, NativeProducts) else None
+    return _NativeInference(p) if isinstance(p, NativeProducts) else None
 
 
 class NeuralScore:
