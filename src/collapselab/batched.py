@@ -499,8 +499,7 @@ class _Shard:
                                            self.bufs.act, out, sq, bsz)
                               for ws, bs, gws, gbs, inp, eps, _, _, out, _, sq, _
                               in self.per_chain]
-        self._adam = None  # cached argument lists of the fused Adam kernel (see _adam_step)
-        self._steps = 0  # Adam's step count, mirrored from its state tensor
+        self._adam = None  # cached argument lists of the fused Adam kernel (see _update)
 
     def _views(self, a: int, b: int):
         nw = self.nw
@@ -555,39 +554,38 @@ class _Shard:
             ok = loss if all(mine) else loss[torch.tensor(mine, device=loss.device)]
             if not bool(torch.isfinite(ok).all()):
                 return loss  # no update: the raw weights stay finite (the caller raises)
-        if self._adam and self.nat is not None:  # clipping, Adam and EMA in one native pass
-            kernel, lists, kw = self._adam
-            torch._foreach_add_(lists[-1], 1)
-            self._steps += 1
-            self.nat.adam_ema_(self.flat, self.gflat, lists[2][0], lists[3][0], self.eflat,
-                               grad_clip, lr, kw["beta1"], kw["beta2"], kw["eps"],
-                               kw["weight_decay"], kernel is torch._fused_adamw_,
-                               self._steps, 1.0 - ema_decay)
-            return loss
-        if grad_clip is not None:
-            _clip_per_chain_(self.gflat, grad_clip)
-        self._adam_step(lr)
-        self.eflat.lerp_(self.flat, 1.0 - ema_decay)
+        self._update(lr, grad_clip, ema_decay)
         return loss
 
-    def _adam_step(self, lr: float) -> None:
-        """One Adam(W) step of the shard. Once the optimizer holds its state, the fused kernel
-        is called directly with cached argument lists, as ``Optimizer.step`` would call it
-        (step counters, then ``_fused_adam(w)_``): that skips ~0.2 ms of per-step Python
-        (grouping tensors by device and dtype, hooks) at this size. The state tensors stay
-        those of ``self.opt``, so checkpoints and :meth:`adam_rows` see every update."""
+    def _update(self, lr: float, grad_clip: float | None, ema_decay: float) -> None:
+        """Clipping, one Adam(W) step and the EMA of the shard. Once the optimizer holds its
+        state, the fused kernel is called directly with cached argument lists, as
+        ``Optimizer.step`` would call it (step counters, then ``_fused_adam(w)_``): that skips
+        ~0.2 ms of per-step Python (grouping tensors by device and dtype, hooks) at this size;
+        with :mod:`collapselab.native`, its one pass does clipping, Adam and the EMA instead.
+        The state tensors stay those of ``self.opt``, so checkpoints and :meth:`adam_rows`
+        see every update."""
         if not self._adam:  # first step (the optimizer creates its state), or no fused kernel
+            if grad_clip is not None:
+                _clip_per_chain_(self.gflat, grad_clip)
             for group in self.opt.param_groups:
                 group["lr"] = lr
             self.opt.step()
             if self._adam is None:
                 self._adam = self._fused_args() or False
-                if self._adam:
-                    self._steps = int(float(self._adam[1][-1][0]))
-            return
-        kernel, lists, kw = self._adam
-        torch._foreach_add_(lists[-1], 1)
-        kernel(*lists, lr=lr, **kw)
+        else:
+            kernel, lists, kw = self._adam
+            torch._foreach_add_(lists[-1], 1)
+            if self.nat is not None:
+                self.nat.adam_ema_(self.flat, self.gflat, lists[2][0], lists[3][0], self.eflat,
+                                   grad_clip, lr, kw["beta1"], kw["beta2"], kw["eps"],
+                                   kw["weight_decay"], kernel is torch._fused_adamw_,
+                                   float(lists[-1][0]), 1.0 - ema_decay)
+                return
+            if grad_clip is not None:
+                _clip_per_chain_(self.gflat, grad_clip)
+            kernel(*lists, lr=lr, **kw)
+        self.eflat.lerp_(self.flat, 1.0 - ema_decay)
 
     def _fused_args(self):
         """(kernel, tensor lists, options) of the fused Adam(W) call, or None where the
