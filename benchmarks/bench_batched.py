@@ -394,13 +394,7 @@ def step_products(batch: int, hidden: int, in_width: int, reps: int = 200) -> li
     hidden layer's forward and input gradient, the input layer's forward, a hidden weight
     gradient xᵀg), one thread, hot buffers, median of 5 timings of ``reps`` calls."""
     torch.set_num_threads(1)
-    backends = [gemm.Products()]
-    lib, _ = gemm._library()
-    if isinstance(lib, gemm.OneDNNProducts):
-        backends.append(lib)
-    k = load_native()
-    if k is not None and k.target == "avx512f":
-        backends.append(gemm.NativeProducts(k, gemm.Products()))
+    backends = gemm.backends()
     g = torch.Generator().manual_seed(0)
     a, a0 = torch.randn(batch, hidden, generator=g), torch.randn(batch, in_width, generator=g)
     w, w0 = torch.randn(hidden, hidden, generator=g), torch.randn(in_width, hidden, generator=g)

@@ -17,18 +17,6 @@ def fresh_load():
     gemm.load.cache_clear()
 
 
-def backends():
-    """Every backend this machine has: torch.mm, oneDNN, collapselab.native's GEMM."""
-    out = [gemm.Products()]
-    lib, _ = gemm._library()
-    if isinstance(lib, gemm.OneDNNProducts):
-        out.append(lib)
-    k = native.load()
-    if k is not None and k.target == "avx512f":
-        out.append(gemm.NativeProducts(k, gemm.Products()))
-    return out
-
-
 @pytest.mark.parametrize("rows,inner,outer", [(512, 128, 128), (512, 66, 128), (37, 45, 29),
                                               (1, 16, 3), (300, 18, 2)])
 def test_products_within_float32_rounding(rows, inner, outer):
@@ -36,7 +24,7 @@ def test_products_within_float32_rounding(rows, inner, outer):
     a = torch.randn(rows, inner, generator=gen)
     w = torch.randn(inner, outer, generator=gen)
     g = torch.randn(rows, outer, generator=gen)
-    for p in backends():
+    for p in gemm.backends():
         f = p.forward(a, w, w.T, torch.empty(rows, outer))
         i = p.input_grad(g, w, w.T, torch.empty(rows, inner))
         gw = torch.full((inner, outer), float("nan"))
@@ -123,7 +111,7 @@ def test_strided_weights_give_the_same_products():
     gen = torch.Generator().manual_seed(5)
     a, g = torch.randn(40, 48, generator=gen), torch.randn(40, 32, generator=gen)
     w = torch.randn(32, 48, generator=gen).T  # (48, 32), not contiguous
-    for p in backends():
+    for p in gemm.backends():
         f = p.forward(a, w, w.T, torch.empty(40, 32))
         i = p.input_grad(g, w, w.T, torch.empty(40, 48))
         for got, x, y in ((f, a, w), (i, g, w.T)):

@@ -4,16 +4,16 @@ Per chain and layer the step makes three float32 products of small shapes (batch
 128): the forward ``a @ w``, the input gradient ``g @ wᵀ`` and the weight gradient ``aᵀ @ g``.
 ``torch.mm`` hands them to PyTorch's BLAS (MKL in the x86 wheels), whose speed depends on the
 CPU: on the AMD EPYC (Zen 5) development machine MKL takes its AVX2 path and reaches
-~95 GFLOP/s per core, where a core's FMA peak is ~235 (docs/performance.md, "Batched
+~95 GFLOP/s per core, where a core's FMA peak is 231-248 (docs/performance.md, "Batched
 chains"). :func:`load` returns the first of these that is available and passes a self-test
 against float64 products within the float32 rounding bound (:func:`rounding_bound`):
 
 1. :class:`NativeProducts`: :mod:`collapselab.native`'s register-tiled GEMM (its AVX-512
-   build only): 213-232 GFLOP/s at the step's shapes, no per-call cost beyond ctypes', results
+   build only): 210-224 GFLOP/s at the step's shapes, no per-call cost beyond ctypes', results
    written into the step's own buffers, the weight gradient reading the layer input in place;
 2. :class:`OneDNNProducts`: oneDNN's fp32 inner product (``torch.ops.mkldnn._linear_pointwise``,
    x @ wᵀ, IEEE float32), which PyTorch ships and which picks its kernels by instruction set:
-   155-195 GFLOP/s at these shapes, ~12.5 µs per call, fresh outputs;
+   136-192 GFLOP/s at these shapes, ~12.5 µs per call, fresh outputs;
 3. :class:`Products`: ``torch.mm(out=)``.
 
 ``COLLAPSELAB_GEMM`` = native | onednn | torch picks one (falling back the same way where it
@@ -31,7 +31,8 @@ import platform
 import torch
 from torch import Tensor
 
-__all__ = ["NativeProducts", "OneDNNProducts", "Products", "load", "rounding_bound", "status"]
+__all__ = ["NativeProducts", "OneDNNProducts", "Products", "backends", "load", "rounding_bound",
+           "status"]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,27 @@ def _library() -> tuple[Products, str]:
         return Products(), f"oneDNN failed ({type(exc).__name__}: " \
                            f"{str(exc).splitlines()[0][:200]})"
     return p, "oneDNN (torch.ops.mkldnn._linear_pointwise, float32)"
+
+
+def backends() -> list[Products]:
+    """Every backend this machine has (torch.mm, then oneDNN and the native GEMM where they
+    pass their self-tests; the native one falling back to torch.mm): for tests and
+    benchmarks that compare them. The step itself uses :func:`load`."""
+    out = [Products()]
+    lib, _ = _library()
+    if isinstance(lib, OneDNNProducts):
+        out.append(lib)
+    from . import native
+
+    k = native.load()
+    if k is not None and k.target == "avx512f":
+        p = NativeProducts(k, Products())
+        try:
+            _self_test(p)
+            out.append(p)
+        except ArithmeticError:
+            pass
+    return out
 
 
 @functools.cache

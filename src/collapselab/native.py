@@ -18,8 +18,8 @@ The products themselves:
 
 - ``gemm``: C (+)= op(A) B in float32, op(A) = A or Aᵀ read in place; tiles of 6 rows x 64
   columns of C in 24 vector accumulators, 128 x 64 panels of B kept in L1, A broadcast.
-  213-232 GFLOP/s at the step's shapes on the AMD EPYC development machine, whose core peaks
-  at ~235 (MKL, PyTorch's BLAS, takes its AVX2 path there: ~95). :mod:`collapselab.gemm`
+  210-224 GFLOP/s at the step's shapes on the AMD EPYC development machine, whose core peaks
+  at 231-248 (MKL, PyTorch's BLAS, takes its AVX2 path there: ~95). :mod:`collapselab.gemm`
   uses it on AVX-512 builds only (the AVX2 build emulates its 512-bit vectors);
 - ``transpose`` (16 x 16 tiles in registers) and ``bias_silu_t`` (the forward pass that also
   writes its output transposed): dense transposed activations for oneDNN's products, which
@@ -33,8 +33,8 @@ docs/performance.md, "Batched chains", has the measurements.
 Nothing depends on them. The C source below is compiled once per machine with the system C
 compiler (``$CC`` or ``cc``) into the cache (``$COLLAPSELAB_CACHE/native``, default
 ``~/.cache/collapselab/native``), loaded with ctypes, checked against the PyTorch ops on a test
-input (NaN and ±inf included; the products, the one-call step and the optimizer pass against
-float64 autograd and torch's fused Adam), and used only where all of that succeeds; otherwise
+input (NaN and ±inf included; the products and the one-call step against float64, the
+optimizer pass against torch's fused Adam), and used only where all of that succeeds; otherwise
 :func:`load` returns None and the caller keeps the PyTorch ops. ``COLLAPSELAB_NATIVE=0``
 turns them off. The code is compiled without ``-ffast-math``: NaN and inf propagate exactly
 as in PyTorch, so divergence checks see them. Only x86-64 with AVX2 or AVX-512, whose vector
@@ -397,8 +397,8 @@ class Kernels:
         return a
 
     def bias_silu_t_(self, z: Tensor, b: Tensor, a: Tensor, at: Tensor) -> Tensor:
-        """:meth:`bias_silu_` that also writes ``at`` (n x rows) = a transposed, 16 rows at a
-        time while they are in cache: the weight gradient's dense operand. Returns a."""
+        """:meth:`bias_silu_` that also writes ``at`` (n x rows) = a transposed (right after
+        the pass, while a is in L2): the weight gradient's dense operand. Returns a."""
         self._fwdt(z.data_ptr(), b.data_ptr(), a.data_ptr(), at.data_ptr(), z.shape[0],
                    z.shape[1])
         return a
@@ -541,8 +541,8 @@ def _compile(cc: str, source: str, flags: list[str], out: Path) -> None:
 
 
 def _mlp_case(k: Kernels, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """mlp_fb on a small net (widths 7 -> 16 -> 32 -> 3, 37 rows) and autograd's float64
-    answer, as two flat tensors: loss, gradients and the loss gradient in the output."""
+    """mlp_fb on a small net (widths 7 -> 16 -> 32 -> 3, 37 rows) and the float64 answer, as
+    two flat tensors: loss, gradients and the loss gradient in the output."""
     widths, rows = [7, 16, 32, 3], 37
     shapes = list(zip(widths[:-1], widths[1:], strict=True))
     if not k.fits_mlp([torch.empty(i, o) for i, o in shapes]):
