@@ -43,10 +43,11 @@ weight gradients, and 2·B·Σ(in·out) over all layers but the input layer for 
 gradients (the network input needs none). GFLOP/s and the 60% verdict use this count; the
 nominal 3 · 2·B·Σ(in·out) ("6 N B"), 6-7% higher here, is printed beside it. The machine
 reference is a 2048² float32 product by each library at hand: torch.mm (PyTorch's BLAS, MKL
-in the x86 wheels), oneDNN (torch.ops.mkldnn._linear_pointwise, what collapselab.gemm uses)
-and NumPy's matmul (OpenBLAS), each at 1 thread, at 2 threads, and in two processes of one
-thread each at once (the pool's workers), interleaved with the rest; the fastest of them all
-is "the machine's matmul throughput" (on an AMD EPYC, MKL takes its AVX2 path and reaches
+in the x86 wheels), oneDNN (torch.ops.mkldnn._linear_pointwise), NumPy's matmul (OpenBLAS)
+and collapselab.native's GEMM (one thread only), each at 1 thread, at 2 threads, and in two
+processes of one thread each at once (the pool's workers), interleaved with the rest; the
+fastest of them all is "the machine's matmul throughput", printed beside the FMA peak that
+benchmarks/fma_peak.c measures (on an AMD EPYC, MKL takes its AVX2 path and reaches
 less than half of oneDNN's rate, so torch.mm alone would flatter the verdict twofold; the
 fraction of torch.mm's best is printed beside it).
 
