@@ -165,31 +165,148 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
                        f"{int(r.generation)} = {r['mean']:.4g} ± {r.half:.2g} (95%, {r.n} seeds)")
 
 
+def _pilot_eps2(root: Path) -> tuple[float, float, int, object]:
+    """ε⋆² of a pilot run: the mean of its score_energy_ideal rows, the stderr of that mean
+    (spread across rows: generations and seeds, which also holds each row's own noise), the
+    number of rows, and the run's configuration."""
+    import pandas as pd
+
+    from .config import load_config
+    from .errors import CollapselabError
+
+    if not (root / "config.yaml").exists() or not (root / "results.parquet").exists():
+        raise CollapselabError(f"--from: {root} is not a run directory (no config.yaml and "
+                               "results.parquet; create one with `collapselab run`)")
+    df = pd.read_parquet(root / "results.parquet", columns=["metric", "value", "stderr"])
+    v = df[df.metric == "score_energy_ideal"]
+    v = v[np.isfinite(v.value.to_numpy(float))]
+    if v.empty:
+        raise CollapselabError(f"--from: {root} has no finite score_energy_ideal rows "
+                               "(run it with pathwise.score_energy: true)")
+    x = v.value.to_numpy(float)
+    if len(x) > 1:
+        se = float(x.std(ddof=1) / np.sqrt(len(x)))
+    else:
+        se = float(v.stderr.iloc[0])
+    return float(x.mean()), se, len(x), load_config(root / "config.yaml")
+
+
+def _smoothing_parts(cfg, t0_flag, dim, target_std, target_mean):
+    """The target's Gaussian parts for the t0-smoothing drift: from a pilot run's target (its
+    components, isotropic variance tr Σ/d each) or the flags' N(μ, s² I). Returns (parts,
+    description) or (None, why not)."""
+    from .theory import GaussianSmoothing
+
+    if cfg is None:
+        return ([GaussianSmoothing(t0_flag, dim, target_mean**2, target_std**2)],
+                f"Gaussian target N(μ, s² I) with ‖μ‖ = {target_mean:g}, s = {target_std:g}, "
+                f"d = {dim}, t0 = {t0_flag:g} (OU)")
+    import torch
+
+    from .loop import build_process, build_target
+    from .targets import GaussianMixture
+
+    target = build_target(cfg)
+    if not isinstance(target, GaussianMixture):
+        return None, "not computed: the pilot run's target is not a Gaussian mixture"
+    proc = build_process(cfg)
+    t0 = float(proc.integral(cfg.sampler.t0))  # OU time with the same shrink e^{−∫β/2}
+    d = target.dim
+    parts = [GaussianSmoothing(t0, d, float((m * m).sum()), float(torch.trace(C)) / d, float(w))
+             for m, C, w in zip(target.means, target.covs, target.weights, strict=True)]
+    k = len(parts)
+    how = ("" if k == 1 else f"; a bound over its {k} components by joint convexity of χ²")
+    return parts, f"the pilot run's target ({cfg.target.kind}, d = {d}), t0 = " \
+                  f"{cfg.sampler.t0:g}{how}"
+
+
 @main.command()
-@click.option("--eps2", type=float, required=True,
-              help="per-generation score error ε² (measured ε⋆², e.g. from a pilot run)")
+@click.option("--eps2", type=float, default=None,
+              help="per-generation score error ε² (measured ε⋆²); or use --from")
+@click.option("--from", "from_dir", type=click.Path(file_okay=False), default=None,
+              help="pilot run directory: ε⋆² (mean and stderr of its score_energy_ideal rows), "
+                   "t0 and the target are read from it")
 @click.option("--tol", type=float, required=True, help="largest acceptable drift D = χ²(p̂ ‖ p)")
 @click.option("--horizon", type=int, default=None,
               help="number of generations to plan for (default: all generations)")
 @click.option("--d0", type=float, default=0.0, show_default=True, help="starting drift D_0")
-def plan(eps2, tol, horizon, d0):
-    """Smallest fresh-data fraction α keeping the predicted drift below --tol (PAPER.md §4)."""
-    from .errors import CollapselabError
-    from .theory import plan_alpha
+@click.option("--c", "c", type=float, default=1.0, show_default=True,
+              help="assumed constant in D_(i+1) = (1−α)² D_i + c·ε² (the conservative 4 of the "
+                   "single-step upper bound is shown beside)")
+@click.option("--t0", type=float, default=0.02, show_default=True,
+              help="stopping time of the reverse process, for the t0-smoothing drift")
+@click.option("--dim", type=int, default=1, show_default=True,
+              help="dimension d of the Gaussian target N(μ, s² I) of the smoothing drift")
+@click.option("--target-std", type=float, default=1.0, show_default=True,
+              help="per-coordinate std s of that target (1 = the OU stationary law: no drift)")
+@click.option("--target-mean", type=float, default=0.0, show_default=True,
+              help="distance ‖μ‖ of that target's mean from the origin")
+def plan(eps2, from_dir, tol, horizon, d0, c, t0, dim, target_std, target_mean):
+    """Smallest fresh-data fraction α keeping the predicted drift below --tol (PAPER.md §4).
 
-    try:
-        res = plan_alpha(eps2, tol, horizon, d0)
-    except ValueError as exc:
-        msg = str(exc)
-        for name, flag in (("eps_sq", "--eps2"), ("tolerance", "--tol"), ("D0", "--d0"),
-                           ("horizon", "--horizon")):
-            if msg.startswith(name + " "):
-                msg = f"{flag}: {msg[len(name) + 1:]}"
-        raise CollapselabError(msg) from None
+    A prediction under a stated constant c, not a bound."""
+    from .errors import CollapselabError
+    from .theory import plan_alpha, smoothing_drift_mixture, smoothing_kl_step
+
+    if (eps2 is None) == (from_dir is None):
+        raise CollapselabError("--eps2 / --from: give exactly one (a number ≥ 0, or a pilot "
+                               "run directory)")
+    for flag, val, ok, allowed in (
+        ("--c", c, c > 0 and np.isfinite(c), "a finite number > 0"),
+        ("--t0", t0, t0 > 0 and np.isfinite(t0), "a finite number > 0"),
+        ("--dim", dim, dim >= 1, "an integer ≥ 1"),
+        ("--target-std", target_std, target_std > 0 and np.isfinite(target_std),
+         "a finite number > 0"),
+        ("--target-mean", target_mean, target_mean >= 0 and np.isfinite(target_mean),
+         "a finite number ≥ 0"),
+    ):
+        if not ok:
+            raise CollapselabError(f"{flag}: must be {allowed}; got {val!r}")
+    cfg, se, source = None, None, "given with --eps2"
+    if from_dir is not None:
+        eps2, se, n, cfg = _pilot_eps2(Path(from_dir))
+        source = f"mean of {n} score_energy_ideal rows of {from_dir}"
+    parts, target_txt = _smoothing_parts(cfg, t0, dim, target_std, target_mean)
+
+    def run(const, e2):
+        try:
+            return plan_alpha(e2, tol, horizon, d0, c=const, smoothing=parts)
+        except ValueError as exc:
+            msg = str(exc)
+            for name, flag in (("eps_sq", "--eps2"), ("tolerance", "--tol"), ("D0", "--d0"),
+                               ("horizon", "--horizon"), ("c", "--c")):
+                if msg.startswith(name + " "):
+                    msg = f"{flag}: {msg[len(name) + 1:]}"
+            raise CollapselabError(msg) from None
+
+    res = run(c, eps2)
+    cons = run(4.0, eps2)
     click.echo(f"alpha: {res.alpha:.6g}")
     click.echo(f"predicted worst D: {res.worst_D:.6g}")
     click.echo(f"feasible: {'yes' if res.feasible else 'no'}")
     click.echo(f"horizon: {'all generations' if res.horizon is None else res.horizon}")
+    click.echo(f"what this is: a prediction under the stated constant c = {c:g} in "
+               "D_(i+1) = (1−α)² D_i + c·ε², not a bound (the paper's single-step bounds allow "
+               "any constant between ¼η and 4)")
+    click.echo(f"eps2: {eps2:.6g}" + (f" ± {se:.2g}" if se is not None else "")
+               + f" ({source})")
+    if se is not None and se > 0:
+        hi = run(c, eps2 + 2 * se)
+        click.echo(f"alpha at eps2 + 2 stderr: {hi.alpha:.6g}"
+                   + ("" if hi.feasible else " (infeasible)"))
+    click.echo(f"alpha with c = 4 (conservative, the single-step bound I ≤ 4 ε⋆²): "
+               f"{cons.alpha:.6g} (predicted worst D {cons.worst_D:.6g}"
+               + ("" if cons.feasible else "; infeasible") + ")")
+    if parts is None:
+        click.echo(f"t0 smoothing: {target_txt}")
+    else:
+        step = smoothing_drift_mixture(1.0, parts, 1)[0]
+        kl = (smoothing_kl_step(parts[0]) if len(parts) == 1 else
+              sum(p.weight * smoothing_kl_step(p) for p in parts) / sum(p.weight for p in parts))
+        le = "≤ " if len(parts) > 1 else ""
+        click.echo(f"t0 smoothing: {target_txt}; with exact scores (ε⋆² = 0) each stop at t0 "
+                   f"adds χ²(S p ‖ p) {le}{step:.4g} (KL {le}{kl:.4g}) per generation; included in "
+                   f"the prediction: {res.smoothing_D:.4g} of the worst D at the planned alpha")
     click.echo(f"reason: {res.reason}")
 
 

@@ -177,9 +177,10 @@ class EstimatorConfig(_Strict):
 
 class PathwiseConfig(_Strict):
     """Path quantities per generation (PAPER.md §3), when q_i's law is known exactly:
-    ε⋆² by quadrature over ``n_times`` points (``n_mc`` draws each), ε̂² along ``n_paths``
-    learned trajectories, η (costly: ``n_paths`` ideal trajectories + a regression) and the
-    bound_* rows of PAPER.md §4 with the unknown constants C, c and the transient i0."""
+    ε⋆² by quadrature over ``n_times`` points (``n_mc`` draws each), ε̂² along at least
+    ``max(n_paths, min_paths)`` learned trajectories (more until ``rel_stderr`` is met), η
+    (costly: ``n_paths`` ideal trajectories + a regression) and the bound_* rows of PAPER.md §4
+    with the unknown constants C, c and the transient i0."""
 
     score_energy: bool = True
     learned: bool = True
@@ -187,6 +188,11 @@ class PathwiseConfig(_Strict):
     n_times: Annotated[int, Field(ge=3)] = 50
     n_mc: PosInt = 1000
     n_paths: PosInt = 1000
+    # ε̂²: at least min_paths learned paths, then more (batches of that size, up to max_paths)
+    # until its stderr is below rel_stderr of the mean — path energies are strongly skewed.
+    min_paths: PosInt = 2000
+    max_paths: PosInt = 20000
+    rel_stderr: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     steps: PosInt = 100
     i0: Annotated[int, Field(ge=0)] = 0
     C: Annotated[float, Field(ge=0.0)] = 0.0

@@ -36,6 +36,7 @@ from .store import (  # noqa: E402
     summarize,
     write_summary,
 )
+from .verdicts import cause_tag, render_check, status_text  # noqa: E402
 
 # Preference order when several estimators measured the same metric.
 ESTIMATOR_ORDER = ["exact", "monte_carlo", "classifier", "knn", "gaussian_features"]
@@ -316,12 +317,17 @@ def _bounds_table(df: pd.DataFrame) -> str:
     if b.empty:
         return "<p>No bound_* rows in results.parquet (the bounds were not evaluated).</p>"
     keep = [c for c in swept_columns(b) + ["alpha", "seed", "generation", "metric", "value",
-                                           "measured", "direction", "held", "note"]
+                                           "measured", "direction", "held", "status", "note"]
             if c in b.columns]
     t = b[keep].rename(columns={"value": "bound"}).copy()
-    if "held" in t.columns:
+    if "status" in t.columns and t["status"].notna().all():
+        # The theory layer's verdict code (identity rows are neither held nor failed).
+        t["held"] = t.pop("status").map(status_text)
+    elif "held" in t.columns:
+        t = t.drop(columns=["status"], errors="ignore")
         t["held"] = t["held"].map(lambda h: "held" if h is True or h == 1 else
                                   ("FAILED" if h is False or h == 0 else "no claim"))
+    if "held" in t.columns:
         counts = t.groupby(["metric", "held"]).size().unstack(fill_value=0)
         head = "<h3>Held / failed per bound</h3>" + counts.to_html()
     else:
@@ -605,7 +611,11 @@ def _theory_sections(cfg, df, bt, imgs) -> list[str]:
                      "ignores the t0 shrink. <b>held</b>: on the right side (within noise); "
                      "<b>FAILED</b>: on the wrong side beyond noise; <b>no claim</b>: a "
                      "premise fails (transient i &lt; i0, ε⋆² &gt; 1, outside the clean "
-                     "regime) or the measurement is unreliable (NaN).</p>")
+                     "regime; the KL bound of Prop 3.1 has none of these) or the measurement "
+                     "is unreliable (NaN); <b>identity</b>: for a score exact for its own "
+                     "law KL(p̂_t0 ‖ q_t0) = KL(p̂_T ‖ q_T) + ½ ε̂² holds with equality, so "
+                     "nothing is tested — calibration_eps_hat then says whether the ε̂² "
+                     "estimate is <b>consistent</b> with it.</p>")
         body += imgs.get("bound_checks", "") + "<h3>Held / FAILED / no claim per α</h3>"
         body += _table(bounds_overview(bt))
         bad = chk[chk.status != "held"]
@@ -724,6 +734,7 @@ SINGLE_CHECKS = {
     "bound_chi2_lower_clean": "χ²(p̂_{i+1} ‖ q_{i,t0}) ≥ η_i ε⋆,i² / 8",
     "bound_intra_upper": "χ²(p̂_{i+1} ‖ q_{i,t0}) ≤ 4 ε⋆,i² + c ε⋆,i⁴",
     "recursion": "D_{i+1} + (1−α)² D_i ≥ (α/2) I_i",
+    "calibration_eps_hat": "KL(p̂_{i+1} ‖ q_{i,t0}) = KL(p̂_T ‖ q_T) + ½ ε̂_i² (identity)",
 }
 
 BOUND_LABELS = {"bound_kl_upper": "½ ε̂²", "bound_chi2_lower": "¼ η ε⋆² − C ε⋆⁴",
@@ -757,64 +768,29 @@ def _pick_series(sub: pd.DataFrame, metric: str, estimators=None) -> dict[int, d
     return out
 
 
-def _cause(held, reason: str) -> str:
-    if held is True:
-        return ""
-    text = reason.lower()
-    for key, tag in (("transient", "transient (i < i0)"),
-                     ("exceeds 1", "outside the perturbative regime (ε⋆² > 1)"),
-                     ("clean regime", "outside the clean regime"),
-                     ("heavy tail", "heavy-tailed / unreliable estimate (NaN)"),
-                     ("nan", "unreliable estimate (NaN)"),
-                     ("infinite", "infinite value"),
-                     ("t0 idealisation", "the paper's t0 idealisation"),
-                     ("leading order", "leading-order bound (unknown constant)"),
-                     ("start-up", "start-up / discretisation error"),
-                     ("recursion", "recursion violated beyond noise")):
-        if key in text:
-            return tag
-    return "violated beyond noise" if held is False else "no claim"
-
-
-def _single_diagnosis(name: str, measured_metric: str, cfg: dict, eps: float, C: float,
-                      c: float) -> str:
-    """Why a single-generation check can fail although the theorem is right: what the
-    measurement does that the paper's idealised statement does not."""
-    parts = []
-    if not measured_metric.endswith("_t0"):
-        parts.append("the measurement is against q_i itself, not q_i pushed to t0 (the paper's "
-                     "t0 idealisation: the bound controls the ideal reverse process's output "
-                     "q_{i,t0}, and the t0 shrink adds a divergence the bound does not see)")
-    if name == "bound_kl_upper":
-        sc, pc = cfg.get("sampler", {}), cfg.get("pathwise", {})
-        parts.append(f"start-up and discretisation errors: p̂ was sampled from N(0, I) with "
-                     f"{sc.get('steps', '?')} Euler steps and ε̂² measured on "
-                     f"{pc.get('steps', '?')} steps, while Girsanov's bound is for the exact "
-                     "continuous-time path started from q_T")
-    elif name.startswith("bound_chi2_lower"):
-        parts.append(f"leading order only: the −C ε⋆⁴ correction (C = {C:g} used) is unknown, "
-                     f"and ε⋆² = {_fmt(eps)} is not small; η is itself a regression estimate")
-    elif name == "bound_intra_upper":
-        parts.append(f"leading order only: the + c ε⋆⁴ term (c = {c:g} used) is unknown")
-    return "; likely cause: " + "; ".join(parts)
-
-
-def _check_row(base: dict, chk, measured_metric: str, cause_text: str = "") -> dict:
-    held = chk.held
-    reason = chk.reason + (cause_text if held is False else "")
+def _check_row(base: dict, chk, measured_metric: str) -> dict:
+    """One bounds-table row from a theory.BoundCheck: status and cause are its codes, rendered
+    (status) or kept (cause); the reason is worded from them by :mod:`collapselab.verdicts`."""
     if chk.direction == "upper":
         slack = chk.bound - chk.measured
-    else:
+    elif chk.direction == "lower":
         slack = chk.measured - chk.bound
+    else:
+        slack = -abs(chk.measured - chk.bound)
     return {**base, "kind": "single_generation", "check": chk.name, "bound": chk.bound,
             "bound_stderr": chk.bound_stderr, "measured": chk.measured,
             "measured_stderr": chk.stderr, "measured_metric": measured_metric,
-            "direction": chk.direction, "slack": slack, "held": held,
-            "status": _status(held), "cause": _cause(held, reason), "reason": reason}
+            "direction": chk.direction, "slack": slack, "held": chk.held,
+            "status": status_text(chk.status), "cause": chk.cause.value,
+            "reason": render_check(chk)}
 
 
 def _status(held) -> str:
     return "held" if held is True else ("FAILED" if held is False else "no claim")
+
+
+# Score models whose score is the exact score of their own law: Prop 3.1 is an identity there.
+EXACT_OWN_LAW_KINDS = ("analytic", "population_kde", "kde")
 
 
 def _single_rows(sub, base, cfg, i0, C, c, n_sigma) -> list[dict]:
@@ -825,6 +801,8 @@ def _single_rows(sub, base, cfg, i0, C, c, n_sigma) -> list[dict]:
         return []
     eta = _pick_series(sub, "observability")
     hat = _pick_series(sub, "score_energy_learned")
+    kl_T = _pick_series(sub, "intra_kl_T", EXACT_DENSITY)
+    own = ((cfg.get("score", {}) or {}).get("kind") in EXACT_OWN_LAW_KINDS)
     meas = {}
     for key in ("intra_kl", "intra_chi2"):
         t0 = _pick_series(sub, f"{key}_t0", EXACT_DENSITY)
@@ -838,6 +816,8 @@ def _single_rows(sub, base, cfg, i0, C, c, n_sigma) -> list[dict]:
         kw = dict(eps_star_sq=e["value"], eps_star_sq_stderr=e["stderr"], generation=g, i0=i0,
                   C=C, c=c, n_sigma=n_sigma)
         names = {}
+        if g in kl_T:
+            kw.update(kl_T=kl_T[g]["value"], kl_T_stderr=kl_T[g]["stderr"])
         if g in eta:
             kw.update(eta=eta[g]["value"], eta_stderr=eta[g]["stderr"])
         if g in hat:
@@ -847,20 +827,26 @@ def _single_rows(sub, base, cfg, i0, C, c, n_sigma) -> list[dict]:
                 mname, v = meas[key][g]
                 kw.update({key: v["value"], f"{key}_stderr": v["stderr"]})
                 names[key] = (mname, v)
+        kl_name = names.get("intra_kl", ("",))[0]
+        chi_name = names.get("intra_chi2", ("",))[0]
+        # A measurement against q_i itself (no _t0 row) departs from what the bounds control.
+        t0 = all(n.endswith("_t0") for n in (kl_name, chi_name) if n)
+        kw["against_t0"] = t0
+        kw["exact_own_law"] = own and kl_name.endswith("_t0")
         for chk in theory.check_single_generation(**kw):
-            key = "intra_kl" if chk.name == "bound_kl_upper" else "intra_chi2"
+            key = "intra_kl" if chk.name in ("bound_kl_upper", "calibration_eps_hat") \
+                else "intra_chi2"
             mname, v = names[key]
-            row = _check_row({**base, "generation": g}, chk, mname,
-                             _single_diagnosis(chk.name, mname, cfg, e["value"], C, c))
-            if chk.held is None and math.isnan(chk.measured) and v["note"]:
+            row = _check_row({**base, "generation": g}, chk, mname)
+            if chk.cause is theory.Cause.MEASURED_NAN and v["note"]:
                 row["reason"] += f" — the estimator says: {v['note']}"
-                row["cause"] = _cause(None, row["reason"])
             out.append(row)
     return out
 
 
 def _recursion_rows(sub, base, alpha, n_sigma) -> list[dict]:
     from . import theory
+    from .theory import Cause
 
     D = _pick_series(sub, "accumulated_chi2")
     I = _pick_series(sub, "intra_chi2", EXACT_DENSITY) or _pick_series(sub, "intra_chi2")
@@ -894,14 +880,17 @@ def _recursion_rows(sub, base, alpha, n_sigma) -> list[dict]:
             else:
                 reason = "both sides are infinite, so the comparison is undecidable"
             held = None
+            cause = Cause.MEASURED_NAN if bad else Cause.MEASURED_INFINITE
         elif math.isinf(s):
             held = s > 0
+            cause = Cause.MEASURED_INFINITE_OK if held else Cause.VIOLATED
             reason = ("the left side is infinite (D infinite: the model's tails have outgrown "
                       "the target's), which satisfies the recursion" if held else
                       "I_i is infinite while D_{i+1} and D_i are finite: the recursion is "
                       "violated (or the χ² estimates disagree about the tails)")
         else:
             held = s + n_sigma * se >= 0
+            cause = Cause.NONE if held else Cause.VIOLATED
             desc = (f"D_(i+1) + (1−α)² D_i = {_fmt(lhs)} against (α/2) I_i = {_fmt(rhs)} "
                     f"(slack {_fmt(s)} ± {_fmt(se, 2)})")
             reason = (f"{desc}: it holds" if s >= 0 else
@@ -912,7 +901,7 @@ def _recursion_rows(sub, base, alpha, n_sigma) -> list[dict]:
                     "measured_stderr": math.sqrt(d1["stderr"] ** 2 + r * r * d0["stderr"] ** 2),
                     "measured_metric": "accumulated_chi2", "direction": "lower", "slack": s,
                     "held": held, "status": _status(held),
-                    "cause": _cause(held, reason), "reason": f"{reason}; {where}"})
+                    "cause": cause.value, "reason": f"{reason}; {where}"})
     return out
 
 
@@ -1037,10 +1026,19 @@ def bounds_sentence(bt: pd.DataFrame) -> str:
                 "estimators).")
     n = len(chk)
     counts = chk.status.value_counts()
-    held, failed, none = (int(counts.get(k, 0)) for k in ("held", "FAILED", "no claim"))
+    held, failed, none, ident = (int(counts.get(k, 0))
+                                 for k in ("held", "FAILED", "no claim", "identity"))
+    n -= int(counts.get("consistent", 0) + counts.get("inconsistent", 0))
     s = f"Of {n} bound checks, {held} held, {failed} FAILED and {none} made no claim."
-    for status, what in (("FAILED", "failures"), ("no claim", "no-claim checks")):
-        causes = chk[chk.status == status].cause.value_counts()
+    if ident:
+        s += (f" {ident} were identities for this model (score exact for its own law), "
+              "used to calibrate ε̂² instead.")
+    cons, inc = int(counts.get("consistent", 0)), int(counts.get("inconsistent", 0))
+    if cons + inc:
+        s += f" ε̂² calibration: {cons} consistent, {inc} inconsistent."
+    for status, what in (("FAILED", "failures"), ("no claim", "no-claim checks"),
+                         ("inconsistent", "inconsistent calibrations")):
+        causes = chk[chk.status == status].cause.map(cause_tag).value_counts()
         if len(causes):
             top = ", ".join(f"{k} ({v})" for k, v in causes.head(3).items())
             s += f" Main reason for the {what}: {top}."
@@ -1229,7 +1227,9 @@ def bounds_overview(bt: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     keys = [k for k in swept_columns(chk)] + ["alpha", "check"]
     t = chk.groupby(keys + ["status"]).size().unstack(fill_value=0)
-    for s in ("held", "FAILED", "no claim"):
+    cols = ["held", "FAILED", "no claim"]
+    cols += [s for s in ("identity", "consistent", "inconsistent") if s in t.columns]
+    for s in cols:
         if s not in t.columns:
             t[s] = 0
-    return t[["held", "FAILED", "no claim"]].reset_index()
+    return t[cols].reset_index()
