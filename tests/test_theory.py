@@ -559,3 +559,98 @@ def test_theory_is_pure():
     assert mods <= {"__future__", "functools", "math", "collections.abc", "dataclasses", "enum",
                     "typing",
                     "numpy"}
+
+
+# --------------------------------------------------------------------------- t0 smoothing drift
+
+
+def _smoothing_chain_by_quadrature(alpha, t0, mu, s2, N):
+    """χ²(p̂_n ‖ p), n = 1 … N, in d = 1 by quadrature: the components of p̂_n are carried
+    through p̂_{n+1} = S(α p + (1−α) p̂_n) one by one (independent of the Gram-matrix sums)."""
+    from scipy import integrate
+    from scipy.special import logsumexp
+    from scipy.stats import norm
+
+    a = math.exp(-t0 / 2)
+    comps, out = [(1.0, mu, s2)], []
+    for _ in range(N):
+        mixed = [(alpha, mu, s2)] + [((1 - alpha) * w, m, v) for w, m, v in comps]
+        comps = [(w, a * m, a * a * v + 1 - a * a) for w, m, v in mixed if w > 0]
+
+        def f(x, comps=comps):
+            lg = logsumexp([math.log(w) + norm.logpdf(x, m, math.sqrt(v)) for w, m, v in comps])
+            return math.exp(2 * lg - norm.logpdf(x, mu, math.sqrt(s2)))
+
+        out.append(integrate.quad(f, -40, 40, limit=400, points=[0.0, mu])[0] - 1.0)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("alpha, t0, mu, s2", [(0.3, 0.3, 2.0, 0.5), (0.0, 0.2, 1.0, 0.8),
+                                               (0.7, 0.1, 3.0, 1.5), (1.0, 0.05, 4.0, 0.25)])
+def test_smoothing_drift_matches_quadrature(alpha, t0, mu, s2):
+    g = th.GaussianSmoothing(t0=t0, dim=1, mean_sq=mu * mu, var=s2)
+    np.testing.assert_allclose(th.smoothing_drift(alpha, g, 6),
+                               _smoothing_chain_by_quadrature(alpha, t0, mu, s2, 6),
+                               rtol=1e-7, atol=1e-10)
+
+
+def test_smoothing_drift_dimension_kl_and_limits():
+    # d coordinates of an isotropic Gaussian with mean on one axis: log(1 + χ²) adds up over
+    # coordinates for a single Gaussian (α = 1: p̂ = S p each generation).
+    g1 = th.GaussianSmoothing(0.1, 1, 4.0, 0.5)
+    g0 = th.GaussianSmoothing(0.1, 1, 0.0, 0.5)
+    g3 = th.GaussianSmoothing(0.1, 3, 4.0, 0.5)
+    one, zero = th.smoothing_drift(1.0, g1, 1)[0], th.smoothing_drift(1.0, g0, 1)[0]
+    assert th.smoothing_drift(1.0, g3, 1)[0] == pytest.approx((1 + one) * (1 + zero) ** 2 - 1)
+    # the standard normal is stationary: no drift at all
+    assert np.all(th.smoothing_drift(0.3, th.GaussianSmoothing(0.02, 4), 50) == 0.0)
+    # KL(S p ‖ p) in closed form against quadrature
+    from scipy import integrate
+    from scipy.stats import norm
+
+    a = math.exp(-0.05)
+    v = a * a * 0.5 + 1 - a * a
+    kl = integrate.quad(lambda x: norm.pdf(x, 2 * a, math.sqrt(v))
+                        * (norm.logpdf(x, 2 * a, math.sqrt(v)) - norm.logpdf(x, 2, math.sqrt(0.5))),
+                        -30, 30)[0]
+    assert th.smoothing_kl_step(g1) == pytest.approx(kl, rel=1e-9)
+    # narrow target (s² = 0.25): S^k p gets wider than twice p once a^{2k} ≤ 2/3, i.e.
+    # k ≥ ln(1.5)/t0 = 20.3 at t0 = 0.02 — then χ² is infinite for every α < 1
+    D = th.smoothing_drift(0.5, th.GaussianSmoothing(0.02, 2, 16.0, 0.25), 25)
+    assert np.all(np.isfinite(D[:20])) and np.all(np.isinf(D[20:]))
+    assert np.all(np.isfinite(th.smoothing_drift(1.0, th.GaussianSmoothing(0.02, 2, 16.0, 0.25),
+                                                 25)))
+    # mixture: weighted mean of the components' chains (a bound by joint convexity)
+    parts = [th.GaussianSmoothing(0.1, 1, 4.0, 0.5, 3.0), th.GaussianSmoothing(0.1, 1, 0.0, 0.5)]
+    np.testing.assert_allclose(th.smoothing_drift_mixture(0.4, parts, 5),
+                               0.75 * th.smoothing_drift(0.4, parts[0], 5)
+                               + 0.25 * th.smoothing_drift(0.4, parts[1], 5))
+    with pytest.raises(ValueError):
+        th.GaussianSmoothing(0.0, 1)
+    with pytest.raises(ValueError):
+        th.GaussianSmoothing(0.1, 0)
+
+
+def test_plan_alpha_constant_and_smoothing():
+    # c scales the innovation: plan(ε², c) = plan(c ε², 1); c = 4 needs more fresh data
+    assert th.plan_alpha(0.01, 0.1, None, c=4.0).alpha == pytest.approx(
+        th.plan_alpha(0.04, 0.1, None).alpha)
+    assert th.plan_alpha(0.01, 0.1, 8, c=4.0).c == 4.0
+    with pytest.raises(ValueError):
+        th.plan_alpha(0.01, 0.1, None, c=0.0)
+    # ε² = 0: only the t0 smoothing drifts. Horizon 5 by hand: the worst predicted D over
+    # n ≤ 5 at the planned α equals the tolerance, and it is the smoothing drift itself.
+    sm = [th.GaussianSmoothing(0.1, 2, 9.0, 0.5)]
+    res = th.plan_alpha(0.0, 0.3, 5, smoothing=sm)
+    assert res.feasible and 0 < res.alpha < 1
+    worst = float(np.max(th.smoothing_drift(res.alpha, sm[0], 5)))
+    assert res.worst_D == pytest.approx(worst) and res.smoothing_D == pytest.approx(worst)
+    assert worst == pytest.approx(0.3, rel=1e-5)
+    # slightly less fresh data breaks the tolerance
+    assert float(np.max(th.smoothing_drift(res.alpha - 1e-3, sm[0], 5))) > 0.3
+    # adding a per-generation error can only raise the required α
+    assert th.plan_alpha(0.02, 0.3, 5, smoothing=sm).alpha > res.alpha
+    # a tolerance below one step of smoothing is infeasible even at α = 1
+    step = float(th.smoothing_drift(1.0, sm[0], 1)[0])
+    bad = th.plan_alpha(0.0, 0.5 * step, 5, smoothing=sm)
+    assert not bad.feasible and bad.alpha == 1.0 and "infeasible" in bad.reason

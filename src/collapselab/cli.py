@@ -374,7 +374,7 @@ def bounds(directory, i0, C, c, n_sigma, no_figures):
             click.echo(f"D_{int(grp.generation.iloc[0])} alpha={a:g}: discounted-sum "
                        f"prediction {np.nanmedian(p):.4g}, {ratio_txt}")
     shown = 0
-    for status in ("FAILED", "no claim"):
+    for status in ("FAILED", "inconsistent", "no claim"):
         rows = bt[bt.status == status] if len(bt) else bt
         for _, r in rows.iterrows():
             if shown >= 12:
@@ -382,7 +382,8 @@ def bounds(directory, i0, C, c, n_sigma, no_figures):
             where = f"alpha={r.alpha:g} seed={r.seed} generation={r.generation}"
             click.echo(f"{status}: {r.check} at {where}: {r.reason}")
             shown += 1
-    left = int((bt.status.isin(["FAILED", "no claim"])).sum()) - shown if len(bt) else 0
+    left = (int((bt.status.isin(["FAILED", "inconsistent", "no claim"])).sum()) - shown
+            if len(bt) else 0)
     if left > 0:
         click.echo(f"… {left} more in {root / 'bounds.csv'}")
     click.echo(f"wrote {root / 'bounds.parquet'}, {root / 'bounds.csv'} and {len(figs)} figures")
