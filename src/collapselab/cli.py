@@ -304,6 +304,15 @@ def plan(eps2, from_dir, tol, horizon, d0, c, t0, dim, target_std, target_mean):
         kl = (smoothing_kl_step(parts[0]) if len(parts) == 1 else
               sum(p.weight * smoothing_kl_step(p) for p in parts) / sum(p.weight for p in parts))
         le = "≤ " if len(parts) > 1 else ""
+        # χ² of the smoothing chain is infinite once a smoothed component is more than twice
+        # as wide as the target's: say from which generation, whatever α < 1.
+        cap = max(10, int(np.ceil(12.0 / parts[0].t0)))  # as far as the planner looks
+        probe = smoothing_drift_mixture(0.5, parts, cap if horizon is None else min(horizon, cap))
+        if np.isinf(probe).any():
+            n_inf = int(np.argmax(np.isinf(probe))) + 1
+            click.echo(f"t0 smoothing diverges: for every alpha < 1 the predicted χ² is infinite "
+                       f"from generation {n_inf} on (the target pushed {n_inf} times to t0 is "
+                       "more than twice as wide as the target, and keeps a positive weight)")
         click.echo(f"t0 smoothing: {target_txt}; with exact scores (ε⋆² = 0) each stop at t0 "
                    f"adds χ²(S p ‖ p) {le}{step:.4g} (KL {le}{kl:.4g}) per generation; included in "
                    f"the prediction: {res.smoothing_D:.4g} of the worst D at the planned alpha")

@@ -1055,7 +1055,13 @@ def smoothing_drift_mixture(alpha: float, parts: Sequence[GaussianSmoothing],
     tot = sum(float(p.weight) for p in parts)
     if not parts or not tot > 0:
         raise ValueError("parts must be a non-empty sequence with positive total weight")
-    return sum(float(p.weight) / tot * smoothing_drift(alpha, p, N) for p in parts)
+    # Components with the same (t0, d, ‖μ‖², s²) have the same chain: compute it once.
+    groups: dict[tuple, float] = {}
+    for p in parts:
+        key = (p.t0, p.dim, p.mean_sq, p.var)
+        groups[key] = groups.get(key, 0.0) + float(p.weight)
+    return sum(w / tot * smoothing_drift(alpha, GaussianSmoothing(*k), N)
+               for k, w in groups.items())
 
 
 def smoothing_kl_step(g: GaussianSmoothing) -> float:
