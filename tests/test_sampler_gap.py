@@ -141,3 +141,14 @@ def test_chain_rows_carry_the_sampler_gap_on_the_generation_of_the_samples(tmp_p
     assert gap.note.str.contains("30 steps, geometric grid").all()
     again = run_experiment(cfg, prepare_run_dir(cfg, tmp_path / "b"))
     np.testing.assert_array_equal(again[again.metric == "sampler_gap_kl"].value, gap.value)
+
+
+def test_too_few_samples_give_nan_with_a_reason_not_a_crash(tmp_path):
+    cfg = load_config("quickstart", ["loop.generations=1", "loop.n_train=200",
+                                     "sampler.steps=10", "estimators.n_mc=500",
+                                     "estimators.n_eval=40", "estimators.sample_based=[]",
+                                     "sweep.alphas=[0.5]", "sweep.seeds=[0]",
+                                     "pathwise.score_energy=false", "pathwise.learned=false"])
+    df = run_experiment(cfg, prepare_run_dir(cfg, tmp_path / "a"))
+    gap = df[df.metric == "sampler_gap_kl"].iloc[0]
+    assert math.isnan(gap.value) and "too few samples" in gap.note

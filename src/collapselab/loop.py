@@ -392,7 +392,10 @@ def sampler_gap(ctx: ChainContext, generation: int, x: np.ndarray, law_next) -> 
     law's exact density (:func:`~collapselab.estimators.knn_kl_known_b_paired`)."""
     gen, _ = streams(ctx.seed, generation, "gap")
     sc = ctx.cfg.sampler
-    e = est.knn_kl_known_b_paired(x, law_next, generator=gen)
+    try:
+        e = est.knn_kl_known_b_paired(x, law_next, generator=gen)
+    except ValueError as exc:  # too few samples for kNN batches, or duplicate samples
+        return Estimate(float("nan"), float("nan"), "knn_paired", f"not estimated: {exc}")
     note = (f"law of the {sc.kind} samples ({sc.steps} steps, {sc.schedule} grid) against the "
             f"ideal reverse process's law; {e.note}")
     return Estimate(e.value, e.stderr, e.estimator, note)
