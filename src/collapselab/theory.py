@@ -30,6 +30,7 @@ import numpy as np
 __all__ = [
     "BoundCheck",
     "Cause",
+    "GaussianSmoothing",
     "PlanResult",
     "Regime",
     "Status",
@@ -52,6 +53,9 @@ __all__ = [
     "plan_alpha",
     "predicted_divergence",
     "recursion_lower_bound",
+    "smoothing_drift",
+    "smoothing_drift_mixture",
+    "smoothing_kl_step",
     "steady_state",
     "two_sided_intra_bounds",
 ]
