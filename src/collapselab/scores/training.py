@@ -49,7 +49,7 @@ class TrainingDivergedError(RuntimeError):
         self.step, self.loss = step, loss
         super().__init__(
             f"DSM training diverged at step {step}: loss = {loss}. Check the data for NaN/Inf, "
-            "lower the learning rate or set grad_clip."
+            "lower the learning rate (score.lr)."
         )
 
 
