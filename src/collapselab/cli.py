@@ -135,7 +135,7 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     """Run (or resume) an experiment: a preset name or a YAML file."""
     import importlib.util
 
-    from .config import load_config
+    from .config import load_config, repeated_overrides
     from .errors import ConfigError
     from .executors import (
         ChainFailed,
@@ -152,6 +152,8 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     from .observability import experiment_of, run_observability_command
     from .store import run_lock
 
+    for line in repeated_overrides(list(overrides)):
+        click.echo(f"warning: {line}", err=True)
     with _config_warnings():
         observability = experiment_of(source, list(overrides)) is not None
         if not observability:
@@ -183,7 +185,10 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     check_out(root)
     # The run directory's lock, held until the command ends (report included): a second run
     # on the same --out is refused, naming this one, instead of mixing two configurations.
-    click.get_current_context().with_resource(run_lock(root))
+    try:
+        click.get_current_context().with_resource(run_lock(root))
+    except OSError as exc:
+        raise ConfigError("--out", f"{root}: {exc.strerror or exc}") from None
     if workers is None and executor == "local":
         # One chain per core, one torch thread each: in-process runs use every core's thread
         # for one chain, which oversubscribes badly as soon as anything else runs.

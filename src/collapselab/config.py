@@ -470,13 +470,23 @@ def build_config(data: dict) -> Config:
 def load_config(source: str | Path, overrides: list[str] = ()) -> Config:
     """Read a preset name or YAML file, apply ``--set`` overrides, validate everything."""
     data = _read_source(source)
-    given: dict[str, str] = {}
     for text in overrides:
         path, value = parse_override(text)
-        key = ".".join(path)
-        if key in given:
-            warnings.warn(f"--set {key} given twice ('{given[key]}', then '{text}'); the last "
-                          "value is used", ConfigWarning, stacklevel=2)
-        given[key] = text
         apply_override(data, path, value)
     return build_config(data)
+
+
+def repeated_overrides(overrides: list[str]) -> list[str]:
+    """One line for each key that ``--set`` gives more than once (the last value wins)."""
+    given: dict[str, str] = {}
+    out = []
+    for text in overrides:
+        try:
+            key = ".".join(parse_override(text)[0])
+        except ConfigError:
+            continue  # load_config reports it
+        if key in given:
+            out.append(f"--set {key} given twice ('{given[key]}', then '{text}'); the last "
+                       "value is used")
+        given[key] = text
+    return out

@@ -8,6 +8,7 @@
         model.safetensors                    when the score model has weights
         metrics.json                         written last, atomically: marks completion
     DIR/figures/*.png, DIR/report.html, DIR/run.log
+    DIR/.lock                                the run's lock (flock), with its holder's pid
 
 A generation counts as done only when its metrics.json exists; files are written to a
 temporary name and renamed, so a killed run never leaves a half-written file under a final name.
