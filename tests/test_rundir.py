@@ -358,12 +358,18 @@ def test_duplicate_keys_and_repeated_set_warn(tmp_path):
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_honour_the_umask(tmp_path, umask, mode):
+    import torch
+
+    from collapselab.scores.training import save_checkpoint
+
     old = os.umask(umask)
     try:
         atomic_write_bytes(tmp_path / "f", b"x")
+        save_checkpoint(tmp_path / "model.safetensors", torch.nn.Linear(2, 2))
     finally:
         os.umask(old)
     assert (tmp_path / "f").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == mode
 
 
 def test_leftover_temporaries_are_removed_and_results_unchanged(cfg3, clean, tmp_path):
