@@ -88,6 +88,19 @@ def test_second_run_is_refused_naming_the_holder_and_nothing_is_written(tmp_path
     assert r.returncode == 0, r.stderr
 
 
+def test_observability_run_takes_the_lock_too(tmp_path):
+    out = tmp_path / "obs"
+    out.mkdir()
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        line = one_line(invoke("run", "observability", "--out", str(out), "--quiet"))
+        assert "in use by another process" in line
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    finally:
+        os.close(fd)
+
+
 def test_lock_of_a_killed_run_is_taken_over(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen(

@@ -161,6 +161,12 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     if observability:  # e.g. `experiment: observability`
         if executor != "local" or address is not None or gpus_per_chain is not None:
             raise ConfigError("--executor", "the observability experiment runs locally only")
+        from .observability import load_observability_config
+
+        obs_cfg = load_observability_config(source, list(overrides))  # validated first
+        out = out if out is not None else str(Path("runs") / obs_cfg.name)
+        check_out(Path(out))
+        click.get_current_context().with_resource(run_lock(Path(out)))  # one run per directory
         run_observability_command(source, list(overrides), out, quiet=quiet,
                                   no_report=no_report, echo=click.echo, fail=_fail)
         return
