@@ -263,7 +263,9 @@ def test_damaged_generation_and_the_rest_of_its_chain_are_recomputed(cfg3, clean
 @pytest.mark.parametrize("override, field", [
     ("sweep.seeds=[18446744073709551616]", "sweep.seeds"),
     ("sweep.seeds=[9223372036854775808]", "sweep.seeds"),
-    ("sampler.t0=0", "sampler.t0"),
+    ("sampler.t0=0", "sampler.schedule"),
+    ("sampler.t0=0 sampler.schedule=uniform", "sampler.t0"),
+    ("sampler.t0=0 sampler.schedule=edm", "sampler.t0"),
     ("score.bandwidth=inf", "score.bandwidth"),
     ("score.bandwidth=1e300", "score.bandwidth"),
     ("score.bandwidth=.nan", "score.bandwidth"),
@@ -276,7 +278,8 @@ def test_damaged_generation_and_the_rest_of_its_chain_are_recomputed(cfg3, clean
 ])
 def test_values_the_run_would_die_on_exit_2_before_writing(tmp_path, override, field):
     out = tmp_path / "run"
-    line = one_line(invoke("run", "quickstart", "--out", str(out), "--set", override))
+    sets = [x for o in override.split(" ") for x in ("--set", o)]
+    line = one_line(invoke("run", "quickstart", "--out", str(out), *sets))
     assert line.startswith(f"error: {field}"), line
     assert "sweep.grid" not in line
     assert not out.exists()

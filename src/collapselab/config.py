@@ -156,6 +156,10 @@ class SamplerConfig(_Strict):
     kind: Literal["euler_maruyama", "ddpm"] = "euler_maruyama"
     steps: PosInt = 500
     t0: NonNegFloat = 0.02
+    # The reverse-time grid (processes.time_grid): geometric and edm are finest near t0, where
+    # the reverse drift is stiffest; uniform is DDPM's grid. ε̂² and η use the same schedule.
+    schedule: Literal["uniform", "geometric", "edm"] = "geometric"
+    rho: PosFloat = 7.0  # the edm schedule's exponent (Karras et al. 2022)
     # DDPM's "clip_denoised" (Ho et al.'s sampler): each step's predicted x0 clamped to the
     # data range [-1, 1] of image targets. Changes the output law: images only.
     clip: bool = False
@@ -294,6 +298,9 @@ class Config(_Strict):
     def _cross(self):
         if self.sampler.t0 >= self.process.T:
             raise ValueError("sampler.t0: must be smaller than process.T")
+        if self.sampler.schedule == "geometric" and self.sampler.t0 <= 0:
+            raise ValueError("sampler.schedule: geometric needs sampler.t0 > 0 "
+                             "(allowed with t0 = 0: uniform, edm)")
         image = self.target.kind == "dataset"
         if image and self.score.kind not in ("mlp", "unet"):
             raise ValueError("score.kind: image targets need a network score (mlp or unet)")

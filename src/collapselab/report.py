@@ -39,6 +39,11 @@ from .store import (  # noqa: E402
 
 # Preference order when several estimators measured the same metric.
 ESTIMATOR_ORDER = ["exact", "monte_carlo", "classifier", "knn", "gaussian_features"]
+# Whose law each estimator's number describes: exact densities are of the ideal reverse
+# process's law; sample-based estimators see what the sampler actually produced.
+LAW_OF = {"monte_carlo": "ideal law", "knn": "sampler's samples",
+          "classifier": "sampler's samples", "gaussian_features": "sampler's samples",
+          "knn_paired": "sampler's samples vs ideal law"}
 # A bound row's measured counterpart when the row carries no ``measured`` column.
 BOUND_TARGETS = {"bound_kl_upper": "intra_kl", "bound_chi2_lower": "intra_chi2",
                  "bound_chi2_lower_clean": "intra_chi2", "bound_intra_upper": "intra_chi2"}
@@ -126,7 +131,9 @@ def plot_metric(df: pd.DataFrame, metric: str, title: str, ax, params: dict | No
         ax.set_yscale("symlog", linthresh=float(pos.min()))  # χ² can span many decades
     ax.set_xlabel("generation i")
     extra = f" — {_label(params)}" if params else ""
-    ax.set_title(f"{title}{extra}\n[{est}; mean over seeds, 95% band]", fontsize=9)
+    laws = "/".join(dict.fromkeys(LAW_OF[e] for e in est.split("/") if e in LAW_OF))
+    est_l = f"{est}: {laws}" if laws else est
+    ax.set_title(f"{title}{extra}\n[{est_l}; mean over seeds, 95% band]", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return True
@@ -549,6 +556,15 @@ def build_report(root) -> list:
     if _metric_figure(df, [("intra_chi2", "I_i = χ²(p̂_{i+1} ‖ q_i)"),
                            ("intra_kl", "KL(p̂_{i+1} ‖ q_i)")], F / "intra.png"):
         figs["intra"].append(F / "intra.png")
+    # The sampler's own drift, beside D_i measured on its actual samples (accumulated.png
+    # shows the ideal law's D_i wherever its exact density is known).
+    sampled = df[(df.metric == "sampler_gap_kl") | ((df.metric == "accumulated_kl")
+                                                   & df.estimator.isin(["exact", "knn"]))]
+    gap_pairs = [("sampler_gap_kl", "KL(sampler's p̂_i ‖ ideal p̂_i)"),
+                 ("accumulated_kl", "KL(sampler's p̂_i ‖ p)")]
+    if (df.metric == "sampler_gap_kl").any() and _metric_figure(sampled, gap_pairs,
+                                                                F / "sampler_gap.png"):
+        figs["drift"].append(F / "sampler_gap.png")
     if plot_bounds(df, F / "bounds.png"):
         figs["bounds"].append(F / "bounds.png")
     if plot_pathwise(df, F / "pathwise.png"):
@@ -678,7 +694,11 @@ def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
         _section("answer", "How does drift depend on α?", answer),
         fail_html,
         _section("drift", "Accumulated divergence D_i (χ² and KL) per α",
-                 imgs["drift"] or "<p>no accumulated_* rows</p>"),
+                 ("<p>Exact-density estimates (monte_carlo) describe the <b>ideal law</b> "
+                  "of the reverse process stopped at t0; kNN and classifier estimates describe "
+                  "the <b>sampler's samples</b>, which the next generation trains on. "
+                  "sampler_gap_kl is KL(sampler's law ‖ ideal law) (sampler_gap.png).</p>"
+                  + imgs["drift"]) if imgs["drift"] else "<p>no accumulated_* rows</p>"),
         _section("intra", "Intra-generation divergence I_i (χ² and KL) per α",
                  imgs["intra"] or "<p>no intra_* rows</p>"),
         _section("nonfinite", "Infinite / unreliable values and their notes",
