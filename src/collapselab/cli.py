@@ -5,6 +5,7 @@ Exit codes: 0 success, 2 invalid input (one line naming the field), 1 failure du
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -47,6 +48,66 @@ def _setup_logging(path: Path) -> None:
     logger.setLevel(logging.INFO)
 
 
+@contextlib.contextmanager
+def _config_warnings():
+    """Show the config loaders' warnings (a key given twice in the YAML, a repeated --set) as
+    one line each on stderr, once each, when the block ends (before its error, if any)."""
+    import warnings
+
+    from .config import ConfigWarning
+
+    shown: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, ConfigWarning) and str(w.message) not in shown:
+                    shown.append(str(w.message))
+                    click.echo(f"warning: {w.message}", err=True)
+
+
+def _open_for_reading(directory, command: str, *, results: bool) -> None:
+    """Before ``report`` / ``bounds`` read a run directory: its config.yaml (and results.parquet,
+    where needed or present) must be readable — one line otherwise. Holds the directory's lock
+    shared while the command runs, so that a run does not start meanwhile; when a run holds it,
+    says so and goes on (every file is replaced atomically, so what is read is whole)."""
+    import yaml
+
+    from .errors import CollapselabError
+    from .store import RunDirBusy, run_lock
+
+    root = Path(directory)
+    try:
+        cfg = yaml.safe_load((root / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        cfg = None
+    if not isinstance(cfg, dict):
+        raise CollapselabError(f"{root / 'config.yaml'} is damaged (not a YAML mapping of "
+                               "keys); re-create the run with `collapselab run`")
+    res = root / "results.parquet"
+    if results or res.exists():
+        import pandas as pd
+
+        try:
+            pd.read_parquet(res)
+        except Exception:  # any reader error: the file is not a whole parquet table
+            raise CollapselabError(f"{res} is damaged (not a parquet table); rebuild it from "
+                                   "the cells by re-running `collapselab run` with the same "
+                                   "--out") from None
+    try:
+        click.get_current_context().with_resource(run_lock(root, command, shared=True))
+    except RunDirBusy:
+        from .store import lock_holder
+
+        who = lock_holder(root) or "another process"
+        click.echo(f"warning: {who} is writing {root}; this shows the generations completed "
+                   "so far", err=True)
+    except OSError:
+        pass  # a read-only run directory: nothing can write it meanwhile
+
+
 @main.command()
 @click.argument("source")
 @click.option("--out", "out", type=click.Path(file_okay=False), help="run directory")
@@ -74,25 +135,41 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     """Run (or resume) an experiment: a preset name or a YAML file."""
     import importlib.util
 
-    from .config import load_config
+    from .config import load_config, repeated_overrides
     from .errors import ConfigError
     from .executors import (
         ChainFailed,
         Resources,
         chains,
+        check_cell_names,
+        check_device,
+        check_out,
         default_out,
         prepare_run_dir,
         run_experiment,
+        verify_run_dir,
     )
     from .observability import experiment_of, run_observability_command
+    from .store import run_lock
 
-    if experiment_of(source, list(overrides)) is not None:  # e.g. `experiment: observability`
+    for line in repeated_overrides(list(overrides)):
+        click.echo(f"warning: {line}", err=True)
+    with _config_warnings():
+        observability = experiment_of(source, list(overrides)) is not None
+        if not observability:
+            cfg = load_config(source, list(overrides))  # validated before anything is written
+    if observability:  # e.g. `experiment: observability`
         if executor != "local" or address is not None or gpus_per_chain is not None:
             raise ConfigError("--executor", "the observability experiment runs locally only")
+        from .observability import load_observability_config
+
+        obs_cfg = load_observability_config(source, list(overrides))  # validated first
+        out = out if out is not None else str(Path("runs") / obs_cfg.name)
+        check_out(Path(out))
+        click.get_current_context().with_resource(run_lock(Path(out)))  # one run per directory
         run_observability_command(source, list(overrides), out, quiet=quiet,
                                   no_report=no_report, echo=click.echo, fail=_fail)
         return
-    cfg = load_config(source, list(overrides))  # validation happens before anything is written
     if executor != "ray":
         for name, value in (("--address", address), ("--gpus-per-chain", gpus_per_chain)):
             if value is not None:
@@ -108,15 +185,26 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
         from .loop import build_target
 
         build_target(cfg)
+    check_device(cfg, executor, address)
+    root = Path(out) if out else default_out(cfg)
+    check_cell_names(cfg)
+    check_out(root)
+    # The run directory's lock, held until the command ends (report included): a second run
+    # on the same --out is refused, naming this one, instead of mixing two configurations.
+    try:
+        click.get_current_context().with_resource(run_lock(root))
+    except OSError as exc:
+        raise ConfigError("--out", f"{root}: {exc.strerror or exc}") from None
     if workers is None and executor == "local":
         # One chain per core, one torch thread each: in-process runs use every core's thread
         # for one chain, which oversubscribes badly as soon as anything else runs.
         workers = max(1, min(os.cpu_count() or 1, len(chains(cfg))))
-    store = prepare_run_dir(cfg, Path(out) if out else default_out(cfg))
+    store = prepare_run_dir(cfg, root)
     _setup_logging(store.log_path)
     logging.getLogger("collapselab").info(
         "run %s: executor=%s workers=%s address=%s resources=%s", cfg.name, executor, workers,
         address, resources)
+    verify_run_dir(cfg, store)  # before the progress counts: damaged cells are not done
     todo = chains(cfg)
     G = cfg.loop.generations
     progress = [min(store.completed(c.alpha, c.seed, c.param_dict), G) for c in todo]
@@ -329,6 +417,7 @@ def report(directory):
     if not (Path(directory) / "config.yaml").exists():
         raise MissingFileError(Path(directory) / "config.yaml",
                                "not a run directory (create one with `collapselab run`)")
+    _open_for_reading(directory, "collapselab report", results=False)
     figs = build_report(directory)
     click.echo(f"wrote {Path(directory) / 'report.html'} and {len(figs)} figures")
 
@@ -356,6 +445,7 @@ def bounds(directory, i0, C, c, n_sigma, no_figures):
                                "results.parquet; create one with `collapselab run`)")
     import yaml
 
+    _open_for_reading(root, "collapselab bounds", results=True)
     cfg = yaml.safe_load((root / "config.yaml").read_text()) or {}
     if isinstance(cfg, dict) and cfg.get("experiment"):
         raise CollapselabError(f"{directory}: a '{cfg['experiment']}' experiment has no "

@@ -6,19 +6,46 @@ is an error. ``load_config`` turns any problem into a :class:`ConfigError` namin
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
+
+class ConfigWarning(UserWarning):
+    """A configuration that is accepted but probably not meant (a key given twice)."""
+
+
+def _no_bool(v):
+    # YAML's true/false are ints to pydantic; a count or a seed given as a boolean is a slip.
+    if isinstance(v, bool):
+        raise ValueError("must be an integer, not a boolean")
+    return v
+
+
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
-PosInt = Annotated[int, Field(gt=0)]
-PosFloat = Annotated[float, Field(gt=0.0)]
+PosInt = Annotated[int, BeforeValidator(_no_bool), Field(gt=0)]
+NonNegInt = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+# Fewest points the kNN estimators of a non-image run accept (10 batches of more than k + 1).
+MIN_POINTS = 70
+# Seeds are stored in the results table's int64 column.
+Seed = Annotated[int, BeforeValidator(_no_bool), Field(ge=0, le=2**63 - 1)]
 
 
 class _Strict(BaseModel):
@@ -33,12 +60,12 @@ class TargetConfig(_Strict):
     dim: PosInt = 2
     means: list[list[float]] | None = None
     std: PosFloat | list[PosFloat] = 0.5
-    weights: list[Annotated[float, Field(ge=0.0)]] | None = None
+    weights: list[NonNegFloat] | None = None
     n_components: PosInt = 8
     radius: PosFloat = 4.0
     dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10", "npy", "npz"] = "digits"
     root: str | None = None
-    classes: list[Annotated[int, Field(ge=0)]] | None = None
+    classes: list[NonNegInt] | None = None
     downsample: PosInt | None = None
     limit: PosInt | None = None
 
@@ -92,14 +119,15 @@ class ScoreConfig(_Strict):
     networks trained by denoising score matching (EMA weights sample)."""
 
     kind: Literal["analytic", "kde", "population_kde", "mlp", "unet"] = "kde"
-    bandwidth: PosFloat = 0.6
+    # Its square enters the kernels' variances: a bound far above any data scale keeps it finite.
+    bandwidth: Annotated[float, Field(gt=0.0, le=1e6, allow_inf_nan=False)] = 0.6
     # networks
     hidden: PosInt = 128
     layers: PosInt = 3
     base_channels: PosInt = 32
     channel_mults: list[PosInt] = [1, 2]
     num_res_blocks: PosInt = 1
-    attention_levels: list[Annotated[int, Field(ge=0)]] = []
+    attention_levels: list[NonNegInt] = []
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     # training (denoising score matching)
     train_steps: PosInt = 2000
@@ -107,7 +135,7 @@ class ScoreConfig(_Strict):
     epochs_first: PosFloat | None = None
     batch_size: PosInt = 512
     lr: PosFloat = 2e-3
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    weight_decay: NonNegFloat = 0.0
     optimizer: Literal["adam", "adamw"] = "adam"
     schedule: Literal["constant", "cosine"] = "constant"
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
@@ -127,7 +155,7 @@ class SamplerConfig(_Strict):
 
     kind: Literal["euler_maruyama", "ddpm"] = "euler_maruyama"
     steps: PosInt = 500
-    t0: Annotated[float, Field(ge=0.0)] = 0.02
+    t0: NonNegFloat = 0.02
     # The reverse-time grid (processes.time_grid): geometric and edm are finest near t0, where
     # the reverse drift is stiffest; uniform is DDPM's grid. ε̂² and η use the same schedule.
     schedule: Literal["uniform", "geometric", "edm"] = "geometric"
@@ -146,7 +174,7 @@ class LoopConfig(_Strict):
     generations: PosInt = 5
     n_train: PosInt = 2000
     n_samples: PosInt | None = None
-    augmentation_lambda: Annotated[float, Field(ge=0.0)] = 1.0
+    augmentation_lambda: NonNegFloat = 1.0
 
     @property
     def samples(self) -> int:
@@ -189,7 +217,7 @@ class PathwiseConfig(_Strict):
     score_energy: bool = True
     learned: bool = True
     observability: bool = False
-    n_times: Annotated[int, Field(ge=3)] = 50
+    n_times: Annotated[int, BeforeValidator(_no_bool), Field(ge=3)] = 50
     n_mc: PosInt = 1000
     n_paths: PosInt = 1000
     # ε̂²: at least min_paths learned paths, then more (batches of that size, up to max_paths)
@@ -198,9 +226,9 @@ class PathwiseConfig(_Strict):
     max_paths: PosInt = 20000
     rel_stderr: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     steps: PosInt = 100
-    i0: Annotated[int, Field(ge=0)] = 0
-    C: Annotated[float, Field(ge=0.0)] = 0.0
-    c: Annotated[float, Field(ge=0.0)] = 0.0
+    i0: NonNegInt = 0
+    C: NonNegFloat = 0.0
+    c: NonNegFloat = 0.0
 
 
 class SweepConfig(_Strict):
@@ -211,7 +239,7 @@ class SweepConfig(_Strict):
     """
 
     alphas: list[Prob] = [0.1, 0.5, 0.9]
-    seeds: list[Annotated[int, Field(ge=0)]] = [0, 1]
+    seeds: list[Seed] = [0, 1]
     grid: dict[str, list[Any]] = {}
 
     @model_validator(mode="before")
@@ -287,8 +315,22 @@ class Config(_Strict):
         if self.sampler.clip and not (image and self.sampler.kind == "ddpm"):
             raise ValueError("sampler.clip: only with sampler.kind ddpm on an image target "
                              "(target.kind: dataset, pixels in [-1, 1])")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError("device: allowed values are cpu, cuda, cuda:N")
+        if not image:
+            # Checked here, not by the run that would die on them after writing its directory.
+            pc = self.pathwise
+            if self.sampler.t0 == 0 and (pc.score_energy or pc.learned or pc.observability):
+                raise ValueError("sampler.t0: must be > 0 when pathwise quantities are measured "
+                                 "(their time grids are geometric down to t0); or set "
+                                 "pathwise.score_energy, learned and observability to false")
+            for field, n in (("estimators.n_eval", self.estimators.n_eval),
+                             ("loop.n_train", self.loop.n_train),
+                             ("loop.n_samples", self.loop.samples)):
+                if n < MIN_POINTS:
+                    raise ValueError(f"{field}: must be at least {MIN_POINTS} (the kNN "
+                                     "estimators split the points into 10 batches of more "
+                                     "than k + 1 = 6)")
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
+            raise ValueError("device: allowed values are cpu, cuda, cuda:N (N = 0, 1, …)")
         if self.process.kind == "vp" and self.process.beta_max < self.process.beta_min:
             raise ValueError("process.beta_max: must be >= process.beta_min")
         for params in self.sweep.combinations() if self.sweep.grid else []:
@@ -323,6 +365,24 @@ def list_presets() -> dict[str, str]:
     return out
 
 
+class _WarningLoader(yaml.SafeLoader):
+    """yaml.safe_load, warning (:class:`ConfigWarning`) about a key given twice in one
+    mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = key_node.value
+            if key in seen:
+                warnings.warn(f"{self.name}: key '{key}' given twice (line "
+                              f"{key_node.start_mark.line + 1}); the last value is used",
+                              ConfigWarning, stacklevel=2)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_source(source: str | Path) -> dict:
     path = Path(source)
     if not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
@@ -330,14 +390,31 @@ def _read_source(source: str | Path) -> dict:
     if not path.exists():
         names = ", ".join(list_presets())
         raise ConfigError("config", f"no preset or file named '{source}' (presets: {names})")
+    if not path.is_file():
+        raise ConfigError(str(path), "is a directory, not a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "not a YAML file (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot be read ({exc.strerror})") from None
+    if "\0" in text:
+        raise ConfigError(str(path), "not a YAML file (binary content)")
+    try:
+        loader = _WarningLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise ConfigError(str(path), f"not valid YAML{where}") from None
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        # Running the whole default experiment from an empty file is never what was meant.
+        raise ConfigError(str(path), "the file is empty; give at least one key (see "
+                                     "`collapselab presets` for complete examples)")
     if not isinstance(data, dict):
         raise ConfigError(str(path), "the top level must be a mapping of keys")
     return data
@@ -375,6 +452,8 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
 def _format_error(err: ValidationError) -> ConfigError:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
+    if loc[:2] == ["sweep", "grid"]:  # swept keys are written sweep.<key>: say it so
+        loc = ["sweep", *loc[2:]]
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         return ConfigError(".".join(loc), "unknown key (check the spelling; see the presets)")
@@ -387,6 +466,7 @@ def _format_error(err: ValidationError) -> ConfigError:
             field, rest = msg.split(": ", 1)
             prefix = loc[:1] if loc and "." not in field else []
             return ConfigError(".".join(prefix + [field]), rest)
+        return ConfigError(".".join(loc) or "config", msg)
     got = first.get("input")
     if got is not None and not isinstance(got, dict | list):
         msg = f"{msg} (got {got!r})"
@@ -407,3 +487,19 @@ def load_config(source: str | Path, overrides: list[str] = ()) -> Config:
         path, value = parse_override(text)
         apply_override(data, path, value)
     return build_config(data)
+
+
+def repeated_overrides(overrides: list[str]) -> list[str]:
+    """One line for each key that ``--set`` gives more than once (the last value wins)."""
+    given: dict[str, str] = {}
+    out = []
+    for text in overrides:
+        try:
+            key = ".".join(parse_override(text)[0])
+        except ConfigError:
+            continue  # load_config reports it
+        if key in given:
+            out.append(f"--set {key} given twice ('{given[key]}', then '{text}'); the last "
+                       "value is used")
+        given[key] = text
+    return out

@@ -33,9 +33,9 @@ from .store import (
     RunStore,
     atomic_save_npy,
     atomic_write_bytes,
-    atomic_write_json,
     load_npy,
     read_json,
+    write_cell_metrics,
 )
 from .targets import EmpiricalTarget, GaussianMixture, mix_laws, paper_gmm_means, ring
 
@@ -518,7 +518,8 @@ def adopt_generation_zero(
     meta = read_json(src / "metrics.json")
     meta["rows"] = [{**r, "alpha": float(alpha)} for r in meta["rows"]]
     meta["shared_from_alpha"] = float(src_alpha)
-    atomic_write_json(dst / "metrics.json", meta)
+    meta.pop("files", None)
+    write_cell_metrics(dst, meta)
     return True
 
 
@@ -625,7 +626,7 @@ class ChainRunner:
 
             save_model(cell / "model.safetensors", state, {"generation": i, "alpha": ctx.alpha})
         timings = {"fit": fit_seconds, "sample": t_sample - t_fit, "measure": t_end - t_sample}
-        atomic_write_json(cell / "metrics.json", {"rows": rows, "timings": timings})
+        write_cell_metrics(cell, {"rows": rows, "timings": timings})
         self.previous, self.latest = train, samples
         if cfg.score.kind == "kde":
             self.laws.pop(i, None)  # finite-KDE laws hold the whole training set: keep p̂_{i+1}
