@@ -19,8 +19,8 @@ from collapselab.store import atomic_save_npy, atomic_write_json
 SMALL = ["loop.generations=2", "loop.n_train=200", "sampler.steps=20", "estimators.n_mc=1000",
          "estimators.n_eval=200", "sweep.alphas=[0.1, 0.9]", "sweep.seeds=[0, 1]",
          "score.kind=population_kde", "sweep.score.bandwidth=[0.2, 0.4]"]
-SECTIONS = ["answer", "drift", "intra", "nonfinite", "bounds", "samples", "timing", "config",
-            "environment"]
+SECTIONS = ["answer", "drift", "intra", "pathwise", "samples", "bounds", "notes", "timing",
+            "config", "appendix"]
 
 
 def embedded(html: str) -> list[bytes]:
@@ -63,7 +63,7 @@ def test_report_is_self_contained_and_opens_with_the_answer(run_dir):
     assert sorted(embedded(html)) == sorted(p.read_bytes() for p in figs)
     assert all(p.parent == run_dir.figures for p in figs)
     assert not re.search(r'src="(?!data:)', html)
-    pos = [html.index(f'<section id="{s}"') for s in SECTIONS]
+    pos = [re.search(f"<section id=.{s}.", html).start() for s in SECTIONS]
     assert pos == sorted(pos)  # the answer comes first
     answer = re.search(r'class="answer">([^<]*)', html).group(1)
     assert "α" in answer and "generation 2" in answer
@@ -88,11 +88,14 @@ def test_image_runs_get_sample_grids(tmp_path):
     atomic_save_npy(cell / "train.npy", rng.normal(size=(80, 1, 8, 8)).astype(np.float32))
     atomic_save_npy(cell / "samples.npy", rng.normal(size=(80, 1, 8, 8)).astype(np.float32))
     atomic_write_json(cell / "metrics.json", {"rows": [
-        dict(alpha=0.5, seed=0, generation=g, metric="accumulated_kl", estimator="exact",
-             value=0.1 * g, stderr=0.0, note="") for g in (0, 1)], "timings": {"fit": 1.0}})
+        dict(alpha=0.5, seed=0, generation=g, metric=m, estimator="gaussian_features",
+             value=0.1 * g + 0.2, stderr=0.0, note="")
+        for g in (0, 1) for m in ("accumulated_kl", "fid_local", "kid", "precision", "recall")],
+        "timings": {"fit": 1.0}})
     store.write_results()
     figs = build_report(store.root)
-    assert {"grid.png", "samples.png"} <= {p.name for p in figs}
+    # Image metrics are plotted over generations (generic: every metric gets a panel).
+    assert {"grid.png", "samples.png", "other_metrics.png"} <= {p.name for p in figs}
     html = (store.root / "report.html").read_text()
     assert '<section id="grids"' in html and len(embedded(html)) == len(figs)
     g = image_grid(rng.normal(size=(64, 3, 4, 4)))
