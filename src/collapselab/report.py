@@ -247,10 +247,12 @@ def _metric_figure(df, pairs, path, ncols: int | None = None) -> bool:
     if not panels:
         return False
     ncols = ncols or min(len(pairs), 3)
+    if len(panels) > 2 * ncols:
+        ncols += 1  # many swept combinations: one more column rather than another row
     ncols = min(ncols, len(panels))
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols if ncols < 3 else 4.4 * ncols,
-                                                    3.5 * nrows), squeeze=False)
+                                                    3.1 * nrows), squeeze=False)
     for ax, (metric, title, params) in zip(axes.flat, panels, strict=False):
         plot_metric(df, metric, title, ax, params)
     for ax in list(axes.flat)[len(panels):]:
@@ -622,12 +624,13 @@ def timing_table(store: RunStore) -> pd.DataFrame:
 def plot_timings(table: pd.DataFrame, path) -> bool:
     if table.empty:
         return False
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(5.5, 2.7))
     bottom = np.zeros(len(table))
     for col in [c for c in table.columns if c.endswith("(s, mean)") and not c.startswith("total")]:
         ax.bar(table.generation, table[col], bottom=bottom, label=col.split(" ")[0])
         bottom += table[col].to_numpy()
     ax.set_xlabel("generation i")
+    _int_ticks(ax)
     ax.set_ylabel("seconds (mean over chains)")
     ax.set_title("time per generation", fontsize=9)
     ax.legend(fontsize=7)
@@ -756,6 +759,9 @@ def build_report(root, progress=None) -> list:
     say("bound checks")
     bt = evaluate_bounds(df, cfg)
     theory_figs = bound_figures(bt, df, cfg, F) if _has_chain_rows(df) else {}
+    if figs["pathwise"]:
+        # η per generation is already a panel of the score-energy figure: not shown twice.
+        theory_figs.pop("observability_generations", None)
     figs.update({k: [v] for k, v in theory_figs.items()})
     say("timings")
     times = timing_table(store)
@@ -1030,8 +1036,9 @@ def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
         sections.append(("pathwise", "Score energies and observability", imgs["pathwise"]))
     if imgs["other"]:
         sections.append(("other", "Other measurements per generation", imgs["other"]))
-    sections.append(("samples", "Samples per generation", imgs["samples"]
-                     or "<p>no samples</p>"))
+    sections.append(("samples", "Samples per generation",
+                     f"<div class='row'>{imgs['samples']}</div>" if imgs["samples"]
+                     else "<p>no samples</p>"))
     if imgs["grids"]:
         sections.append(("grids", "Sample grids (real data first)", imgs["grids"]))
     sections += theory
@@ -1095,7 +1102,7 @@ def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
         "line-height:1.35}h1{font-size:1.5em;margin:.4em 0}h2{border-bottom:1px solid #ccc;"
         "margin-top:1.2em}"
         "td,th{padding:2px 8px;text-align:left;vertical-align:top}"
-        "table.t{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums}"
+        "table.t{border-collapse:collapse;font-size:12px;font-variant-numeric:tabular-nums}"
         "table.t th{background:#e8e8e8}table.t tr:nth-child(even){background:#f4f4f4}"
         "table.t td{max-width:48em}img{max-width:100%}"
         ".answer{font-size:1.1em;background:#eef5ff;padding:.6em;border-left:4px solid #36c}"
@@ -1586,6 +1593,8 @@ def plot_discount(alphas, generations: int, path) -> bool:
         im = ax.imshow(np.where(W > 0, W, np.nan), cmap="viridis", vmin=0, vmax=1,
                        origin="upper")
         ax.set_title(f"α = {a:g}", fontsize=9)
+        _int_ticks(ax)
+        ax.yaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("past generation i (its ε⋆,i²)")
         ax.set_ylabel("D_(N+1): row N")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="(1−α)^(2(N−i))")
