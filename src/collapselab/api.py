@@ -68,8 +68,12 @@ class Run:
 
     @property
     def results(self) -> pd.DataFrame:
-        """results.parquet: one row per measurement (see docs/api.md for the columns)."""
-        return pd.read_parquet(self.dir / "results.parquet")
+        """results.parquet: one row per measurement (see docs/api.md for the columns);
+        ``held`` as pandas' nullable boolean (missing = no claim)."""
+        df = pd.read_parquet(self.dir / "results.parquet")
+        if "held" in df.columns:
+            df["held"] = df["held"].astype("boolean")
+        return df
 
     @property
     def summary(self) -> pd.DataFrame:
