@@ -195,7 +195,7 @@ def draw_over_seeds(ax, rows: pd.DataFrame, color, label: str, *, x: str = "gene
             grp = grp.sort_values(x)
             ax.plot(grp[x], grp["_v"], style, color=color, lw=0.8, alpha=0.5)
         ax.plot(xs, mean, style, marker="o", ms=3, lw=2, color=color, label=label)
-        return "thin: each seed, bold: mean"
+        return "thin: each seed, bold: mean" if seeds > 1 else "one seed"
     lo = np.array([s["ci_low"] for _, s in stats])
     hi = np.array([s["ci_high"] for _, s in stats])
     ax.plot(xs, mean, style, marker="o", ms=3, lw=1.5, color=color, label=label)
