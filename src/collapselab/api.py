@@ -21,7 +21,7 @@ import os
 import sys
 import types
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,7 +201,9 @@ def run(source, out=None, overrides=(), *, workers: int | None = None,
                 seconds=secs, done=done[0], total=len(todo) * G,
                 directory=store.cell(chain.alpha, chain.seed, g, chain.param_dict)))
 
-    with main_hidden():
+    # Ray starts its own workers (its driver reads __main__); the pools are spawned by us.
+    hide = main_hidden() if executor != "ray" else nullcontext()
+    with hide:
         run_experiment(cfg, store, on_generation=tick, executor=executor, workers=workers)
     if report:
         from .report import build_report

@@ -1109,7 +1109,7 @@ def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
         ".summary{display:flex;gap:1.5em;align-items:flex-start}.summary .left{flex:1 1 50%}"
         ".summary .right{flex:1 1 50%}dl.run{display:grid;grid-template-columns:max-content 1fr;"
         "gap:2px 1em;margin:.5em 0}dl.run dt{font-weight:bold}dl.run dd{margin:0}"
-        "nav{background:#f6f6f6;padding:.5em;margin:1em 0;position:sticky;top:0;z-index:1}"
+        "nav{background:#f6f6f6;padding:.5em;margin:1em 0}"
         ".row{display:flex;gap:1em;flex-wrap:wrap}.row figure{flex:1 1 45%}"
         ".method{font-size:.9em;color:#444}details{margin:.4em 0}summary{cursor:pointer}"
         ".bad{color:#b00}figure{margin:.6em 0}figcaption{font-size:11px;color:#777}"
