@@ -19,7 +19,7 @@ from collapselab.store import atomic_save_npy, atomic_write_json
 SMALL = ["loop.generations=2", "loop.n_train=200", "sampler.steps=20", "estimators.n_mc=1000",
          "estimators.n_eval=200", "sweep.alphas=[0.1, 0.9]", "sweep.seeds=[0, 1]",
          "score.kind=population_kde", "sweep.score.bandwidth=[0.2, 0.4]"]
-SECTIONS = ["answer", "drift", "intra", "pathwise", "samples", "bounds", "notes", "timing",
+SECTIONS = ["answer", "drift", "intra", "pathwise", "bounds", "samples", "notes", "timing",
             "config", "appendix"]
 
 

@@ -624,7 +624,7 @@ def timing_table(store: RunStore) -> pd.DataFrame:
 def plot_timings(table: pd.DataFrame, path) -> bool:
     if table.empty:
         return False
-    fig, ax = plt.subplots(figsize=(5.5, 2.7))
+    fig, ax = plt.subplots(figsize=(5.5, 2.5))
     bottom = np.zeros(len(table))
     for col in [c for c in table.columns if c.endswith("(s, mean)") and not c.startswith("total")]:
         ax.bar(table.generation, table[col], bottom=bottom, label=col.split(" ")[0])
@@ -759,9 +759,6 @@ def build_report(root, progress=None) -> list:
     say("bound checks")
     bt = evaluate_bounds(df, cfg)
     theory_figs = bound_figures(bt, df, cfg, F) if _has_chain_rows(df) else {}
-    if figs["pathwise"]:
-        # η per generation is already a panel of the score-energy figure: not shown twice.
-        theory_figs.pop("observability_generations", None)
     figs.update({k: [v] for k, v in theory_figs.items()})
     say("timings")
     times = timing_table(store)
@@ -1036,22 +1033,22 @@ def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
         sections.append(("pathwise", "Score energies and observability", imgs["pathwise"]))
     if imgs["other"]:
         sections.append(("other", "Other measurements per generation", imgs["other"]))
+    bounds_body, bounds_appendix = _bounds_section(df, imgs["bounds"])
+    if len(bound_rows(df)):
+        if any(sid == "bound-checks" for sid, _, _ in theory):
+            # The checks below re-evaluate these bounds: the run's own verdicts stay one click
+            # away rather than repeating a page of the same curves.
+            bounds_body = ("<p>The verdicts the run stored while it ran (the checks below "
+                           "re-evaluate them from results.parquet).</p>"
+                           + _details("the stored bound rows: figure and counts", bounds_body))
+        sections.append(("bounds", "Bound rows stored by the run (bound_* metrics)",
+                         bounds_body))
+    sections += theory
     sections.append(("samples", "Samples per generation",
                      f"<div class='row'>{imgs['samples']}</div>" if imgs["samples"]
                      else "<p>no samples</p>"))
     if imgs["grids"]:
         sections.append(("grids", "Sample grids (real data first)", imgs["grids"]))
-    sections += theory
-    bounds_body, bounds_appendix = _bounds_section(df, imgs["bounds"])
-    if len(bound_rows(df)):
-        if any(sid == "bound-checks" for sid, _, _ in theory):
-            # The checks above re-evaluate these bounds: the run's own verdicts stay one click
-            # away rather than repeating a page of the same curves.
-            bounds_body = ("<p>The verdicts the run stored while it ran (the checks above "
-                           "re-evaluate them from results.parquet).</p>"
-                           + _details("the stored bound rows: figure and counts", bounds_body))
-        sections.append(("bounds", "Bound rows stored by the run (bound_* metrics)",
-                         bounds_body))
     # -- notes: aggregated by kind; every row in the appendix ---------------------------------
     count = (nonfinite.assign(kind=np.where(np.isposinf(nonfinite.value.to_numpy(float)), "inf",
                                             np.where(np.isneginf(nonfinite.value.to_numpy(
@@ -1073,7 +1070,8 @@ def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
     sections.append(("config", "Configuration and environment", _details(
         "resolved configuration (config.yaml)",
         f"<pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre>")
-        + _table(pd.DataFrame([{"key": k, "value": str(v)} for k, v in env.items()]))))
+        + _details("versions and device (environment.json)", _table(pd.DataFrame(
+            [{"key": k, "value": str(v)} for k, v in env.items()])))))
     appendix = ""
     if len(nonfinite):
         appendix += _details(f"every infinite or NaN value ({len(nonfinite)})",
@@ -1477,7 +1475,7 @@ def plot_bound_checks(bt: pd.DataFrame, path) -> bool:
     if not panels:
         return False
     fig, axes = plt.subplots(len(alphas), len(panels), figsize=(4.2 * len(panels) + 0.6,
-                                                                3.1 * len(alphas)),
+                                                                2.8 * len(alphas)),
                              squeeze=False)
     for r, a in enumerate(alphas):
         for col, (title, names) in enumerate(panels):
@@ -1587,7 +1585,7 @@ def plot_discount(alphas, generations: int, path) -> bool:
     alphas = sorted(float(a) for a in alphas)
     if not alphas or generations < 1:
         return False
-    fig, axes = plt.subplots(1, len(alphas), figsize=(3.6 * len(alphas), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(alphas), figsize=(3.3 * len(alphas), 3.0), squeeze=False)
     for ax, a in zip(axes[0], alphas, strict=True):
         W = discount_matrix(a, generations)
         im = ax.imshow(np.where(W > 0, W, np.nan), cmap="viridis", vmin=0, vmax=1,
@@ -1607,7 +1605,7 @@ def plot_eta_generations(df: pd.DataFrame, path) -> bool:
     """The paper's Fig. 9: observability η_i across generations per α."""
     if df.empty or not (df.metric == "observability").any():
         return False
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(5.5, 3.0))
     plot_metric(df, "observability", "η_i across generations", ax)
     ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
     fig.tight_layout()
