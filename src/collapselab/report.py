@@ -906,16 +906,16 @@ def _theory_sections(cfg, df, bt, imgs) -> list[tuple[str, str, str]]:
                      "<b>FAILED</b>: on the wrong side beyond noise; <b>no claim</b>: a "
                      "premise fails (transient i &lt; i0, ε⋆² &gt; 1, outside the clean "
                      "regime) or the measurement is unreliable (NaN).</p>")
-        body += imgs.get("bound_checks", "") + "<h3>Held / FAILED / no claim per α</h3>"
-        over = bounds_overview(bt)
-        over.columns.name = None  # no empty header column
-        body += _table(over)
+        body += (imgs.get("bound_checks", "") + "<h3>Held / FAILED / no claim per α</h3>"
+                 "<p>Each cell: checks that held / FAILED / made no claim (over seeds and "
+                 "generations).</p>")
+        body += _table(_overview_wide(bounds_overview(bt)))
         bad = chk[chk.status != "held"]
         if len(bad):
             agg = notes_by_kind(bad, "reason", ("check", "status", "cause"), by_kind=False)
             body += ("<h3>Checks that failed or made no claim, by cause</h3>"
-                     "<p>One example per kind of reason (the numbers differ between rows); "
-                     "every row is in the appendix.</p>" + _table(agg))
+                     "<p>Grouped by check, status and cause, with the count and one "
+                     "example; every row is in the appendix.</p>" + _table(agg))
         out.append(("bound-checks", "Bound checks per generation (Fig. 3/4)", body))
     rec = imgs.get("recursion", "") + imgs.get("prediction", "")
     if rec:
@@ -952,6 +952,19 @@ def _theory_sections(cfg, df, bt, imgs) -> list[tuple[str, str, str]]:
                     _table(reg[keep].rename(columns={"status": "regime",
                                                      "reason": "evidence"}))))
     return out
+
+
+def _overview_wide(over: pd.DataFrame) -> pd.DataFrame:
+    """bounds_overview (one row per α and check) as one row per α, one column per check, each
+    cell 'held / FAILED / no claim' (a flat header, a short table)."""
+    if over.empty:
+        return over
+    keys = [c for c in over.columns if c not in ("check", "held", "FAILED", "no claim")]
+    cell = over.assign(_c=[f"{h} / {f} / {n}" for h, f, n in
+                           zip(over["held"], over["FAILED"], over["no claim"], strict=True)])
+    wide = cell.pivot_table(index=keys, columns="check", values="_c", aggfunc="first")
+    wide.columns.name = None
+    return wide.reset_index().fillna("—")
 
 
 def _bounds_section(df: pd.DataFrame, img: str) -> tuple[str, str]:
