@@ -128,6 +128,10 @@ class SamplerConfig(_Strict):
     kind: Literal["euler_maruyama", "ddpm"] = "euler_maruyama"
     steps: PosInt = 500
     t0: Annotated[float, Field(ge=0.0)] = 0.02
+    # The reverse-time grid (processes.time_grid): geometric and edm are finest near t0, where
+    # the reverse drift is stiffest; uniform is DDPM's grid. ε̂² and η use the same schedule.
+    schedule: Literal["uniform", "geometric", "edm"] = "geometric"
+    rho: PosFloat = 7.0  # the edm schedule's exponent (Karras et al. 2022)
     # DDPM's "clip_denoised" (Ho et al.'s sampler): each step's predicted x0 clamped to the
     # data range [-1, 1] of image targets. Changes the output law: images only.
     clip: bool = False
@@ -266,6 +270,9 @@ class Config(_Strict):
     def _cross(self):
         if self.sampler.t0 >= self.process.T:
             raise ValueError("sampler.t0: must be smaller than process.T")
+        if self.sampler.schedule == "geometric" and self.sampler.t0 <= 0:
+            raise ValueError("sampler.schedule: geometric needs sampler.t0 > 0 "
+                             "(allowed with t0 = 0: uniform, edm)")
         image = self.target.kind == "dataset"
         if image and self.score.kind not in ("mlp", "unet"):
             raise ValueError("score.kind: image targets need a network score (mlp or unet)")
@@ -323,6 +330,7 @@ APPLIES = {
     **{("score", k): (lambda c: c.score.kind == "unet") for k in _UNET},
     **{("score", k): (lambda c: c.score.kind in ("mlp", "unet")) for k in _NETWORK_TRAINING},
     ("sampler", "clip"): lambda c: c.sampler.kind == "ddpm",
+    ("sampler", "rho"): lambda c: c.sampler.schedule == "edm",
     ("loop", "augmentation_lambda"): lambda c: c.loop.policy == "augmentation",
     ("estimators", "feature_dim"): lambda c: c.target.kind == "dataset",
     ("estimators", "feature_epochs"): lambda c: c.target.kind == "dataset",

@@ -12,7 +12,6 @@ for every α of a seed and different α share common random numbers.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from collections.abc import Callable
@@ -40,7 +39,8 @@ from .store import (
 )
 from .targets import EmpiricalTarget, GaussianMixture, mix_laws, paper_gmm_means, ring
 
-_STREAMS = {"real": 1, "policy": 2, "train": 3, "sample": 4, "eval": 5, "eval_real": 6, "path": 7}
+_STREAMS = {"real": 1, "policy": 2, "train": 3, "sample": 4, "eval": 5, "eval_real": 6, "path": 7,
+            "gap": 8}
 
 
 class NonFiniteSamples(FloatingPointError):
@@ -235,7 +235,7 @@ def draw_samples(ctx: ChainContext, score, n: int, generation: int) -> np.ndarra
     gen, _ = streams(ctx.seed, generation, "sample")
     sc = ctx.cfg.sampler
     x = torch.randn((n, *ctx.event_shape), generator=gen, dtype=torch.float32)
-    times = time_grid(ctx.process.T, sc.t0, sc.steps)
+    times = time_grid(ctx.process.T, sc.t0, sc.steps, schedule=sc.schedule, rho=sc.rho)
     # Chunks bound the memory of network forwards; each chunk's noise follows from the stream.
     chunk = n if not ctx.is_image else 512
     clip = {"clip": (-1.0, 1.0)} if sc.clip else {}  # image pixels live in [-1, 1]
@@ -353,6 +353,8 @@ def measure(ctx, generation, samples, train: TrainingSet, law_next, q_law) -> li
     x = samples[rng.choice(len(samples), n_eval, replace=False)].astype(np.float64)
     real = ctx.target.sample(n_eval, gen).numpy()
     tr = train.x[rng.choice(len(train), min(n_eval, len(train)), replace=False)].astype(np.float64)
+    if ecfg.exact and law_next is not None:
+        rows.append(_row(ctx, nxt, "sampler_gap_kl", sampler_gap(ctx, generation, x, law_next)))
     for kind in ecfg.sample_based:
         if kind == "knn":
             # p's density is known: the kNN entropy form is far less biased than two-sample kNN.
@@ -383,6 +385,22 @@ def measure(ctx, generation, samples, train: TrainingSet, law_next, q_law) -> li
     return rows
 
 
+def sampler_gap(ctx: ChainContext, generation: int, x: np.ndarray, law_next) -> Estimate:
+    """KL(law of the sampler's actual output ‖ law of the ideal reverse process at t0): the
+    start-up (N(0, I) instead of q_T) and discretisation errors that the exact-density D_{i+1}
+    and I_i leave out (PAPER.md §2). Estimated on the generation's samples ``x`` with the ideal
+    law's exact density (:func:`~collapselab.estimators.knn_kl_known_b_paired`)."""
+    gen, _ = streams(ctx.seed, generation, "gap")
+    sc = ctx.cfg.sampler
+    try:
+        e = est.knn_kl_known_b_paired(x, law_next, generator=gen)
+    except ValueError as exc:  # too few samples for kNN batches, or duplicate samples
+        return Estimate(float("nan"), float("nan"), "knn_paired", f"not estimated: {exc}")
+    note = (f"law of the {sc.kind} samples ({sc.steps} steps, {sc.schedule} grid) against the "
+            f"ideal reverse process's law; {e.note}")
+    return Estimate(e.value, e.stderr, e.estimator, note)
+
+
 def _ideal(e: Estimate) -> Estimate:
     """Label an exact-density estimate as being of the ideal reverse process's law."""
     note = "law of the ideal reverse process (start-up and discretisation errors ignored)"
@@ -401,23 +419,23 @@ def measure_pathwise(ctx, generation, score, q_law, rows) -> list[dict]:
     gen, _ = streams(ctx.seed, generation, "path")
     T, t0, i = ctx.process.T, ctx.cfg.sampler.t0, generation
     out, vals = [], {}
+    sc = ctx.cfg.sampler  # ε̂² and η on the sampler's grid (its schedule, pathwise.steps steps)
+    grid = time_grid(T, t0, pc.steps, schedule=sc.schedule, rho=sc.rho)
     if pc.score_energy:
         e = pw.score_energy_ideal(score, q_law, ctx.process, t0, T, pc.n_times, pc.n_mc, gen)
         out.append(_row(ctx, i, "score_energy_ideal", e))
         vals.update(eps_star_sq=e.value, eps_star_sq_stderr=e.stderr)
     if pc.learned:
-        # Geometric grid: the error integrand is sharpest near t0, where a uniform Euler grid
-        # under-resolves it (≈ 9% low at 100 steps on a Gaussian with a closed form).
-        grid = torch.exp(
-            torch.linspace(math.log(T), math.log(t0), pc.steps + 1, dtype=torch.float64)
-        )
+        # The sampler's schedule: the error integrand is sharpest near t0, where a uniform
+        # Euler grid under-resolves it (≈ 9% low at 100 steps on a Gaussian with a closed form).
         e = pw.score_energy_learned(
             score, q_law, ctx.process, t0, T, pc.steps, pc.n_paths, gen, times=grid
         )
         out.append(_row(ctx, i, "score_energy_learned", e))
         vals.update(eps_hat_sq=e.value, eps_hat_sq_stderr=e.stderr)
     if pc.observability:
-        obs = pw.measure_observability(score, q_law, ctx.process, t0, T, pc.steps, pc.n_paths, gen)
+        obs = pw.measure_observability(score, q_law, ctx.process, t0, T, pc.steps, pc.n_paths, gen,
+                                       times=grid)
         out.append(_row(ctx, i, "observability", obs["eta"]))
         vals.update(eta=obs["eta"].value, eta_stderr=obs["eta"].stderr)
     if "eps_star_sq" not in vals:

@@ -621,13 +621,14 @@ def measure_observability(
     generator: torch.Generator | None = None,
     regressor: str = "auto",
     start: str = "law",
+    times: Tensor | None = None,
 ) -> dict:
     """Simulate ideal paths, accumulate M_T (:func:`girsanov_martingale`) and regress it on
     Y_t0 (:func:`observability`). Returns a dict with 'eta' (Estimate, denominator Var(M_T)),
     'eps_star_sq_var_m' (Var(M_T) with stderr), 'eps_star_sq_qv' (mean path quadratic
     variation Σβ‖e‖²Δt), 'r2_oos', 'regressor', and the raw 'Y', 'M'."""
     Y, M, Q = girsanov_martingale(score, law, process, t0, T, steps, n_paths, generator,
-                                  start=start, return_energy=True)
+                                  start=start, times=times, return_energy=True)
     eta = observability(Y, M, None, regressor=regressor, generator=generator)
     Mc = M.numpy()  # E[M_T] = 0 exactly
     v = float(np.mean(Mc**2))

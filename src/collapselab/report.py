@@ -39,6 +39,11 @@ from .store import (  # noqa: E402
 
 # Preference order when several estimators measured the same metric.
 ESTIMATOR_ORDER = ["exact", "monte_carlo", "classifier", "knn", "gaussian_features"]
+# Whose law each estimator's number describes: exact densities are of the ideal reverse
+# process's law; sample-based estimators see what the sampler actually produced.
+LAW_OF = {"monte_carlo": "ideal law", "knn": "sampler's samples",
+          "classifier": "sampler's samples", "gaussian_features": "sampler's samples",
+          "knn_paired": "sampler's samples vs ideal law"}
 # A bound row's measured counterpart when the row carries no ``measured`` column.
 BOUND_TARGETS = {"bound_kl_upper": "intra_kl", "bound_chi2_lower": "intra_chi2",
                  "bound_chi2_lower_clean": "intra_chi2", "bound_intra_upper": "intra_chi2"}
@@ -136,7 +141,7 @@ ESTIMATOR_LABELS = {
     "knn": "k-nearest-neighbour estimate from samples", "classifier": "classifier density ratio",
     "gaussian_features": "Gaussian fit in feature space", "theory": "the paper's formula",
     "sample_mean": "sample mean", "sliced_wasserstein": "random projections",
-    "flow_likelihood": "the ODE model's likelihood",
+    "flow_likelihood": "the ODE model's likelihood", "knn_paired": "paired kNN estimate",
 }
 # Fewer seeds than this: each seed's line is drawn, no band (an interval from 2–4 seeds says
 # little); from this many on, the mean with its interval over seeds (store.seed_interval).
@@ -145,6 +150,10 @@ SEEDS_NOTE = ("Every curve is one α. With fewer than 5 seeds each seed is a thi
               "mean a bold one; with 5 or more, the mean with a 95% band over seeds. A red × "
               "marks generations where some seeds gave inf/NaN (left out of the mean; see the "
               "notes).")
+LAW_NOTE = ("Exact-density estimates (Monte Carlo) describe the <b>ideal law</b> of the reverse "
+            "process stopped at t0; kNN and classifier estimates describe the <b>sampler's "
+            "samples</b>, which the next generation trains on. sampler_gap_kl is "
+            "KL(sampler's law ‖ ideal law) (sampler_gap.png).")
 INTERVAL_NOTE = ("Curves over seeds: with fewer than 5 seeds every seed is drawn as a thin line "
                  "and the mean as a bold one (no band); with 5 or more, the mean and a 95% "
                  "interval over seeds. Intervals (figures, tables, summary.parquet) are Student-t "
@@ -225,7 +234,9 @@ def plot_metric(df: pd.DataFrame, metric: str, title: str, ax, params: dict | No
     ax.set_ylabel(metric_axis(metric))
     _int_ticks(ax)
     extra = f" — {_label(params)}" if params else ""
-    ax.set_title(f"{title}{extra}\n({estimator_label(est)})", fontsize=8)
+    laws = "/".join(dict.fromkeys(LAW_OF[e] for e in est.split("/") if e in LAW_OF))
+    whose = f": {laws}" if laws else ""
+    ax.set_title(f"{title}{extra}\n({estimator_label(est)}{whose})", fontsize=8)
     ax.text(0.99, 0.01, spread, transform=ax.transAxes, ha="right", va="bottom", fontsize=6,
             color="0.4")
     ax.legend(fontsize=7)
@@ -262,7 +273,7 @@ def _metric_figure(df, pairs, path, ncols: int | None = None) -> bool:
     return True
 
 
-FIGURED = ("accumulated_chi2", "accumulated_kl", "intra_chi2", "intra_kl")
+FIGURED = ("accumulated_chi2", "accumulated_kl", "intra_chi2", "intra_kl", "sampler_gap_kl")
 
 
 def other_metrics(df: pd.DataFrame) -> list[str]:
@@ -740,6 +751,14 @@ def build_report(root, progress=None) -> list:
             df, [(m, metric_label(m)) for m in ("accumulated_chi2", "accumulated_kl")], p)),
         ("intra", "intra", lambda p: _metric_figure(
             df, [(m, metric_label(m)) for m in ("intra_chi2", "intra_kl")], p)),
+        # The sampler's own drift, beside D_i measured on its actual samples (accumulated.png
+        # shows the ideal law's D_i wherever its exact density is known).
+        ("drift", "sampler_gap", lambda p: (df.metric == "sampler_gap_kl").any()
+         and _metric_figure(df[(df.metric == "sampler_gap_kl")
+                               | ((df.metric == "accumulated_kl")
+                                  & df.estimator.isin(["exact", "knn"]))],
+                            [("sampler_gap_kl", "KL(sampler's p̂_i ‖ ideal p̂_i)"),
+                             ("accumulated_kl", "KL(sampler's p̂_i ‖ p)")], p)),
         ("pathwise", "pathwise", lambda p: plot_pathwise(df, p)),
         ("other", "other_metrics", lambda p: _metric_figure(
             df, [(m, metric_label(m)) for m in other_metrics(df)], p, ncols=3)),
@@ -1037,7 +1056,7 @@ def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
                          _table(ft)))
     sections += [
         ("drift", "Accumulated drift D_i (χ² and KL) per α",
-         (f"<p class='method'>{SEEDS_NOTE}</p>" + imgs["drift"]) if imgs["drift"]
+         (f"<p class='method'>{SEEDS_NOTE} {LAW_NOTE}</p>" + imgs["drift"]) if imgs["drift"]
          else "<p>no accumulated_* rows with a finite value</p>"),
         ("intra", "One-generation error I_i (χ² and KL) per α",
          imgs["intra"] or "<p>no intra_* rows with a finite value</p>"),
