@@ -890,8 +890,10 @@ def run_description(cfg: dict) -> list[tuple[str, str]]:
         ("target p", target),
         ("score model", score),
         ("forward process", f"{get('process', 'kind')}, T = {get('process', 'T')}"),
-        ("sampler", f"{get('sampler', 'kind')}, {get('sampler', 'steps')} steps down to "
-                    f"t0 = {get('sampler', 't0')}"),
+        ("sampler", f"{get('sampler', 'kind')}, {get('sampler', 'steps')} steps"
+                    + (f" ({get('sampler', 'schedule')} grid)"
+                       if get('sampler', 'schedule', None) else "")
+                    + f" down to t0 = {get('sampler', 't0')}"),
         ("loop", f"{get('loop', 'policy')}, {get('loop', 'generations')} generations, "
                  f"{get('loop', 'n_train')} training points"),
         ("chains", sweep),
