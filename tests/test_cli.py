@@ -184,3 +184,50 @@ def test_failed_chain_exits_1_with_one_line_and_rerun_completes(tmp_path):
     r = invoke("run", "quickstart", "--out", str(out), "--quiet", *SMALL)
     assert r.returncode == 0, r.stderr
     assert not (out / "failures.json").exists() and (out / "report.html").exists()
+
+
+def test_bare_overrides_plain_progress_end_message_and_resume(tmp_path):
+    """Hydra-style key=value beside --set; without a TTY one plain line per generation; the
+    end says where the results are and how to look; a re-run says what was already done."""
+    out = tmp_path / "run"
+    bare = [a for a in SMALL if a != "--set"]
+    r = invoke("run", "quickstart", *bare, "--out", str(out), "--no-report")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    gen_lines = [line for line in lines if line.startswith("[")]
+    assert len(gen_lines) == 4 and gen_lines[-1].startswith("[4/4]")
+    assert "generation" in gen_lines[0]
+    assert f"results: {out / 'results.parquet'}" in r.stdout
+    assert f"collapselab report {out}" in r.stdout and "collapselab.load(" in r.stdout
+    assert "interval" in r.stdout and "± nan" not in r.stdout
+    # config.yaml holds the keys of the chosen kinds only (a KDE score: no network keys).
+    cfg = (out / "config.yaml").read_text()
+    assert "bandwidth:" in cfg and "hidden:" not in cfg and "beta_min:" not in cfg
+    r = invoke("run", "quickstart", *bare, "--out", str(out), "--no-report")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout and "4 of 4 generations already done" in r.stdout
+    r = invoke("run", "quickstart", "loop.generations", "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "loop.generations" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_show_presets_verbose_and_help_examples(tmp_path):
+    r = invoke("show", "quickstart")
+    assert r.returncode == 0 and r.stdout.startswith("#")
+    saved = tmp_path / "mine.yaml"
+    saved.write_text(r.stdout)
+    import yaml
+
+    from collapselab.config import load_config
+
+    data = yaml.safe_load(saved.read_text())
+    assert "notes" not in data and data["name"] == "quickstart"  # the notes became comments
+    assert load_config(str(saved)).model_dump(exclude={"notes"}) == \
+        load_config("quickstart").model_dump(exclude={"notes"})
+    assert invoke("show", "nope").returncode == 2
+    r = invoke("presets", "-v")
+    assert r.returncode == 0 and "finite Gaussian KDE score" in r.stdout
+    for cmd in ("run", "report", "bounds", "plan", "presets", "show"):
+        h = invoke(cmd, "--help").stdout
+        examples = h.split("Examples:")[-1].strip().splitlines()
+        assert 2 <= len(examples) <= 3 and all("collapselab" in e for e in examples), cmd
+    assert "default: runs/<name>" in invoke("run", "--help").stdout

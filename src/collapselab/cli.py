@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -41,11 +40,9 @@ def main():
 
 
 def _setup_logging(path: Path) -> None:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("collapselab")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
+    from .api import setup_run_log  # the same run.log as the Python API
+
+    setup_run_log(path)
 
 
 @contextlib.contextmanager
@@ -108,9 +105,30 @@ def _open_for_reading(directory, command: str, *, results: bool) -> None:
         pass  # a read-only run directory: nothing can write it meanwhile
 
 
-@main.command()
+def _examples(*lines: str) -> str:
+    """A command's help epilog: its examples, one per line (not re-wrapped)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _bare_overrides(extra) -> list[str]:
+    """Hydra-style ``key=value`` arguments after the source (same as ``--set key=value``)."""
+    from .errors import ConfigError
+
+    for text in extra:
+        if "=" not in text or text.startswith("-"):
+            raise ConfigError("KEY=VALUE", f"expected an override key.path=value after the "
+                                           f"config, got '{text}'")
+    return list(extra)
+
+
+@main.command(epilog=_examples(
+    "collapselab run quickstart",
+    "collapselab run quickstart sweep.alphas=[0.2,0.8] sweep.seeds=[0,1,2,3,4] --out runs/q5",
+    "collapselab run my.yaml --set score.bandwidth=0.4 --workers 2"))
 @click.argument("source")
-@click.option("--out", "out", type=click.Path(file_okay=False), help="run directory")
+@click.argument("extra", nargs=-1, metavar="[KEY.PATH=VALUE]...")
+@click.option("--out", "out", type=click.Path(file_okay=False),
+              help="run directory  [default: runs/<name>, the config's name]")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="override any config key (YAML value; lists too)")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
@@ -130,9 +148,11 @@ def _open_for_reading(directory, command: str, *, results: bool) -> None:
                    "device is cuda, else 0)")
 @click.option("--quiet", is_flag=True, help="no progress display")
 @click.option("--no-report", is_flag=True, help="skip figures and report.html")
-def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus_per_chain,
-        quiet, no_report):
-    """Run (or resume) an experiment: a preset name or a YAML file."""
+def run(source, extra, out, overrides, workers, executor, address, cpus_per_chain,
+        gpus_per_chain, quiet, no_report):
+    """Run (or resume) an experiment: a preset name or a YAML file, with overrides given as
+    bare KEY.PATH=VALUE arguments or --set (YAML values; lists too). Re-running the same
+    command on the same --out resumes."""
     import importlib.util
 
     from .config import load_config, repeated_overrides
@@ -152,6 +172,7 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     from .observability import experiment_of, run_observability_command
     from .store import run_lock
 
+    overrides = list(overrides) + _bare_overrides(extra)
     for line in repeated_overrides(list(overrides)):
         click.echo(f"warning: {line}", err=True)
     with _config_warnings():
@@ -196,9 +217,9 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     except OSError as exc:
         raise ConfigError("--out", f"{root}: {exc.strerror or exc}") from None
     if workers is None and executor == "local":
-        # One chain per core, one torch thread each: in-process runs use every core's thread
-        # for one chain, which oversubscribes badly as soon as anything else runs.
-        workers = max(1, min(os.cpu_count() or 1, len(chains(cfg))))
+        from .api import default_workers  # one chain per core (the Python API's default too)
+
+        workers = default_workers(cfg, executor)
     store = prepare_run_dir(cfg, root)
     _setup_logging(store.log_path)
     logging.getLogger("collapselab").info(
@@ -208,10 +229,25 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     todo = chains(cfg)
     G = cfg.loop.generations
     progress = [min(store.completed(c.alpha, c.seed, c.param_dict), G) for c in todo]
+    if not quiet and sum(progress):
+        full = sum(p >= G for p in progress)
+        click.echo(f"resuming {store.root}: {sum(progress)} of {len(todo) * G} generations "
+                   f"already done ({full} of {len(todo)} chains complete); computing the rest")
     kwargs = dict(executor=executor, workers=workers, address=address, resources=resources)
+    interactive = sys.stdout.isatty()
     try:
         if quiet:
             df = run_experiment(cfg, store, **kwargs)
+        elif not interactive:
+            # nohup, a batch scheduler, a pipe: one plain line per finished generation.
+            done = [sum(progress)]
+
+            def line(chain, g, secs):
+                done[0] += 1
+                click.echo(f"[{done[0]}/{len(todo) * G}] {chain.label()} generation {g} done "
+                           f"({secs:.1f} s)")
+
+            df = run_experiment(cfg, store, on_generation=line, **kwargs)
         else:
             from rich.progress import (
                 BarColumn,
@@ -239,18 +275,17 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     except ChainFailed as exc:
         _fail(str(exc), 1)
     if not no_report:
-        from .report import build_report
-
-        build_report(store.root)
+        _build_report_with_progress(store.root, quiet, interactive)
     if not quiet:
-        from .report import final_table
+        from .report import final_table, value_with_interval
 
         table = final_table(df)
         click.echo(f"run directory: {store.root}")
         for _, r in table.iterrows():
-            extra = "".join(f"{k}={r[k]} " for k in table.columns if "." in k)
-            click.echo(f"  {extra}alpha={r.alpha:g}: {r.metric}[{r.estimator}] at generation "
-                       f"{int(r.generation)} = {r['mean']:.4g} ± {r.half:.2g} (95%, {r.n} seeds)")
+            swept = "".join(f"{k}={r[k]} " for k in table.columns if "." in k)
+            click.echo(f"  {swept}alpha={r.alpha:g}: {r.metric}[{r.estimator}] at generation "
+                       f"{int(r.generation)} = {value_with_interval(r)}")
+        _where_to_look(store.root, report=not no_report)
 
 
 def _pilot_eps2(root: Path) -> tuple[float, float, int, object]:
@@ -308,7 +343,38 @@ def _smoothing_parts(cfg, t0_flag, dim, target_std, target_mean):
                   f"{cfg.sampler.t0:g}{how}"
 
 
-@main.command()
+def _build_report_with_progress(root: Path, quiet: bool, interactive: bool) -> None:
+    """build_report with its steps shown: a spinner on a terminal, plain lines otherwise."""
+    from .report import build_report
+
+    if quiet:
+        build_report(root)
+    elif interactive:
+        from rich.console import Console
+
+        with Console().status("building the report…") as status:
+            build_report(root, progress=lambda step: status.update(f"building the report: "
+                                                                   f"{step}"))
+    else:
+        build_report(root, progress=lambda step: click.echo(f"report: {step}"))
+
+
+def _where_to_look(root: Path, report: bool = True) -> None:
+    """The end of a run: where the results are and the one command to look at them."""
+    root = Path(root)
+    click.echo(f"results: {root / 'results.parquet'} (mean and 95% interval over seeds: "
+               f"{root / 'summary.csv'})")
+    if report:
+        click.echo(f"report:  {root / 'report.html'}")
+        click.echo(f"look at it: python -m webbrowser {(root / 'report.html').resolve().as_uri()}")
+    else:
+        click.echo(f"build the report: collapselab report {root}")
+    click.echo(f"in Python: collapselab.load({str(root)!r}).results")
+
+
+@main.command(epilog=_examples("collapselab plan --eps2 0.01 --tol 0.05",
+                              "collapselab plan --eps2 0.01 --tol 0.05 --horizon 20",
+                              "collapselab plan --from runs/quickstart --tol 0.5 --horizon 6"))
 @click.option("--eps2", type=float, default=None,
               help="per-generation score error ε² (measured ε⋆²); or use --from")
 @click.option("--from", "from_dir", type=click.Path(file_okay=False), default=None,
@@ -407,7 +473,9 @@ def plan(eps2, from_dir, tol, horizon, d0, c, t0, dim, target_std, target_mean):
     click.echo(f"reason: {res.reason}")
 
 
-@main.command()
+@main.command(epilog=_examples("collapselab report runs/quickstart",
+                              "collapselab report runs/quickstart && python -m webbrowser "
+                              "runs/quickstart/report.html"))
 @click.argument("directory", type=click.Path(file_okay=False))
 def report(directory):
     """(Re)build figures and report.html of a run directory."""
@@ -418,11 +486,22 @@ def report(directory):
         raise MissingFileError(Path(directory) / "config.yaml",
                                "not a run directory (create one with `collapselab run`)")
     _open_for_reading(directory, "collapselab report", results=False)
-    figs = build_report(directory)
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        with Console().status("building the report…") as status:
+            figs = build_report(directory, progress=lambda step: status.update(
+                f"building the report: {step}"))
+    else:
+        figs = build_report(directory)
     click.echo(f"wrote {Path(directory) / 'report.html'} and {len(figs)} figures")
+    click.echo("look at it: python -m webbrowser "
+               f"{(Path(directory) / 'report.html').resolve().as_uri()}")
 
 
-@main.command()
+@main.command(epilog=_examples("collapselab bounds runs/quickstart",
+                              "collapselab bounds runs/quickstart --n-sigma 3 --no-figures",
+                              "collapselab bounds runs/paper-gmm --i0 2 --C 1.0 --c 1.0"))
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--i0", type=click.IntRange(min=0), default=None,
               help="end of the transient: bounds are claimed from this generation on "
@@ -488,13 +567,34 @@ def bounds(directory, i0, C, c, n_sigma, no_figures):
     click.echo(f"wrote {root / 'bounds.parquet'}, {root / 'bounds.csv'} and {len(figs)} figures")
 
 
-@main.command()
-def presets():
-    """List the presets, one line each."""
-    from .config import list_presets
+@main.command(epilog=_examples("collapselab presets", "collapselab presets -v",
+                              "collapselab show quickstart > my.yaml"))
+@click.option("-v", "--verbose", is_flag=True, help="each preset's notes as well")
+def presets(verbose):
+    """List the presets, one line each (with -v, their notes too)."""
+    import textwrap
+
+    from .config import list_presets, preset_notes
 
     for name, desc in list_presets().items():
         click.echo(f"{name:20s} {desc}")
+        if verbose:
+            notes = preset_notes(name)
+            if notes:
+                click.echo(textwrap.fill(notes, 96, initial_indent=" " * 4,
+                                         subsequent_indent=" " * 4))
+            click.echo("")
+
+
+@main.command(epilog=_examples("collapselab show quickstart",
+                               "collapselab show quickstart > my.yaml && collapselab run my.yaml",
+                               "collapselab show paper-gmm-cpu | less"))
+@click.argument("preset")
+def show(preset):
+    """Print a preset's YAML (its notes as comments), to save, edit and run."""
+    from .config import show_preset
+
+    click.echo(show_preset(preset), nl=False)
 
 
 if __name__ == "__main__":

@@ -351,7 +351,58 @@ class Config(_Strict):
         return build_config(data)
 
     def dump(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved configuration as YAML, without the keys that do not apply to the
+        chosen kinds (applicable_dump)."""
+        return yaml.safe_dump(applicable_dump(self), sort_keys=False, allow_unicode=True)
+
+
+_NETWORK_TRAINING = ("train_steps", "epochs", "epochs_first", "batch_size", "lr", "weight_decay",
+                     "optimizer", "schedule", "ema_decay", "patience", "val_fraction",
+                     "warm_start")
+_UNET = ("base_channels", "channel_mults", "num_res_blocks", "attention_levels")
+# (section, key) → when the key is used. Keys not listed always apply (new keys stay visible).
+APPLIES = {
+    ("target", "means"): lambda c: c.target.kind == "gmm",
+    ("target", "weights"): lambda c: c.target.kind in ("gmm", "paper_gmm"),
+    ("target", "n_components"): lambda c: c.target.kind == "ring",
+    ("target", "radius"): lambda c: c.target.kind == "ring",
+    ("target", "std"): lambda c: c.target.kind != "dataset",
+    **{("target", k): (lambda c: c.target.kind == "dataset")
+       for k in ("dataset", "root", "classes", "downsample", "limit")},
+    ("process", "beta_min"): lambda c: c.process.kind == "vp",
+    ("process", "beta_max"): lambda c: c.process.kind == "vp",
+    ("score", "bandwidth"): lambda c: c.score.kind in ("kde", "population_kde"),
+    ("score", "hidden"): lambda c: c.score.kind == "mlp",
+    ("score", "layers"): lambda c: c.score.kind == "mlp",
+    ("score", "dropout"): lambda c: c.score.kind == "unet",
+    **{("score", k): (lambda c: c.score.kind == "unet") for k in _UNET},
+    **{("score", k): (lambda c: c.score.kind in ("mlp", "unet")) for k in _NETWORK_TRAINING},
+    ("sampler", "clip"): lambda c: c.sampler.kind == "ddpm",
+    ("sampler", "rho"): lambda c: c.sampler.schedule == "edm",
+    ("loop", "augmentation_lambda"): lambda c: c.loop.policy == "augmentation",
+    ("estimators", "feature_dim"): lambda c: c.target.kind == "dataset",
+    ("estimators", "feature_epochs"): lambda c: c.target.kind == "dataset",
+}
+
+
+def applicable_dump(cfg: Config) -> dict:
+    """``cfg.model_dump(mode="json")`` without the keys that apply to none of the chains'
+    kinds (APPLIES; every swept combination is considered) and still hold their default, so
+    config.yaml shows what the run uses. A key set to a non-default value is kept even where
+    it does not apply: dropping it would make the resumed configuration differ."""
+    data = cfg.model_dump(mode="json")
+    chain_cfgs = [cfg.with_params(p) for p in cfg.sweep.combinations()] if cfg.sweep.grid \
+        else [cfg]
+    defaults = Config().model_dump(mode="json")
+    for (section, key), applies in APPLIES.items():
+        sec = data.get(section)
+        if not isinstance(sec, dict) or key not in sec:
+            continue
+        if any(applies(c) for c in chain_cfgs):
+            continue
+        if sec[key] == (defaults.get(section) or {}).get(key, object()):
+            del sec[key]
+    return data
 
 
 # ---- loading ----------------------------------------------------------------------------
@@ -381,6 +432,37 @@ class _WarningLoader(yaml.SafeLoader):
                               ConfigWarning, stacklevel=2)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def preset_notes(name: str) -> str:
+    """A preset's ``notes`` (what it reproduces and what was scaled), one paragraph."""
+    data = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()) or {}
+    return " ".join(str(data.get("notes", "") or "").split())
+
+
+def show_preset(name: str) -> str:
+    """A preset's YAML as written, with its ``notes`` turned into comments at the top, ready to
+    save, edit and run (``collapselab show NAME > my.yaml``)."""
+    import textwrap
+
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.exists():
+        names = ", ".join(list_presets())
+        raise ConfigError("preset", f"no preset named '{name}' (presets: {names})")
+    lines, out, skipping = path.read_text().splitlines(), [], False
+    for line in lines:
+        if line.startswith("notes:"):
+            skipping = True  # the block (folded or plain) ends at the next top-level key
+            continue
+        if skipping and (line.startswith((" ", "\t")) or not line.strip()):
+            continue
+        skipping = False
+        out.append(line)
+    notes = preset_notes(name)
+    head = [f"# collapselab preset '{name}': save, edit and run with `collapselab run FILE`."]
+    if notes:
+        head += ["#"] + ["# " + t for t in textwrap.wrap(notes, 94)]
+    return "\n".join(head + out) + "\n"
 
 
 def _read_source(source: str | Path) -> dict:

@@ -502,32 +502,71 @@ def failures(store: RunStore) -> list[dict]:
 
 # ---- aggregation over seeds ----------------------------------------------------------------
 SUMMARY_COLUMNS = ["alpha", "generation", "metric", "estimator", "mean", "ci_low", "ci_high",
-                   "half_width", "std", "n", "n_nonfinite"]
+                   "half_width", "std", "n", "n_nonfinite", "interval"]
+# How summarize's interval was obtained (the ``interval`` column).
+INTERVALS = {
+    "t": "mean ± t_{n−1} s/√n (Student t over seeds)",
+    "log-t": "mean · exp(± t_{n−1} s/(mean √n)): the t-interval of log(mean) by the delta "
+             "method, for a metric whose values are all ≥ 0 (the interval stays ≥ 0)",
+    "none": "fewer than two finite seed values: no interval",
+}
+
+
+def _nonnegative_metrics(df: pd.DataFrame) -> set:
+    """Metrics whose every finite value is ≥ 0 (divergences, energies, distances, rates): their
+    interval is computed on the log scale so that it never reaches below 0."""
+    v = df["value"].to_numpy(float)
+    neg = df.loc[np.isfinite(v) & (v < 0), "metric"].unique()
+    return set(df["metric"].unique()) - set(neg)
+
+
+def seed_interval(values, level: float = 0.95, nonnegative: bool = False) -> dict:
+    """Mean over seeds of the finite ``values`` and a ``level`` interval that respects the
+    support (:data:`INTERVALS`): keys mean, ci_low, ci_high, half_width ((high − low)/2),
+    std, n, n_nonfinite, interval."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    fin = v[np.isfinite(v)]
+    n = len(fin)
+    mean = float(fin.mean()) if n else math.nan
+    std = float(fin.std(ddof=1)) if n > 1 else math.nan
+    lo = hi = math.nan
+    method = "none"
+    if n > 1:
+        t = float(stats.t.ppf(0.5 + level / 2, n - 1))
+        if nonnegative and mean >= 0:
+            method = "log-t"
+            if mean == 0:  # every value is 0
+                lo = hi = 0.0
+            else:
+                with np.errstate(over="ignore"):
+                    f = float(np.exp(t * std / (mean * math.sqrt(n))))
+                lo, hi = mean / f, mean * f
+        else:
+            method = "t"
+            half = t * std / math.sqrt(n)
+            lo, hi = mean - half, mean + half
+    return {"mean": mean, "ci_low": lo, "ci_high": hi, "half_width": (hi - lo) / 2, "std": std,
+            "n": n, "n_nonfinite": int(len(v) - n), "interval": method}
 
 
 def summarize(df: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     """Per (swept keys, α, generation, metric, estimator): mean over seeds of the finite values,
-    a ``level`` t-interval (mean ± t_{n−1} s/√n; NaN with fewer than two finite seeds), the
-    count of finite values and the number of non-finite (inf/NaN) values, which are left out of
-    the mean and counted instead so that they are never averaged into a finite number."""
-    from scipy import stats
-
+    a ``level`` interval (:func:`seed_interval`: a t-interval, on the log scale for a metric
+    whose values are all ≥ 0, so that no lower bound is negative; NaN with fewer than two
+    finite seeds), the count of finite values and the number of non-finite (inf/NaN) values,
+    which are left out of the mean and counted instead so that they are never averaged into a
+    finite number."""
     swept = [c for c in df.columns if c not in RESULT_COLUMNS and "." in c]
     keys = swept + ["alpha", "generation", "metric", "estimator"]
     if df.empty:
         return pd.DataFrame(columns=swept + SUMMARY_COLUMNS)
+    nonneg = _nonnegative_metrics(df)
     out = []
     for key, grp in df.groupby(keys, sort=True, dropna=False):
-        v = grp["value"].to_numpy(float)
-        fin = v[np.isfinite(v)]
-        n = len(fin)
-        mean = float(fin.mean()) if n else math.nan
-        std = float(fin.std(ddof=1)) if n > 1 else math.nan
-        t = stats.t.ppf(0.5 + level / 2, n - 1) if n > 1 else math.nan
-        half = float(t * std / math.sqrt(n)) if n > 1 else math.nan
-        out.append({**dict(zip(keys, key, strict=True)), "mean": mean, "ci_low": mean - half,
-                    "ci_high": mean + half, "half_width": half, "std": std, "n": n,
-                    "n_nonfinite": int(len(v) - n)})
+        k = dict(zip(keys, key, strict=True))
+        out.append({**k, **seed_interval(grp["value"], level, k["metric"] in nonneg)})
     res = pd.DataFrame(out)
     return res[swept + SUMMARY_COLUMNS].reset_index(drop=True)
 
