@@ -44,9 +44,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collapselab.batched import train_dsm_batched
 from collapselab.config import load_config
 from collapselab.executors import prepare_run_dir, run_experiment
+from collapselab.fast.batched import train_dsm_batched
 from collapselab.kernels import KDEKeys, _queries, kde_score, ou_scale_var
 from collapselab.processes import OU, VPProcess
 from collapselab.scores.mlp import MLPNet

@@ -6,6 +6,7 @@ is an error. ``load_config`` turns any problem into a :class:`ConfigError` namin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,20 @@ PRESET_DIR = Path(__file__).parent / "presets"
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0.0)]
+
+
+TRAIN_BACKEND_ENV = "COLLAPSELAB_TRAIN_BACKEND"
+
+
+def enable_native_backend() -> None:
+    """Import collapselab.fast, which registers the "native" MLP trainer (the one place outside
+    cli/api that imports it); a clear error where it is absent or broken."""
+    try:
+        import collapselab.fast  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - absent, or unimportable on this machine
+        raise ValueError(f"train_backend: native needs the optional package collapselab.fast, "
+                         f"which cannot be imported here ({type(exc).__name__}: {exc}); "
+                         f"use train_backend: torch") from None
 
 
 class _Strict(BaseModel):
@@ -114,11 +129,21 @@ class ScoreConfig(_Strict):
     patience: PosInt | None = None
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     warm_start: bool = False
+    # The MLP trainer: "torch" (autograd, PyTorch's ensembling for K chains) or "native" (the
+    # optional CPU accelerator collapselab.fast). Never chosen by the machine: the default is
+    # torch unless $COLLAPSELAB_TRAIN_BACKEND says otherwise.
+    train_backend: Literal["torch", "native"] = Field(
+        default_factory=lambda: os.environ.get(TRAIN_BACKEND_ENV, "").strip() or "torch")
 
     @model_validator(mode="after")
     def _check(self):
         if self.patience is not None and self.val_fraction == 0:
             raise ValueError("patience: early stopping needs a validation split (val_fraction > 0)")
+        if self.train_backend not in ("torch", "native"):  # a default from the environment
+            raise ValueError(f"train_backend: allowed values are 'torch', 'native' (got "
+                             f"{self.train_backend!r} from ${TRAIN_BACKEND_ENV})")
+        if self.train_backend == "native":
+            enable_native_backend()
         return self
 
 

@@ -6,18 +6,17 @@ chains at the smallest next generation i (chains resumed further along wait for 
 and, in this process:
 
 1. builds every chain's training set of q_i (:meth:`loop.ChainRunner.prepare`, as run_chain);
-2. fits their MLP nets in ONE :func:`~collapselab.batched.train_dsm_batched` call
-   (:func:`loop.fit_scores_batched`; one call per shape should the chains' training sets
-   differ in shape); other score kinds are fitted one by one as run_chain fits them;
+2. fits their MLP nets together (:func:`loop.fit_scores_batched`: PyTorch's vmapped
+   ensemble by default, or the trainer ``score.train_backend`` names; one call per shape
+   should the chains' training sets differ in shape); other score kinds are fitted one by one
+   as run_chain fits them;
 3. samples, measures and writes each chain's cell (:meth:`loop.ChainRunner.finish`).
 
-Chain k of a batched fit gets the network :func:`loop.fit_score` would give it, to the last
-bit: the same init, seed, warm start, schedule and draws, and the same trainer (fit_score
-trains an MLP with :func:`~collapselab.batched.train_dsm_batched` and one chain), whose
-arithmetic per chain does not depend on the other chains of the batch (see
-:class:`~collapselab.batched._Flat`). So results equal the local executor's exactly, and a
-resumed run reproduces the uninterrupted one exactly whatever generations its chains
-restart at.
+Chain k of a batched fit gets the network :func:`loop.fit_score` would give it: the same
+init, seed, warm start, schedule and draws, and the same arithmetic up to float rounding
+(a batched product may sum in another order than a single one). So results equal the local
+executor's up to float rounding, and a resumed run reproduces the uninterrupted one likewise
+whatever generations its chains restart at.
 
 Generation 0 does not depend on α: it is computed for the first α of each seed only (batched
 across seeds) and adopted by the other α (:func:`loop.adopt_generation_zero`), as the other

@@ -177,7 +177,7 @@ def dsm_loss(net: nn.Module, x0: Tensor, process, t: Tensor, eps: Tensor,
     return torch.cat(out)
 
 
-def _make_optimizer(params, cfg: TrainConfig, device: torch.device):
+def make_optimizer(params, cfg: TrainConfig, device: torch.device):
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     try:  # The fused kernel (CPU since torch 2.4) removes most per-step Python overhead.
         return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -185,7 +185,7 @@ def _make_optimizer(params, cfg: TrainConfig, device: torch.device):
         return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
-def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Learning rate at 1-based ``step``: linear warm-up, then constant or cosine decay."""
     if cfg.warmup_steps and step <= cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
@@ -207,7 +207,7 @@ def _clip_(params: list[Tensor], max_norm: float) -> None:
     torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
 
 
-def _seed_from(gen: torch.Generator) -> int:
+def seed_from(gen: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=gen))
 
 
@@ -263,7 +263,7 @@ def train_dsm(net: nn.Module, data: Tensor, process, cfg: TrainConfig | None = N
     cfg = cfg or TrainConfig()
     device = torch.device(device)
     gen = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
-    split_seed, loop_seed, drop_seed, val_seed = (_seed_from(gen) for _ in range(4))
+    split_seed, loop_seed, drop_seed, val_seed = (seed_from(gen) for _ in range(4))
     if init_state is not None:
         net.load_state_dict(init_state)
     net.to(device).train()
@@ -288,7 +288,7 @@ def train_dsm(net: nn.Module, data: Tensor, process, cfg: TrainConfig | None = N
                  * (t_max - t_min) + t_min).to(device=device, dtype=val_x.dtype)
         val_eps = torch.randn(val_x.shape, generator=vg, dtype=val_x.dtype).to(device)
 
-    opt = _make_optimizer(net.parameters(), cfg, device)
+    opt = make_optimizer(net.parameters(), cfg, device)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -343,7 +343,7 @@ def train_dsm(net: nn.Module, data: Tensor, process, cfg: TrainConfig | None = N
                 check(step)  # before the update on CPU: the raw weights stay finite
             if cfg.grad_clip is not None:
                 _clip_(raw_p, cfg.grad_clip)
-            lr = _lr_at(step, total, cfg)
+            lr = lr_at(step, total, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()

@@ -1,4 +1,4 @@
-"""collapselab.native: the fused SiLU/bias kernels against the PyTorch ops they replace, and
+"""collapselab.fast.native: the fused SiLU/bias kernels against the PyTorch ops they replace, and
 the fallback when they are unavailable."""
 
 import copy
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from collapselab import gemm, native
+from collapselab.fast import gemm, native
 
 
 @pytest.fixture
@@ -257,7 +257,7 @@ def test_transpose_and_transposing_silu():
 
 def test_one_call_forward_backward_equals_the_per_op_path(monkeypatch):
     """mlp_fb (one C call per chain) and the per-op native path compute the same bits."""
-    import collapselab.batched as batched_mod
+    import collapselab.fast.batched as batched_mod
     from collapselab.processes import VPProcess
     from collapselab.scores.mlp import MLPNet
     from collapselab.scores.training import TrainConfig

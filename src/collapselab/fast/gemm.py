@@ -1,4 +1,4 @@
-"""The matrix products of the CPU training step of :mod:`collapselab.batched` (issue 6, part 3).
+"""The matrix products of the CPU training step of :mod:`collapselab.fast.batched`.
 
 Per chain and layer the step makes three float32 products of small shapes (batch 512, width
 128): the forward ``a @ w``, the input gradient ``g @ wᵀ`` and the weight gradient ``aᵀ @ g``.
@@ -8,7 +8,7 @@ CPU: on the AMD EPYC (Zen 5) development machine MKL takes its AVX2 path and rea
 chains"). :func:`load` returns the first of these that is available and passes a self-test
 against float64 products within the float32 rounding bound (:func:`rounding_bound`):
 
-1. :class:`NativeProducts`: :mod:`collapselab.native`'s register-tiled GEMM (its AVX-512
+1. :class:`NativeProducts`: :mod:`collapselab.fast.native`'s register-tiled GEMM (its AVX-512
    build only): 210-224 GFLOP/s at the step's shapes, no per-call cost beyond ctypes', results
    written into the step's own buffers, the weight gradient reading the layer input in place;
 2. :class:`OneDNNProducts`: oneDNN's fp32 inner product (``torch.ops.mkldnn._linear_pointwise``,
@@ -80,13 +80,13 @@ class OneDNNProducts(Products):
 
 
 class NativeProducts(Products):
-    """:mod:`collapselab.native`'s register-tiled float32 GEMM (AVX-512): products written
+    """:mod:`collapselab.fast.native`'s register-tiled float32 GEMM (AVX-512): products written
     straight into the caller's buffers, the weight gradient reading the layer input in place
     (no transposed copy), the input gradient through one transpose of the weights (64 KiB at
     width 128). Shapes it does not take (an output width not a multiple of 16) go to
     ``fallback``."""
 
-    name = "collapselab.native GEMM"
+    name = "collapselab.fast.native GEMM"
 
     def __init__(self, kernels, fallback: Products):
         self.k, self.fallback = kernels, fallback
@@ -184,7 +184,7 @@ def backends() -> list[Products]:
 @functools.cache
 def load() -> Products:
     """The products of the CPU float32 step, the first of these that is available and passes
-    its self-test: collapselab.native's GEMM (AVX-512 builds), oneDNN, torch.mm.
+    its self-test: collapselab.fast.native's GEMM (AVX-512 builds), oneDNN, torch.mm.
     ``COLLAPSELAB_GEMM`` = native | onednn | torch picks one (falling back likewise)."""
     global _status
     forced = os.environ.get("COLLAPSELAB_GEMM", "").strip().lower()
@@ -205,15 +205,15 @@ def load() -> Products:
 
     k = native.load()
     if k is None or k.target != "avx512f":
-        _status = f"{why} (collapselab.native's GEMM needs its AVX-512 build: " \
+        _status = f"{why} (collapselab.fast.native's GEMM needs its AVX-512 build: " \
                   f"{native.status() if k is None else k.target})"
         return lib
     try:
         p = NativeProducts(k, lib)
         _self_test(p)
     except Exception as exc:  # noqa: BLE001
-        _status = f"{why} (collapselab.native's GEMM failed: {type(exc).__name__}: " \
+        _status = f"{why} (collapselab.fast.native's GEMM failed: {type(exc).__name__}: " \
                   f"{str(exc).splitlines()[0][:200]})"
         return lib
-    _status = f"collapselab.native GEMM (AVX-512), else {why}"
+    _status = f"collapselab.fast.native GEMM (AVX-512), else {why}"
     return p
