@@ -335,7 +335,7 @@ def list_presets() -> dict[str, str]:
     return out
 
 
-def _read_source(source: str | Path) -> dict:
+def read_source(source: str | Path) -> dict:
     path = Path(source)
     if not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
         path = PRESET_DIR / f"{source}.yaml"
@@ -384,7 +384,7 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _format_error(err: ValidationError) -> ConfigError:
+def format_error(err: ValidationError) -> ConfigError:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
     msg = first["msg"]
@@ -409,12 +409,12 @@ def build_config(data: dict) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise _format_error(err) from None
+        raise format_error(err) from None
 
 
 def load_config(source: str | Path, overrides: list[str] = ()) -> Config:
     """Read a preset name or YAML file, apply ``--set`` overrides, validate everything."""
-    data = _read_source(source)
+    data = read_source(source)
     for text in overrides:
         path, value = parse_override(text)
         apply_override(data, path, value)

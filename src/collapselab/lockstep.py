@@ -49,17 +49,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, build_config
-from .executors import (
+from .chains import (
     POLL_SECONDS,
     ChainSpec,
-    _installed_hooks,
-    _Pool,
+    WorkerPool,
     adopt_generation_zero_for,
     apply_fit_hooks,
     generation_zero_source,
+    installed_hooks,
     report_new_cells,
 )
+from .config import Config, build_config
 from .store import RunStore, clear_failure, failure_path, read_json, record_failure
 
 log = logging.getLogger("collapselab")
@@ -107,7 +107,7 @@ def run_lockstep(
     torch.set_num_threads(max(1, int(threads)))
     lock = _Lockstep(cfg, store, on_generation, hooks, max(1, int(threads)))
     try:
-        with _installed_hooks(hooks):  # the fits that go through loop.fit_score
+        with installed_hooks(hooks):  # the fits that go through loop.fit_score
             groups: dict[tuple, list[ChainSpec]] = {}
             for c in specs:
                 groups.setdefault(c.params, []).append(c)
@@ -154,7 +154,7 @@ def run_batched(
 
 def run_part(cfg_data: dict, root: str, specs: list[ChainSpec], hooks: dict,
              threads: int) -> dict:
-    """One part in a spawned process (a :class:`executors._Pool` worker's entry): plain data
+    """One part in a spawned process (a :class:`chains.WorkerPool` worker's entry): plain data
     in, plain data back — ``ok``, ``failed`` ([(chain, failure record)]), ``gen0_trained``; an
     error that is no chain's failure comes back as ``error`` / ``traceback`` for the parent
     to record against the part's unfinished chains."""
@@ -210,7 +210,7 @@ class _Parts:
         if todo:
             log.info("batched: %d parts in spawned processes, %d thread(s) each", len(todo),
                      self.threads)
-            pool = _Pool(len(todo), task="its part of the batched executor")
+            pool = WorkerPool(len(todo), task="its part of the batched executor")
             cfg_data = self.cfg.model_dump(mode="json")
             try:
                 for i in todo:

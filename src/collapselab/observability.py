@@ -151,9 +151,9 @@ class ObservabilityConfig(_Strict):
 
 # ---- configuration ---------------------------------------------------------------------------
 def _raw(source, overrides) -> dict:
-    from .config import _read_source, apply_override, parse_override
+    from .config import apply_override, parse_override, read_source
 
-    data = _read_source(source)
+    data = read_source(source)
     for text in overrides:
         path, value = parse_override(text)
         apply_override(data, path, value)
@@ -172,13 +172,13 @@ def experiment_of(source, overrides=()) -> str | None:
 
 def load_observability_config(source, overrides=()) -> ObservabilityConfig:
     """Read and validate an observability preset/YAML; any problem is one ConfigError."""
-    from .config import _format_error
+    from .config import format_error
 
     data = _raw(source, overrides)
     try:
         return ObservabilityConfig.model_validate(data)
     except ValidationError as err:
-        raise _format_error(err) from None
+        raise format_error(err) from None
 
 
 def prepare_dir(cfg: ObservabilityConfig, out: Path) -> Path:
@@ -500,7 +500,8 @@ def ordering_verdicts(pooled: pd.DataFrame) -> dict[str, str]:
 
 # ---- report ----------------------------------------------------------------------------------
 def plot_eta_vs_magnitude(summ: pd.DataFrame, path) -> bool:
-    from .report import _save, plt
+    from .pages import plt
+    from .pages import save_figure as _save
 
     if summ.empty:
         return False
@@ -535,7 +536,10 @@ def build_observability_report(root) -> list[Path]:
     import html as H
     import json
 
-    from .report import _img, _section, _table, environment
+    from .pages import environment
+    from .pages import img as _img
+    from .pages import section as _section
+    from .pages import table as _table
     from .store import atomic_write_text
 
     root = Path(root)
