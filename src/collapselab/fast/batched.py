@@ -33,7 +33,7 @@ available, :mod:`collapselab.fast.native` fuses the SiLU/bias passes and compute
 layer (d ≤ 10) with the loss, and :mod:`collapselab.fast.gemm` picks the products (the native
 register-tiled GEMM on AVX-512, else oneDNN's, else ``torch.mm``). ``compile=True`` adds
 ``torch.compile`` to the forward/backward. Measurements and where the time goes:
-docs/performance.md, "Batched chains".
+benchmarks/results/performance-records-before-fast-leaf.md, "Batched chains".
 """
 
 from __future__ import annotations
@@ -538,7 +538,7 @@ class _Shard:
         self.inp_sin.copy_(torch.sin(args, out=self.trig))
         # Chains one at a time (chunk = 1 by default): a chain's activations (~2 MB at width
         # 128, batch 512) stay in L2, where the SiLU and bias passes are 1.3-1.5x cheaper
-        # than over all K chains' (measured; docs/performance.md, "Batched chains").
+        # than over all K chains' (measured; benchmarks/results/performance-records-before-fast-leaf.md, "Batched chains"..
         if self.plans is not None and fb is _forward_backward:
             for run in self.plans:
                 run()

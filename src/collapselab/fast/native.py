@@ -28,7 +28,7 @@ The products themselves:
 And the step around them: ``mlp_fb``, one chain's whole forward/backward in one call (~20
 ctypes calls per chain otherwise), and ``adam_ema``, gradient clipping + Adam(W) (torch's
 fused formulas) + the EMA in one pass over the flat training state.
-docs/performance.md, "Batched chains", has the measurements.
+benchmarks/results/ has the measurements.
 
 Nothing depends on them. The C source below is compiled once per machine with the system C
 compiler (``$CC`` or ``cc``) into the cache (``$COLLAPSELAB_CACHE/native``, default
