@@ -36,10 +36,18 @@ log = logging.getLogger("collapselab")
 # consults this table, so a default run does not depend on what is installed.
 TRAIN_BACKENDS: dict[str, Callable] = {}
 
-# Whether K MLP chains of the default backend train as one vmapped ensemble
-# (:func:`~.ensemble.train_dsm_ensemble`) or as K sequential ``train_dsm`` fits: both give the
-# same numbers; the faster one on CPU is the default (benchmarks/bench_ensemble.py).
-ENSEMBLE = True
+# K MLP chains of the default backend train as one vmapped ensemble
+# (:func:`~.ensemble.train_dsm_ensemble`) up to this width, as K sequential ``train_dsm`` fits
+# above it: both give the same numbers up to float rounding, and the ensemble is kept only
+# where benchmarks/bench_ensemble.py measured it faster than sequential fits on CPU (narrow
+# nets, where per-op overhead dominates; wider ones spend their time in products that one
+# large matmul per chain computes faster than a batched one). Never decided by the machine.
+ENSEMBLE_MAX_HIDDEN = 128
+
+
+def use_ensemble(score_cfg, K: int) -> bool:
+    """Whether :func:`fit_neural_batched` trains K chains as one vmapped ensemble."""
+    return K > 1 and score_cfg.hidden <= ENSEMBLE_MAX_HIDDEN
 
 
 def register_train_backend(name: str, trainer: Callable) -> None:
@@ -132,7 +140,7 @@ def fit_neural_batched(
     init_state=init_states[k])`` gives: the same initial weights, warm start, schedule and
     random draws. The default backend trains them as one vmapped ensemble
     (:func:`~.ensemble.train_dsm_ensemble`, equal to K ``train_dsm`` fits up to float
-    rounding) or one after another (:data:`ENSEMBLE`); ``score.train_backend`` names another
+    rounding) or one after another (:func:`use_ensemble`); ``score.train_backend`` names another
     registered trainer (:data:`TRAIN_BACKENDS`).
 
     datas: K training sets of one shape. threads: CPU threads of an optional backend. A
@@ -159,7 +167,7 @@ def fit_neural_batched(
                                "registers it when imported; see docs/performance.md)")
         results = trainer(nets, datas, process, cfg, seeds=seeds, device=device,
                           threads=threads)
-    elif ENSEMBLE and K > 1:
+    elif use_ensemble(score_cfg, K):
         results = train_dsm_ensemble(nets, datas, process, cfg, seeds=seeds, device=device)
     else:
         results = []
