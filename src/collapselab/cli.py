@@ -47,22 +47,22 @@ def _setup_logging(path: Path) -> None:
     logger.setLevel(logging.INFO)
 
 
-def _speed_hint(cfg, executor: str) -> str | None:
-    """One line where a CPU run of MLP chains fitted one at a time could be markedly faster:
-    with the batched executor (PyTorch's vmapped ensemble) or, where collapselab.fast is
-    installed, its opt-in trainer. Never switched on by itself (the numbers stay the default
-    trainer's)."""
-    n_chains = len(cfg.sweep.alphas) * len(cfg.sweep.seeds) * len(cfg.sweep.combinations())
-    if cfg.score.kind != "mlp" or cfg.score.train_backend != "torch" or executor == "batched" \
-            or not cfg.device.startswith("cpu") or n_chains < 2:
+def _speed_hint(cfg) -> str | None:
+    """One line where the opt-in accelerator would make this run markedly faster: CPU fits of
+    MLPs wider than the vmapped ensemble takes (benchmarks/bench_ensemble.py), with
+    collapselab.fast installed. Never switched on by itself: a default run keeps the default
+    trainer's numbers."""
+    from .scores.neural import ENSEMBLE_MAX_HIDDEN
+
+    if cfg.score.kind != "mlp" or cfg.score.train_backend != "torch" \
+            or not cfg.device.startswith("cpu") or cfg.score.hidden <= ENSEMBLE_MAX_HIDDEN:
         return None
     import importlib.util
 
-    extra = ""
-    if importlib.util.find_spec("collapselab.fast") is not None:
-        extra = " or --set score.train_backend=native (collapselab.fast)"
-    return (f"hint: these MLP chains train one at a time; --executor batched{extra} trains "
-            "them faster on CPU (docs/performance.md)")
+    if importlib.util.find_spec("collapselab.fast") is None:
+        return None
+    return ("hint: --set score.train_backend=native (the optional collapselab.fast) trains MLPs "
+            "of this width markedly faster on CPU; see docs/performance.md")
 
 
 @main.command()
@@ -135,7 +135,7 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     logging.getLogger("collapselab").info(
         "run %s: executor=%s workers=%s address=%s resources=%s", cfg.name, executor, workers,
         address, resources)
-    hint = _speed_hint(cfg, executor)
+    hint = _speed_hint(cfg)
     if hint and not quiet:
         click.echo(hint, err=True)
     todo = chains(cfg)

@@ -538,7 +538,7 @@ class _Shard:
         self.inp_sin.copy_(torch.sin(args, out=self.trig))
         # Chains one at a time (chunk = 1 by default): a chain's activations (~2 MB at width
         # 128, batch 512) stay in L2, where the SiLU and bias passes are 1.3-1.5x cheaper
-        # than over all K chains' (measured; benchmarks/results/performance-records-before-fast-leaf.md, "Batched chains"..
+        # than over all K chains' (measured; see benchmarks/results/).
         if self.plans is not None and fb is _forward_backward:
             for run in self.plans:
                 run()

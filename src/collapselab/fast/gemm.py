@@ -4,7 +4,7 @@ Per chain and layer the step makes three float32 products of small shapes (batch
 128): the forward ``a @ w``, the input gradient ``g @ wᵀ`` and the weight gradient ``aᵀ @ g``.
 ``torch.mm`` hands them to PyTorch's BLAS (MKL in the x86 wheels), whose speed depends on the
 CPU: on the AMD EPYC (Zen 5) development machine MKL takes its AVX2 path and reaches
-~95 GFLOP/s per core, where a core's FMA peak is 231-248 (benchmarks/results/performance-records-before-fast-leaf.md, "Batched
+~95 GFLOP/s per core, where a core's FMA peak is 231-248 (benchmarks/results/, "Batched
 chains"). :func:`load` returns the first of these that is available and passes a self-test
 against float64 products within the float32 rounding bound (:func:`rounding_bound`):
 
