@@ -1,4 +1,5 @@
-"""Batched chains: K independent ε-prediction MLPs trained in one batched step.
+"""Batched chains: K independent ε-prediction MLPs trained in one hand-written batched step
+(collapselab.fast's trainer, ``score.train_backend: native``).
 
 Chains of one sweep (different α or seeds) that fit the same architecture at the same
 generation are independent problems of identical shape. :class:`BatchedMLP` holds K copies of
@@ -16,7 +17,7 @@ loss, its gradient, Adam (one fused kernel over the K-stacked tensors is element
 same update per chain), gradient clipping (per chain), EMA, validation and early stopping are
 all per chain. What differs is only float rounding: a batched matmul sums in another order than
 a single one, so a step agrees to ~1e-6 relative, and runs of 80-200 steps differ by < 1e-6 in
-weights and losses (tests/test_batched.py checks 2e-5). Rounding differences could, in
+weights and losses (tests/fast/test_batched.py checks 2e-5). Rounding differences could, in
 principle, flip a validation comparison that is tied to 1e-7 and so the early-stopping step.
 Against itself with K = 1 (what :func:`~collapselab.scores.neural.fit_neural` runs for one
 MLP) a chain agrees to the last bit whatever chains share its batch: see :class:`_Flat`.
@@ -312,7 +313,7 @@ def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
     buffer; the caller passes it only where :meth:`~collapselab.fast.native.Kernels.fits_output`
     holds), a narrow output layer runs as two native passes: forward with the loss gradient
     and the loss Σ g² (into ``sq``), and back into the layer below with its weight gradient
-    (BLAS is slow at this shape: 20-30 µs for 512 x 128 x 2).
+    (BLAS is slow at this shape).
     """
     acts = bufs.act
     zs = []  # pre-activations (silu' with nat): the buffers, or the products' fresh outputs
@@ -561,7 +562,7 @@ class _Shard:
         """Clipping, one Adam(W) step and the EMA of the shard. Once the optimizer holds its
         state, the fused kernel is called directly with cached argument lists, as
         ``Optimizer.step`` would call it (step counters, then ``_fused_adam(w)_``): that skips
-        ~0.2 ms of per-step Python (grouping tensors by device and dtype, hooks) at this size;
+        the per-step Python (grouping tensors by device and dtype, hooks) at this size;
         with :mod:`collapselab.fast.native`, its one pass does clipping, Adam and the EMA instead.
         The state tensors stay those of ``self.opt``, so checkpoints and :meth:`adam_rows`
         see every update."""

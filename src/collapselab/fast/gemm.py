@@ -3,22 +3,21 @@
 Per chain and layer the step makes three float32 products of small shapes (batch 512, width
 128): the forward ``a @ w``, the input gradient ``g @ wᵀ`` and the weight gradient ``aᵀ @ g``.
 ``torch.mm`` hands them to PyTorch's BLAS (MKL in the x86 wheels), whose speed depends on the
-CPU: on the AMD EPYC (Zen 5) development machine MKL takes its AVX2 path and reaches
-~95 GFLOP/s per core, where a core's FMA peak is 231-248 (benchmarks/results/, "Batched
-chains"). :func:`load` returns the first of these that is available and passes a self-test
-against float64 products within the float32 rounding bound (:func:`rounding_bound`):
+CPU (on some CPUs MKL takes a path far below the FMA peak; measurements in
+benchmarks/results/). :func:`load` returns the first of these that is available and passes a
+self-test against float64 products within the float32 rounding bound (:func:`rounding_bound`):
 
 1. :class:`NativeProducts`: :mod:`collapselab.fast.native`'s register-tiled GEMM (its AVX-512
-   build only): 210-224 GFLOP/s at the step's shapes, no per-call cost beyond ctypes', results
+   build only), close to the FMA peak at the step's shapes, no per-call cost beyond ctypes', results
    written into the step's own buffers, the weight gradient reading the layer input in place;
 2. :class:`OneDNNProducts`: oneDNN's fp32 inner product (``torch.ops.mkldnn._linear_pointwise``,
    x @ wᵀ, IEEE float32), which PyTorch ships and which picks its kernels by instruction set:
-   136-192 GFLOP/s at these shapes, ~12.5 µs per call, fresh outputs;
+   a fixed per-call cost, fresh outputs;
 3. :class:`Products`: ``torch.mm(out=)``.
 
 ``COLLAPSELAB_GEMM`` = native | onednn | torch picks one (falling back the same way where it
 is unavailable). The choice is a rule, never a timing, so one machine always computes the
-same bits; the backends agree to float32 rounding (tests/test_gemm.py).
+same bits; the backends agree to float32 rounding (tests/fast/test_gemm.py).
 """
 
 from __future__ import annotations

@@ -8,19 +8,16 @@ gradient's column sum. Two fused, vectorised C loops replace them:
   pre-activation is only ever needed through silu', so its buffer keeps that instead);
 - backward ``mul_colsum``: ``g *= d; gb = Σ_rows g`` (d = silu', or none for the output layer).
 
-At width 128 and batch 512 they take about half the time of the four PyTorch kernels. A
-narrow output layer (d ≤ 10 outputs, as in the GMM experiments) is a poor shape for BLAS
-(20-30 µs for a 512 × 128 × 2 product: ~10 GFLOP/s, a tenth of the square products' rate),
-so two more passes do it: ``out_fwd`` (the layer, the loss gradient, its column sums and the loss,
-eight rows at a time in vector registers like a GEMM micro-kernel) and ``out_bwd`` (its weight
+A narrow output layer (d ≤ 10 outputs, as in the GMM experiments) is a poor shape for BLAS
+(a small fraction of the square products' rate), so two more passes do it: ``out_fwd`` (the
+layer, the loss gradient, its column sums and the loss, eight rows at a time in vector registers like a GEMM micro-kernel) and ``out_bwd`` (its weight
 gradient, and the input gradient of the layer below times silu', with its column sums).
 The products themselves:
 
 - ``gemm``: C (+)= op(A) B in float32, op(A) = A or Aᵀ read in place; tiles of 6 rows x 64
   columns of C in 24 vector accumulators, 128 x 64 panels of B kept in L1, A broadcast.
-  210-224 GFLOP/s at the step's shapes on the AMD EPYC development machine, whose core peaks
-  at 231-248 (MKL, PyTorch's BLAS, takes its AVX2 path there: ~95). :mod:`collapselab.fast.gemm`
-  uses it on AVX-512 builds only (the AVX2 build emulates its 512-bit vectors);
+  :mod:`collapselab.fast.gemm` uses it on AVX-512 builds only (the AVX2 build emulates its
+  512-bit vectors);
 - ``transpose`` (16 x 16 tiles in registers) and ``bias_silu_t`` (the forward pass that also
   writes its output transposed): dense transposed activations for oneDNN's products, which
   reorder a strided operand on every call.
@@ -196,9 +193,8 @@ class Kernels:
     def fits_output(w: Tensor) -> bool:
         """Whether :meth:`out_fwd_` / :meth:`out_bwd_` take an output layer of weights w
         (n x d): a narrow one, d ≤ 10 (the kernels take up to 16 outputs, but their backward
-        costs grow with d: against the BLAS products they measured 1.14x / 1.07x / 1.00x /
-        0.94x / 0.80x as fast at d = 8 / 10 / 12 / 14 / 16), n a multiple of 16 up to 2048
-        (the padded copies live on the stack)."""
+        costs grow with d: beyond d = 10 the BLAS products are faster), n a multiple of 16 up
+        to 2048 (the padded copies live on the stack)."""
         n, d = w.shape
         return d <= 10 and n % 16 == 0 and n <= 2048
 
