@@ -8,10 +8,11 @@ gradient's column sum. Two fused, vectorised C loops replace them:
   pre-activation is only ever needed through silu', so its buffer keeps that instead);
 - backward ``mul_colsum``: ``g *= d; gb = Σ_rows g`` (d = silu', or none for the output layer).
 
-A narrow output layer (d ≤ 10 outputs, as in the GMM experiments) is a poor shape for BLAS
-(a small fraction of the square products' rate), so two more passes do it: ``out_fwd`` (the
-layer, the loss gradient, its column sums and the loss, eight rows at a time in vector registers like a GEMM micro-kernel) and ``out_bwd`` (its weight
-gradient, and the input gradient of the layer below times silu', with its column sums).
+A narrow output layer (d ≤ 10 outputs, as in the GMM experiments) is a poor shape for BLAS (a
+small fraction of the square products' rate), so two more passes do it: ``out_fwd`` (the layer,
+the loss gradient, its column sums and the loss, eight rows at a time in vector registers like a
+GEMM micro-kernel) and ``out_bwd`` (its weight gradient, and the input gradient of the layer
+below times silu', with its column sums).
 The products themselves:
 
 - ``gemm``: C (+)= op(A) B in float32, op(A) = A or Aᵀ read in place; tiles of 6 rows x 64
