@@ -2,12 +2,12 @@
 
 Glue between the configuration (``score.*``) and :mod:`.training`: the MLP (any data, images
 flattened) and the U-Net (images). The EMA weights sample; a warm start resumes from the
-previous generation's raw weights (PAPER.md §5 recipe: AdamW, cosine, EMA, early stopping).
+previous generation's raw weights (the paper's image recipe: AdamW, cosine, EMA, early
+stopping; docs/paper.md).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -27,8 +27,6 @@ from .training import (
     train_dsm,
 )
 from .unet import UNet
-
-log = logging.getLogger("collapselab")
 
 # Optional trainers of K MLP chains, by ``score.train_backend`` name, registered by the packages
 # that provide them (collapselab.fast registers "native" when it is imported; config imports it
