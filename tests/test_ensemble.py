@@ -61,3 +61,24 @@ def test_a_diverged_chain_is_named():
         train_dsm_ensemble(nets(2), datas, PROCESS, TrainConfig(steps=5, batch_size=32),
                            seeds=[0, 1])
     assert err.value.chain == 1 and err.value.step == 1
+
+
+def test_wide_nets_train_as_sequential_fits(monkeypatch):
+    """Above ENSEMBLE_MAX_HIDDEN the default backend fits the chains one after another with
+    train_dsm: each chain is exactly fit_neural's."""
+    from collapselab.config import ScoreConfig
+    from collapselab.scores import neural
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the ensemble must not train wide nets")
+
+    monkeypatch.setattr(neural, "train_dsm_ensemble", refuse)
+    cfg = ScoreConfig(kind="mlp", hidden=neural.ENSEMBLE_MAX_HIDDEN + 16, layers=1,
+                      train_steps=3, batch_size=32, train_backend="torch")
+    datas = [torch.randn(64, 2, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    got = neural.fit_neural_batched(cfg, PROCESS, datas, generation=0, seeds=[4, 5], t_min=0.02)
+    for k, (_, res) in enumerate(got):
+        _, want = neural.fit_neural(cfg, PROCESS, datas[k], generation=0, seed=4 + k, t_min=0.02)
+        assert res.loss_history == want.loss_history
+        for x, y in zip(res.ema_net.parameters(), want.ema_net.parameters(), strict=True):
+            assert torch.equal(x, y)
