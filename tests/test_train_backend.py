@@ -68,3 +68,22 @@ assert "collapselab.fast" not in sys.modules or block, "the default run imported
         a = (tmp_path / "free" / ex / "results.parquet").read_bytes()
         b = (tmp_path / "block" / ex / "results.parquet").read_bytes()
         assert a == b
+
+
+def test_the_hint_names_the_accelerator_only_where_it_helps(monkeypatch):
+    import importlib.util
+
+    from collapselab.cli import speed_hint
+
+    monkeypatch.delenv(TRAIN_BACKEND_ENV, raising=False)
+    installed = importlib.util.find_spec("collapselab.fast") is not None
+    digits = load_config("digits")
+    assert (speed_hint(digits, "local") is not None) == installed
+    if installed:
+        assert "score.train_backend=native" in speed_hint(digits, "local")
+        assert "\n" not in speed_hint(digits, "local")
+    assert speed_hint(load_config("quickstart"), "local") is None  # a KDE score: no training
+    narrow = load_config("quickstart", ["score.kind=mlp"])
+    assert speed_hint(narrow, "batched") is None  # the vmapped ensemble takes these
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert speed_hint(digits, "local") is None  # not installed: nothing to suggest

@@ -47,22 +47,23 @@ def _setup_logging(path: Path) -> None:
     logger.setLevel(logging.INFO)
 
 
-def _speed_hint(cfg) -> str | None:
+def speed_hint(cfg, executor: str) -> str | None:
     """One line where the opt-in accelerator would make this run markedly faster: CPU fits of
-    MLPs wider than the vmapped ensemble takes (benchmarks/bench_ensemble.py), with
-    collapselab.fast installed. Never switched on by itself: a default run keeps the default
-    trainer's numbers."""
+    MLPs by the default trainer, except those the batched executor's vmapped ensemble takes
+    (benchmarks/results/), with collapselab.fast installed. Never switched on by itself: a
+    default run keeps the default trainer's numbers."""
     from .scores.neural import ENSEMBLE_MAX_HIDDEN
 
     if cfg.score.kind != "mlp" or cfg.score.train_backend != "torch" \
-            or not cfg.device.startswith("cpu") or cfg.score.hidden <= ENSEMBLE_MAX_HIDDEN:
+            or not cfg.device.startswith("cpu") \
+            or (executor == "batched" and cfg.score.hidden <= ENSEMBLE_MAX_HIDDEN):
         return None
     import importlib.util
 
     if importlib.util.find_spec("collapselab.fast") is None:
         return None
-    return ("hint: --set score.train_backend=native (the optional collapselab.fast) trains MLPs "
-            "of this width markedly faster on CPU; see docs/performance.md")
+    return ("hint: --set score.train_backend=native (the optional collapselab.fast) trains these "
+            "MLP scores faster on CPU; see docs/performance.md")
 
 
 @main.command()
@@ -135,7 +136,7 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     logging.getLogger("collapselab").info(
         "run %s: executor=%s workers=%s address=%s resources=%s", cfg.name, executor, workers,
         address, resources)
-    hint = _speed_hint(cfg)
+    hint = speed_hint(cfg, executor)
     if hint and not quiet:
         click.echo(hint, err=True)
     todo = chains(cfg)
