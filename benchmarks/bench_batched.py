@@ -368,10 +368,10 @@ def bench_training(args, dim: int, compile_ok: bool, pool) -> tuple[list[dict], 
 def fma_peak() -> dict | None:
     """The float32 FMA peak of one core and of two at once (benchmarks/fma_peak.c, compiled
     here with the system C compiler for AVX-512 or AVX2), or None without a compiler."""
-    from collapselab.fast.native import _cpu_flags
+    from collapselab.fast.native import cpu_flags
 
     cc = os.environ.get("CC") or "cc"
-    have = _cpu_flags()
+    have = cpu_flags()
     flags = (["-DVBYTES=64", "-mavx512f", "-mfma"] if "avx512f" in have else
              ["-DVBYTES=32", "-mavx2", "-mfma"] if "avx2" in have else None)
     if flags is None or shutil.which(cc) is None:

@@ -140,7 +140,7 @@ def test_disabled_by_environment(fresh_load, monkeypatch):
 
 def test_missing_compiler_falls_back(fresh_load, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    if native._cpu_flags().isdisjoint(native._TARGETS):
+    if native.cpu_flags().isdisjoint(native._TARGETS):
         pytest.skip("no AVX2/AVX-512: the kernels are off before a compiler is looked for")
     assert fresh_load() is None
     assert "no C compiler" in native.status()
@@ -171,9 +171,9 @@ def test_compiled_once_into_the_cache(fresh_load, tmp_path):
 def test_avx2_build_passes_its_self_test(fresh_load, monkeypatch):
     """The AVX2 build (machines without AVX-512) compiles and computes the same; here it runs
     on a CPU that has both."""
-    if "avx2" not in native._cpu_flags():
+    if "avx2" not in native.cpu_flags():
         pytest.skip("this CPU has no AVX2")
-    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(native, "cpu_flags", lambda: {"avx2", "fma"})
     k = fresh_load()
     if k is None:
         pytest.skip(f"native kernels unavailable here: {native.status()}")
@@ -185,7 +185,7 @@ def _sanitized_run(tmp_path, source: str) -> subprocess.CompletedProcess:
     and UBSan, and run it; skips where there is no compiler, no AVX2/AVX-512 or no sanitizer
     runtime."""
     cc = os.environ.get("CC") or "cc"
-    have = native._cpu_flags()
+    have = native.cpu_flags()
     target = next((t for t in native._TARGETS if t in have), None)
     if shutil.which(cc) is None or target is None:
         pytest.skip("needs a C compiler and AVX2 or AVX-512")

@@ -230,7 +230,8 @@ def _cache_dir() -> Path:
     return default_cache_dir() / "native"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it is unreadable)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -437,7 +438,7 @@ def load() -> Kernels | None:
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         _status = f"off: needs Linux on x86-64, this is {platform.system()} {platform.machine()}"
         return None
-    have = _cpu_flags()
+    have = cpu_flags()
     target = next((t for t in _TARGETS if t in have), None)
     if target is None:
         _status = "off: the CPU has neither AVX2 nor AVX-512"
