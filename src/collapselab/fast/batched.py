@@ -667,7 +667,7 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
                       compile: bool = False, native: bool = True,
                       products: Products | None = None,
                       nan_check: bool = True) -> list[TrainResult]:
-    """:func:`~collapselab.scores.training.train_dsm` for K chains at once (DSM, PAPER.md §3).
+    """:func:`~collapselab.scores.training.train_dsm` for K chains at once (DSM).
 
     Minimises, for every chain k separately, E‖ε_θk(X_t, t) − ε‖² over its own data set
     ``datas[k]`` (all of shape (n, *event)), with t ~ U[t_min, t_max] (denoising score matching

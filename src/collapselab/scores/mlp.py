@@ -1,4 +1,4 @@
-"""Noise-predicting MLP and the wrapper that turns any ε-network into a score (PAPER.md §2).
+"""Noise-predicting MLP and the wrapper that turns any ε-network into a score.
 
 Parametrisation. A network ``net(x, t)`` predicts the noise ε of the forward marginal
 X_t = scale(t)·x0 + √var(t)·ε. Since ∇ log p(x_t | x0) = −ε/√var(t), the minimiser of the
@@ -99,7 +99,7 @@ class MLPNet(nn.Module):
 class NeuralScore:
     """Score protocol (:mod:`collapselab.scores.base`) for an ε-predicting network.
 
-    ``score(x, t) = −net(x, t)/√var(t)`` (PAPER.md §2; ε-parametrisation, see module docstring).
+    ``score(x, t) = −net(x, t)/√var(t)`` (ε-parametrisation, see module docstring).
     ``t`` is a float or a (n,) tensor and must be > 0 (var(0) = 0). ``x`` may have any event
     shape and dtype: it is evaluated in the network's dtype and device, and the result is
     returned in ``x``'s dtype and device. The network is put in eval mode (dropout off): a score

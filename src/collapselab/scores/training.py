@@ -8,9 +8,9 @@ Loss (Ho et al. 2020; Vincent 2011). With X_t = scale(t)·x0 + √var(t)·ε and
 i.e. denoising score matching with weight λ(t) = var(t). With unit weight instead (see
 :func:`dsm_loss`, ``weighting="score"``), (T − t_min)·E_t[·] is the paper's ideal-path score
 energy plus a constant: DSM loss = ε⋆² + C with C depending only on the training law q_i
-(PAPER.md §3). Both weightings have the same minimiser, the true score of q_i.
+(docs/paper.md). Both weightings have the same minimiser, the true score of q_i.
 
-The paper's image recipe (PAPER.md §5): AdamW, lr 2e-4, weight decay 1e-4, cosine schedule,
+The paper's image recipe (docs/paper.md): AdamW, lr 2e-4, weight decay 1e-4, cosine schedule,
 EMA 0.99, early stopping with patience 50. Everything here is generic over the network and the
 VP process (:mod:`collapselab.processes`).
 
@@ -162,7 +162,7 @@ def dsm_loss(net: nn.Module, x0: Tensor, process, t: Tensor, eps: Tensor,
 
     weighting='eps': ‖ε_θ(X_t, t) − ε‖² (the training loss, DSM weight var(t)).
     weighting='score': ‖s_θ(X_t, t) − ∇ log p(X_t | x0)‖² = ‖ε_θ − ε‖²/var(t); its mean over
-    t ~ U[t0, T] times (T − t0) estimates ε⋆² + C (PAPER.md §3).
+    t ~ U[t0, T] times (T − t0) estimates ε⋆² + C (docs/paper.md).
     The network is evaluated in its current mode (call ``net.eval()`` for dropout off).
     """
     if weighting not in ("eps", "score"):
@@ -248,7 +248,7 @@ def train_dsm(net: nn.Module, data: Tensor, process, cfg: TrainConfig | None = N
     """Fit an ε-predicting ``net`` to ``data`` (shape (n, *event)) by denoising score matching.
 
     Minimises E‖ε_θ(X_t, t) − ε‖² over t ~ U[t_min, t_max] (module docstring; DSM with weight
-    var(t); DSM loss = ε⋆² + C, PAPER.md §3). ``net`` is trained in place (moved to
+    var(t); DSM loss = ε⋆² + C, docs/paper.md). ``net`` is trained in place (moved to
     ``device``) and returned as ``TrainResult.net``; an EMA copy is ``TrainResult.ema_net``.
 
     generator: CPU torch.Generator for all randomness (default: seeded with ``cfg.seed``);
