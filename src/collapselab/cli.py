@@ -47,25 +47,6 @@ def _setup_logging(path: Path) -> None:
     logger.setLevel(logging.INFO)
 
 
-def speed_hint(cfg, executor: str) -> str | None:
-    """One line where the opt-in accelerator would make this run markedly faster: CPU fits of
-    MLPs by the default trainer, except those the batched executor's vmapped ensemble takes
-    (benchmarks/results/), with collapselab.fast installed. Never switched on by itself: a
-    default run keeps the default trainer's numbers."""
-    from .scores.neural import ENSEMBLE_MAX_HIDDEN
-
-    if cfg.score.kind != "mlp" or cfg.score.train_backend != "torch" \
-            or not cfg.device.startswith("cpu") \
-            or (executor == "batched" and cfg.score.hidden <= ENSEMBLE_MAX_HIDDEN):
-        return None
-    import importlib.util
-
-    if importlib.util.find_spec("collapselab.fast") is None:
-        return None
-    return ("hint: --set score.train_backend=native (the optional collapselab.fast) trains these "
-            "MLP scores faster on CPU; see docs/performance.md")
-
-
 @main.command()
 @click.argument("source")
 @click.option("--out", "out", type=click.Path(file_okay=False), help="run directory")
@@ -136,12 +117,12 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     logging.getLogger("collapselab").info(
         "run %s: executor=%s workers=%s address=%s resources=%s", cfg.name, executor, workers,
         address, resources)
-    hint = speed_hint(cfg, executor)
-    if hint and not quiet:
-        click.echo(hint, err=True)
     todo = chains(cfg)
     G = cfg.loop.generations
     progress = [min(store.completed(c.alpha, c.seed, c.param_dict), G) for c in todo]
+    hint = speed_hint(cfg, executor)
+    if hint and not quiet:
+        click.echo(hint, err=True)
     kwargs = dict(executor=executor, workers=workers, address=address, resources=resources)
     try:
         if quiet:
@@ -300,6 +281,25 @@ def presets():
 
     for name, desc in list_presets().items():
         click.echo(f"{name:20s} {desc}")
+
+
+def speed_hint(cfg, executor: str) -> str | None:
+    """One line where the opt-in accelerator would make this run markedly faster: CPU fits of
+    MLPs by the default trainer, except those the batched executor's vmapped ensemble takes
+    (benchmarks/results/), with collapselab.fast installed. Never switched on by itself: a
+    default run keeps the default trainer's numbers."""
+    from .scores.neural import ENSEMBLE_MAX_HIDDEN
+
+    if cfg.score.kind != "mlp" or cfg.score.train_backend != "torch" \
+            or not cfg.device.startswith("cpu") \
+            or (executor == "batched" and cfg.score.hidden <= ENSEMBLE_MAX_HIDDEN):
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("collapselab.fast") is None:
+        return None
+    return ("hint: --set score.train_backend=native (the optional collapselab.fast) trains these "
+            "MLP scores faster on CPU; see docs/performance.md")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ is an error. ``load_config`` turns any problem into a :class:`ConfigError` namin
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +22,13 @@ PosFloat = Annotated[float, Field(gt=0.0)]
 
 
 TRAIN_BACKEND_ENV = "COLLAPSELAB_TRAIN_BACKEND"
+
+
+def default_train_backend() -> str:
+    """``$COLLAPSELAB_TRAIN_BACKEND`` if set, else "torch" (never chosen by the machine)."""
+    import os
+
+    return os.environ.get(TRAIN_BACKEND_ENV, "").strip() or "torch"
 
 
 def enable_native_backend() -> None:
@@ -132,18 +138,21 @@ class ScoreConfig(_Strict):
     # The MLP trainer: "torch" (autograd, PyTorch's ensembling for K chains) or "native" (the
     # optional CPU accelerator collapselab.fast). Never chosen by the machine: the default is
     # torch unless $COLLAPSELAB_TRAIN_BACKEND says otherwise.
-    train_backend: Literal["torch", "native"] = Field(
-        default_factory=lambda: os.environ.get(TRAIN_BACKEND_ENV, "").strip() or "torch")
+    train_backend: Literal["torch", "native"] = Field(default_factory=default_train_backend)
 
     @model_validator(mode="after")
-    def _check(self):
-        if self.patience is not None and self.val_fraction == 0:
-            raise ValueError("patience: early stopping needs a validation split (val_fraction > 0)")
+    def _check_backend(self):
         if self.train_backend not in ("torch", "native"):  # a default from the environment
             raise ValueError(f"train_backend: allowed values are 'torch', 'native' (got "
                              f"{self.train_backend!r} from ${TRAIN_BACKEND_ENV})")
         if self.train_backend == "native":
             enable_native_backend()
+        return self
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.patience is not None and self.val_fraction == 0:
+            raise ValueError("patience: early stopping needs a validation split (val_fraction > 0)")
         return self
 
 
@@ -335,7 +344,7 @@ def list_presets() -> dict[str, str]:
     return out
 
 
-def read_source(source: str | Path) -> dict:
+def _read_source(source: str | Path) -> dict:
     path = Path(source)
     if not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
         path = PRESET_DIR / f"{source}.yaml"
@@ -384,7 +393,7 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def format_error(err: ValidationError) -> ConfigError:
+def _format_error(err: ValidationError) -> ConfigError:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
     msg = first["msg"]
@@ -409,13 +418,18 @@ def build_config(data: dict) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise format_error(err) from None
+        raise _format_error(err) from None
 
 
 def load_config(source: str | Path, overrides: list[str] = ()) -> Config:
     """Read a preset name or YAML file, apply ``--set`` overrides, validate everything."""
-    data = read_source(source)
+    data = _read_source(source)
     for text in overrides:
         path, value = parse_override(text)
         apply_override(data, path, value)
     return build_config(data)
+
+
+# Public names of the readers, for experiments that validate their own models (observability).
+read_source = _read_source
+format_error = _format_error
