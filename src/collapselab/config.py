@@ -421,6 +421,11 @@ def build_config(data: dict) -> Config:
         raise _format_error(err) from None
 
 
+# Public names of the readers, for experiments that validate their own models (observability).
+read_source = _read_source
+format_error = _format_error
+
+
 def load_config(source: str | Path, overrides: list[str] = ()) -> Config:
     """Read a preset name or YAML file, apply ``--set`` overrides, validate everything."""
     data = _read_source(source)
@@ -428,8 +433,3 @@ def load_config(source: str | Path, overrides: list[str] = ()) -> Config:
         path, value = parse_override(text)
         apply_override(data, path, value)
     return build_config(data)
-
-
-# Public names of the readers, for experiments that validate their own models (observability).
-read_source = _read_source
-format_error = _format_error
