@@ -119,11 +119,11 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
         address, resources)
     todo = chains(cfg)
     G = cfg.loop.generations
-    progress = [min(store.completed(c.alpha, c.seed, c.param_dict), G) for c in todo]
-    kwargs = dict(executor=executor, workers=workers, address=address, resources=resources)
     hint = speed_hint(cfg, executor)
     if hint and not quiet:
         click.echo(hint, err=True)
+    progress = [min(store.completed(c.alpha, c.seed, c.param_dict), G) for c in todo]
+    kwargs = dict(executor=executor, workers=workers, address=address, resources=resources)
     try:
         if quiet:
             df = run_experiment(cfg, store, **kwargs)
