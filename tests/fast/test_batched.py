@@ -1,4 +1,4 @@
-"""Batched chains (collapselab.batched): K MLPs in one step equal K unbatched ones.
+"""Batched chains (collapselab.fast.batched): K MLPs in one step equal K unbatched ones.
 
 Tolerances (float32 throughout). A batched matmul sums in another order than a single one, so
 results agree to rounding, not bit for bit:

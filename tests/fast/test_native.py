@@ -181,7 +181,7 @@ def test_avx2_build_passes_its_self_test(fresh_load, monkeypatch):
 
 
 def _sanitized_run(tmp_path, source: str) -> subprocess.CompletedProcess:
-    """Build ``source`` (the kernels' C) with tests/data/native_sanitize.c under AddressSanitizer
+    """Build ``source`` (the kernels' C) with tests/fast/data/native_sanitize.c under AddressSanitizer
     and UBSan, and run it; skips where there is no compiler, no AVX2/AVX-512 or no sanitizer
     runtime."""
     cc = os.environ.get("CC") or "cc"
@@ -208,7 +208,7 @@ def _sanitized_run(tmp_path, source: str) -> subprocess.CompletedProcess:
 def test_kernels_clean_under_sanitizers(tmp_path):
     """Every kernel over many shapes (rows not a multiple of 8, widths with a vector
     remainder, output widths 1-16) under AddressSanitizer and UBSan: no out-of-bounds access,
-    no undefined behaviour, results as double-precision loops (tests/data/native_sanitize.c).
+    no undefined behaviour, results as double-precision loops (tests/fast/data/native_sanitize.c).
     Value checks in Python cannot see a read past a buffer; this can."""
     run = _sanitized_run(tmp_path, native._SOURCE)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr[-2000:]
