@@ -181,9 +181,9 @@ def test_avx2_build_passes_its_self_test(fresh_load, monkeypatch):
 
 
 def _sanitized_run(tmp_path, source: str) -> subprocess.CompletedProcess:
-    """Build ``source`` (the kernels' C) with tests/fast/data/native_sanitize.c under AddressSanitizer
-    and UBSan, and run it; skips where there is no compiler, no AVX2/AVX-512 or no sanitizer
-    runtime."""
+    """Build ``source`` (the kernels' C) with tests/fast/data/native_sanitize.c under
+    AddressSanitizer and UBSan, and run it; skips where there is no compiler, no AVX2/AVX-512 or
+    no sanitizer runtime."""
     cc = os.environ.get("CC") or "cc"
     have = native.cpu_flags()
     target = next((t for t in native._TARGETS if t in have), None)
