@@ -23,8 +23,8 @@ Methods:
   (b1) batched 1t      train_dsm_batched, one shard (all K chains in one thread; default
                        chunk = 1: the forward/backward runs chain by chain, everything else
                        (sampling, clipping, Adam, EMA) over all K at once)
-  (b1') (b1) without the fused SiLU/bias kernels of collapselab.native
-  (b1-mm) (b1) with the products through torch.mm instead of collapselab.gemm's choice
+  (b1') (b1) without the fused SiLU/bias kernels of collapselab.fast.native
+  (b1-mm) (b1) with the products through torch.mm instead of collapselab.fast.gemm's choice
   (b2) batched 2t      train_dsm_batched, 2 shards (K/2 chains per thread, one sync per step)
   (b3) batched 2t+c    (b2) with torch.compile'd forward/backward (compile time reported apart)
   (b4) batched 2 procs the K chains in two halves, each half trained by train_dsm_batched
@@ -44,7 +44,7 @@ gradients (the network input needs none). GFLOP/s and the 60% verdict use this c
 nominal 3 · 2·B·Σ(in·out) ("6 N B"), 6-7% higher here, is printed beside it. The machine
 reference is a 2048² float32 product by each library at hand: torch.mm (PyTorch's BLAS, MKL
 in the x86 wheels), oneDNN (torch.ops.mkldnn._linear_pointwise), NumPy's matmul (OpenBLAS)
-and collapselab.native's GEMM (one thread only), each at 1 thread, at 2 threads, and in two
+and collapselab.fast.native's GEMM (one thread only), each at 1 thread, at 2 threads, and in two
 processes of one thread each at once (the pool's workers), interleaved with the rest; the
 fastest of them all is "the machine's matmul throughput", printed beside the FMA peak that
 benchmarks/fma_peak.c measures (on an AMD EPYC, MKL takes its AVX2 path and reaches
@@ -79,16 +79,16 @@ import numpy as np
 import threadpoolctl
 import torch
 
-from collapselab import gemm
-from collapselab.batched import (
+from collapselab.fast import gemm
+from collapselab.fast.batched import (
     BatchedMLP,
     _Buffers,
     _forward_backward_2d,
     _losses,
     train_dsm_batched,
 )
-from collapselab.native import load as load_native
-from collapselab.native import status as native_status
+from collapselab.fast.native import load as load_native
+from collapselab.fast.native import status as native_status
 from collapselab.processes import OU
 from collapselab.scores.mlp import MLPNet
 from collapselab.scores.training import TrainConfig, train_dsm
@@ -188,7 +188,7 @@ def core_variants(K, dim, hidden, layers, emb, batch):
 
 def _train_part(nets, datas, proc, cfg, seeds, mm=False) -> int:
     """A pool worker's share of (b4): its chains, one shard, one thread (with ``mm``, the
-    products through torch.mm instead of collapselab.gemm's choice)."""
+    products through torch.mm instead of collapselab.fast.gemm's choice)."""
     torch.set_num_threads(1)
     train_dsm_batched(nets, datas, proc, cfg, seeds, threads=1,
                       products=gemm.Products() if mm else None)
@@ -218,8 +218,8 @@ def _in_processes(pool, nets, datas, proc, cfg, seeds, part=_train_part, mm=Fals
 
 def _matmuls(n: int, gen: torch.Generator | None = None) -> dict:
     """The machine reference's float32 n x n products, by library: PyTorch's BLAS (MKL in the
-    x86 wheels), oneDNN (as collapselab.gemm calls it), NumPy's BLAS (OpenBLAS) and
-    collapselab.native's GEMM (one thread only: it has no threads of its own)."""
+    x86 wheels), oneDNN (as collapselab.fast.gemm calls it), NumPy's BLAS (OpenBLAS) and
+    collapselab.fast.native's GEMM (one thread only: it has no threads of its own)."""
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     an, bn, cn = a.numpy(), b.numpy(), np.empty((n, n), dtype=np.float32)
     fns = {"torch.mm": lambda: torch.mm(a, b)}
@@ -230,7 +230,7 @@ def _matmuls(n: int, gen: torch.Generator | None = None) -> dict:
     k = load_native()
     if k is not None:
         c = torch.empty(n, n)
-        fns["collapselab.native GEMM"] = lambda: k.gemm_(a, b, c)
+        fns["collapselab.fast.native GEMM"] = lambda: k.gemm_(a, b, c)
     return fns
 
 
@@ -320,7 +320,7 @@ def bench_training(args, dim: int, compile_ok: bool, pool) -> tuple[list[dict], 
     mm = {}
     for lib, fn in mats.items():
         mm[f"mm 2048² {lib}, 1 thread"] = with_blas_threads(1, fn)
-        if lib != "collapselab.native GEMM":
+        if lib != "collapselab.fast.native GEMM":
             mm[f"mm 2048² {lib}, 2 threads"] = with_blas_threads(2, fn)
     core = {k: with_threads(1, v) for k, v in core_variants(
         K, dim, args.hidden, args.layers, args.time_embed_dim, B).items()}
@@ -368,10 +368,10 @@ def bench_training(args, dim: int, compile_ok: bool, pool) -> tuple[list[dict], 
 def fma_peak() -> dict | None:
     """The float32 FMA peak of one core and of two at once (benchmarks/fma_peak.c, compiled
     here with the system C compiler for AVX-512 or AVX2), or None without a compiler."""
-    from collapselab.native import _cpu_flags
+    from collapselab.fast.native import cpu_flags
 
     cc = os.environ.get("CC") or "cc"
-    have = _cpu_flags()
+    have = cpu_flags()
     flags = (["-DVBYTES=64", "-mavx512f", "-mfma"] if "avx512f" in have else
              ["-DVBYTES=32", "-mavx2", "-mfma"] if "avx2" in have else None)
     if flags is None or shutil.which(cc) is None:
@@ -391,7 +391,7 @@ def fma_peak() -> dict | None:
 
 
 def step_products(batch: int, hidden: int, in_width: int, reps: int = 200) -> list[dict]:
-    """GFLOP/s of each backend of collapselab.gemm on the step's three product shapes (the
+    """GFLOP/s of each backend of collapselab.fast.gemm on the step's three product shapes (the
     hidden layer's forward and input gradient, the input layer's forward, a hidden weight
     gradient xᵀg), one thread, hot buffers, median of 5 timings of ``reps`` calls."""
     torch.set_num_threads(1)
@@ -491,8 +491,8 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"# load before: {os.getloadavg()}")
     load_native()
-    print(f"# native kernels (collapselab.native): {native_status()}")
-    print(f"# products of the step (collapselab.gemm): {gemm.load().name}: {gemm.status()}")
+    print(f"# native kernels (collapselab.fast.native): {native_status()}")
+    print(f"# products of the step (collapselab.fast.gemm): {gemm.load().name}: {gemm.status()}")
     print(f"# K={args.K} chains, batch {args.batch}, width {args.hidden}, layers {args.layers}, "
           f"time embedding {args.time_embed_dim}; per-step cost = (T({args.steps} steps) - "
           f"T({args.short} steps)) / {args.steps - args.short}; {args.repeats} interleaved "

@@ -39,9 +39,10 @@ def _first(preset: str, key: str):
     return getattr(cfg.sweep, key)[0]
 
 
-def run(preset: str, out: Path, generations: int) -> dict:
+def run(preset: str, out: Path, generations: int, extra: list[str] = ()) -> dict:
     alpha, seed = _first(preset, "alphas"), _first(preset, "seeds")
-    sets = [f"loop.generations={generations}", f"sweep.alphas=[{alpha}]", f"sweep.seeds=[{seed}]"]
+    sets = [f"loop.generations={generations}", f"sweep.alphas=[{alpha}]", f"sweep.seeds=[{seed}]",
+            *extra]
     cmd = [
         sys.executable,
         "-m",
@@ -117,6 +118,8 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=2)
     ap.add_argument("--keep", type=Path, help="keep the run directories under this folder")
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="extra --set for every preset (e.g. score.train_backend=native)")
     args = ap.parse_args()
     base = args.keep or Path(tempfile.mkdtemp(prefix="bench_presets_"))
     print(
@@ -129,7 +132,7 @@ def main() -> None:
         out = base / preset
         if out.exists():
             raise SystemExit(f"{out} exists; give an empty --keep folder")
-        results.append(run(preset, out, args.generations))
+        results.append(run(preset, out, args.generations, args.overrides))
         print(f"{preset}: {results[-1]['wall']:.1f} s", flush=True)
     print(table(results))
     if args.json:

@@ -6,9 +6,9 @@
 Runs `collapselab run PRESET --quiet --no-report` twice in fresh directories (one worker, then
 N), checks that the two results.parquet are byte-identical, and prints the times and the ratio.
 With --batched (MLP presets), a third run with `--executor batched --workers N` (chains of a
-generation trained together by train_dsm_batched) is timed against the second, and its values
-are compared with the local executor's: equal up to float rounding carried through sampling
-and the estimators (the largest relative difference is printed).
+generation trained together: the vmapped ensemble, or sequential fits) is timed against the
+second, and its values are compared with the local executor's: equal up to float rounding
+carried through sampling and the estimators (the largest relative difference is printed).
 Not a test: timings depend on the machine and on what else runs on it.
 
     python benchmarks/bench_workers.py --preset digits --batched \

@@ -1,4 +1,4 @@
-"""The batched executor: MLP chains of a group in lockstep, one train_dsm_batched call per
+"""The batched executor: MLP chains of a group in lockstep, one train_dsm_ensemble call per
 generation; the same results as the local executor to the last bit, generation 0 shared,
 resumable, failures isolated, other score kinds through run_chain's own fit."""
 
@@ -44,11 +44,10 @@ TINY = [  # 2 α × 2 seeds × 3 generations of a width-16 MLP: about a second p
 CHAINS = [(a, s) for a in (0.1, 0.9) for s in (0, 1)]
 KEYS = ["alpha", "seed", "generation", "metric", "estimator"]
 
-# The local executor trains each MLP through train_dsm_batched with one chain, the batched
-# executor all chains of a group at once; every chain's step is the same code on the same
-# draws, and the flat state's rows are padded to whole vectors, so a chain's arithmetic does not
-# depend on its companions: the values must agree exactly (they differed by ~1e-6 relative
-# before the padding, from the vectorised Adam's remainder handling).
+# The local executor trains each MLP with train_dsm, the batched executor all chains of a group
+# at once with train_dsm_ensemble (vmap over the chains): the same draws, and at these sizes
+# the same arithmetic per chain (the vmapped products and the fused Adam are per chain), so the
+# values agree exactly.
 
 
 def fits(path):
@@ -114,13 +113,13 @@ def batched(cfg, tmp_path_factory):
 def test_cli_batched_run_equals_local_to_the_bit(local, batched, tmp_path, monkeypatch):
     from collapselab.scores import neural
 
-    real_train, calls = neural.train_dsm_batched, []
+    real_train, calls = neural.train_dsm_ensemble, []
 
     def train(nets, datas, *args, seeds, **kwargs):
         calls.append(len(seeds))
         return real_train(nets, datas, *args, seeds=seeds, **kwargs)
 
-    monkeypatch.setattr(neural, "train_dsm_batched", train)
+    monkeypatch.setattr(neural, "train_dsm_ensemble", train)
     out = tmp_path / "run"
     sets = [x for o in TINY for x in ("--set", o.replace(" ", ""))]
     r = invoke("run", "quickstart", "--out", str(out), "--quiet", "--no-report",
@@ -208,7 +207,7 @@ def test_divergence_inside_a_batched_fit_and_nan_samples_drop_only_their_chain(
     from collapselab.scores import neural
     from collapselab.scores.training import TrainingDivergedError
 
-    real_train, calls = neural.train_dsm_batched, []
+    real_train, calls = neural.train_dsm_ensemble, []
 
     def train(nets, datas, *args, seeds, **kwargs):
         calls.append(len(seeds))
@@ -226,7 +225,7 @@ def test_divergence_inside_a_batched_fit_and_nan_samples_drop_only_their_chain(
             x[0, 0] = np.nan
         return x
 
-    monkeypatch.setattr(neural, "train_dsm_batched", train)
+    monkeypatch.setattr(neural, "train_dsm_ensemble", train)
     monkeypatch.setattr(loop, "draw_samples", draw)
     store = prepare_run_dir(cfg, tmp_path / "run")
     with pytest.raises(ChainFailed) as err:
@@ -259,7 +258,7 @@ def test_batched_fit_matches_fit_neural_with_warm_start(cfg):
                              t_min=0.02, init_state=inits[k])
         score, res = got[k]
         assert res.steps == want.steps and res.config == want.config
-        # fit_neural trains one MLP through the same step with K = 1: the same bits
+        # the vmapped ensemble against train_dsm: the same draws and, at this size, the same bits
         assert res.loss_history == want.loss_history
         for name, w in want.ema_net.state_dict().items():
             assert torch.equal(res.ema_net.state_dict()[name], w), name

@@ -228,6 +228,9 @@ def run(source, extra, out, overrides, workers, executor, address, cpus_per_chai
     verify_run_dir(cfg, store)  # before the progress counts: damaged cells are not done
     todo = chains(cfg)
     G = cfg.loop.generations
+    hint = speed_hint(cfg, executor)
+    if hint and not quiet:
+        click.echo(hint, err=True)
     progress = [min(store.completed(c.alpha, c.seed, c.param_dict), G) for c in todo]
     if not quiet and sum(progress):
         full = sum(p >= G for p in progress)
@@ -595,6 +598,25 @@ def show(preset):
     from .config import show_preset
 
     click.echo(show_preset(preset), nl=False)
+
+
+def speed_hint(cfg, executor: str) -> str | None:
+    """One line where the opt-in accelerator would make this run markedly faster: CPU fits of
+    MLPs by the default trainer, except those the batched executor's vmapped ensemble takes
+    (benchmarks/results/), with collapselab.fast installed. Never switched on by itself: a
+    default run keeps the default trainer's numbers."""
+    from .scores.neural import ENSEMBLE_MAX_HIDDEN
+
+    if cfg.score.kind != "mlp" or cfg.score.train_backend != "torch" \
+            or not cfg.device.startswith("cpu") \
+            or (executor == "batched" and cfg.score.hidden <= ENSEMBLE_MAX_HIDDEN):
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("collapselab.fast") is None:
+        return None
+    return ("hint: --set score.train_backend=native (the optional collapselab.fast) trains these "
+            "MLP scores faster on CPU; see docs/performance.md")
 
 
 if __name__ == "__main__":

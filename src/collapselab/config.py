@@ -48,6 +48,27 @@ MIN_POINTS = 70
 Seed = Annotated[int, BeforeValidator(_no_bool), Field(ge=0, le=2**63 - 1)]
 
 
+TRAIN_BACKEND_ENV = "COLLAPSELAB_TRAIN_BACKEND"
+
+
+def default_train_backend() -> str:
+    """``$COLLAPSELAB_TRAIN_BACKEND`` if set, else "torch" (never chosen by the machine)."""
+    import os
+
+    return os.environ.get(TRAIN_BACKEND_ENV, "").strip() or "torch"
+
+
+def enable_native_backend() -> None:
+    """Import collapselab.fast, which registers the "native" MLP trainer (the one place outside
+    cli/api that imports it); a clear error where it is absent or broken."""
+    try:
+        import collapselab.fast  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - absent, or unimportable on this machine
+        raise ValueError(f"train_backend: native needs the optional package collapselab.fast, "
+                         f"which cannot be imported here ({type(exc).__name__}: {exc}); "
+                         f"use train_backend: torch") from None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -142,6 +163,19 @@ class ScoreConfig(_Strict):
     patience: PosInt | None = None
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     warm_start: bool = False
+    # The MLP trainer: "torch" (autograd, PyTorch's ensembling for K chains) or "native" (the
+    # optional CPU accelerator collapselab.fast). Never chosen by the machine: the default is
+    # torch unless $COLLAPSELAB_TRAIN_BACKEND says otherwise.
+    train_backend: Literal["torch", "native"] = Field(default_factory=default_train_backend)
+
+    @model_validator(mode="after")
+    def _check_backend(self):
+        if self.train_backend not in ("torch", "native"):  # a default from the environment
+            raise ValueError(f"train_backend: allowed values are 'torch', 'native' (got "
+                             f"{self.train_backend!r} from ${TRAIN_BACKEND_ENV})")
+        if self.train_backend == "native":
+            enable_native_backend()
+        return self
 
     @model_validator(mode="after")
     def _check(self):
@@ -560,6 +594,11 @@ def build_config(data: dict) -> Config:
         return Config.model_validate(data)
     except ValidationError as err:
         raise _format_error(err) from None
+
+
+# Public names of the readers, for experiments that validate their own models (observability).
+read_source = _read_source
+format_error = _format_error
 
 
 def load_config(source: str | Path, overrides: list[str] = ()) -> Config:

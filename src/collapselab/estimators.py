@@ -37,6 +37,7 @@ from scipy.special import digamma, gammaln
 from torch import Tensor
 
 from .estimate import Estimate
+from .gaussians import BOUNDARY_RTOL, gaussian_chi2, gaussian_kl  # closed forms, re-exported
 from .targets import GaussianMixture
 
 __all__ = [
@@ -60,78 +61,7 @@ __all__ = [
 
 _INF, _NAN = math.inf, math.nan
 # Relative tolerance under which a variance ratio counts as exactly 2 (the χ² boundary).
-_BOUNDARY_RTOL = 1e-12
-
-
-# ================================================================================================
-# Closed forms for two Gaussians
-# ================================================================================================
-def _gauss_args(mu, cov) -> tuple[Tensor, Tensor]:
-    mu = torch.as_tensor(mu, dtype=torch.float64).reshape(-1)
-    cov = torch.as_tensor(cov, dtype=torch.float64)
-    if cov.dim() < 2:  # scalar variance or diagonal
-        cov = torch.diag_embed(cov.reshape(-1).expand(mu.shape[0]))
-    if cov.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"covariance of shape {tuple(cov.shape)} does not match mean {mu.shape}")
-    return mu, 0.5 * (cov + cov.T)
-
-
-def _whitened(mu_a, cov_a, mu_b, cov_b):
-    """Eigenvalues λ of Σ_b^{-1/2} Σ_a Σ_b^{-1/2} and the whitened mean gap in that eigenbasis.
-
-    Both closed forms only depend on these: Σ_a relative to Σ_b, and δ = μ_a − μ_b measured in
-    Σ_b's metric.
-    """
-    mu_a, cov_a = _gauss_args(mu_a, cov_a)
-    mu_b, cov_b = _gauss_args(mu_b, cov_b)
-    if mu_a.shape != mu_b.shape:
-        raise ValueError("the two Gaussians have different dimensions")
-    L, info = torch.linalg.cholesky_ex(cov_b)
-    if info != 0:
-        raise ValueError("cov_b is not positive definite")
-    if torch.linalg.cholesky_ex(cov_a)[1] != 0:
-        raise ValueError("cov_a is not positive definite")
-    X = torch.linalg.solve_triangular(L, cov_a, upper=False)  # L⁻¹ Σ_a
-    M = torch.linalg.solve_triangular(L, X.T, upper=False)  # L⁻¹ Σ_a L⁻ᵀ (symmetric)
-    lam, U = torch.linalg.eigh(0.5 * (M + M.T))
-    z = torch.linalg.solve_triangular(L, (mu_a - mu_b)[:, None], upper=False)[:, 0]
-    return lam, U.T @ z
-
-
-def gaussian_chi2(mu_a, cov_a, mu_b, cov_b) -> Estimate:
-    """χ²(N(μ_a, Σ_a) ‖ N(μ_b, Σ_b)) in closed form (the D_i / I_i of two Gaussians).
-
-    With λ_i the eigenvalues of Σ_b^{-1/2} Σ_a Σ_b^{-1/2} and u = the whitened mean gap
-    Σ_b^{-1/2}(μ_a − μ_b) in that eigenbasis,
-
-        1 + χ² = Π_i (λ_i (2 − λ_i))^{-1/2} · exp(Σ_i u_i² / (2 − λ_i)),
-
-    i.e. |Σ_b|^{1/2} / (|Σ_a| |2Σ_a⁻¹ − Σ_b⁻¹|^{1/2}) · exp(δᵀ(2Σ_b − Σ_a)⁻¹δ). In 1-D this is
-    s_b² / (s_a √(2 s_b² − s_a²)) · exp((m_a − m_b)² / (2 s_b² − s_a²)). Finite iff
-    2Σ_a⁻¹ − Σ_b⁻¹ ≻ 0 ⇔ max λ_i < 2; otherwise (equality included) the value is ``inf``.
-    """
-    lam, u = _whitened(mu_a, cov_a, mu_b, cov_b)
-    lam_max = float(lam.max())
-    if lam_max >= 2.0 * (1.0 - _BOUNDARY_RTOL):
-        return Estimate(
-            _INF,
-            0.0,
-            "exact",
-            f"χ² infinite: the first law's variance is {lam_max:.4g}× the second's along some "
-            "direction (infinite from 2× on)",
-        )
-    log1p_chi2 = -0.5 * torch.log(lam * (2.0 - lam)).sum() + (u**2 / (2.0 - lam)).sum()
-    return Estimate(float(torch.expm1(log1p_chi2)), 0.0, "exact")
-
-
-def gaussian_kl(mu_a, cov_a, mu_b, cov_b) -> Estimate:
-    """KL(N(μ_a, Σ_a) ‖ N(μ_b, Σ_b)) in closed form (KL twin of D_i / I_i for two Gaussians).
-
-    ½ [tr(Σ_b⁻¹Σ_a) + δᵀΣ_b⁻¹δ − d + log(|Σ_b|/|Σ_a|)] = ½ Σ_i (λ_i − 1 − log λ_i + u_i²),
-    always finite for non-degenerate covariances.
-    """
-    lam, u = _whitened(mu_a, cov_a, mu_b, cov_b)
-    return Estimate(float(0.5 * (lam - 1.0 - torch.log(lam) + u**2).sum()), 0.0, "exact")
+_BOUNDARY_RTOL = BOUNDARY_RTOL
 
 
 # ================================================================================================

@@ -20,19 +20,31 @@ after its last completed generation, so only what is missing is computed.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 import traceback as tb
 from collections import deque
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from .chains import (  # noqa: F401  (re-exported: the names every driver shares)
+    FAULT_ENV,
+    FIT_LOG_ENV,
+    POLL_SECONDS,
+    ChainSpec,
+    WorkerPool,
+    adopt_generation_zero_for,
+    apply_fit_hooks,
+    generation_zero_source,
+    installed_hooks,
+    read_hooks,
+    report_new_cells,
+)
+from .chains import died as _died
 from .config import Config, build_config
 from .errors import ConfigError
 from .store import (
@@ -52,33 +64,6 @@ from .store import (
 log = logging.getLogger("collapselab")
 
 EXECUTORS = ("local", "ray", "batched")
-# Test hooks, read by the worker that runs a chain (documented in docs/distributed.md):
-# FAULT_ENV = JSON {"alpha", "seed", "generation", "kind": exit|raise|nan} (or a list of them)
-# injects a failure into that chain's generation (exit = the worker process dies mid-generation);
-# FIT_LOG_ENV = a file to which every score fit appends "alpha seed generation params" (counts
-# what was actually trained).
-FAULT_ENV = "COLLAPSELAB_FAULT"
-FIT_LOG_ENV = "COLLAPSELAB_FIT_LOG"
-POLL_SECONDS = 0.25
-
-
-@dataclass(frozen=True)
-class ChainSpec:
-    """One chain of the grid: α, seed and the values of the other swept keys."""
-
-    alpha: float
-    seed: int
-    params: tuple = ()
-
-    @property
-    def param_dict(self) -> dict:
-        return dict(self.params)
-
-    def label(self) -> str:
-        extra = " ".join(f"{k}={v}" for k, v in self.params)
-        return f"{extra + ' ' if extra else ''}alpha={self.alpha:g} seed={self.seed}"
-
-
 @dataclass(frozen=True)
 class Resources:
     """What each chain asks the scheduler for (Ray); ``num_gpus`` may be fractional (0.25 lets
@@ -240,64 +225,6 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 # ---- the worker side: one chain, in any process on any machine ----------------------------
-def read_hooks() -> dict:
-    """The test hooks set in this (driver) process's environment, passed on to the workers."""
-    hooks = {}
-    if os.environ.get(FAULT_ENV):
-        hooks["fault"] = json.loads(os.environ[FAULT_ENV])
-    if os.environ.get(FIT_LOG_ENV):
-        hooks["fit_log"] = os.environ[FIT_LOG_ENV]
-    return hooks
-
-
-def _fault(kind: str, generation: int):
-    if kind == "exit":
-        os._exit(17)  # a killed worker: no cleanup, no exception, files of this generation absent
-    if kind == "nan":
-        from .scores.training import TrainingDivergedError
-
-        raise TrainingDivergedError(1, float("nan"))
-    raise RuntimeError(f"injected fault at generation {generation}")
-
-
-def apply_fit_hooks(hooks: dict, ctx, generation: int) -> None:
-    """The test hooks at one score fit of chain ``ctx`` (a :class:`loop.ChainContext`): inject
-    the fault configured for (α, seed, generation), then log the fit. Called by the wrapped
-    loop.fit_score and, for fits that bypass it, by the batched executor."""
-    faults = hooks.get("fault") or []
-    faults = [faults] if isinstance(faults, dict) else faults
-    for f in faults:
-        if (float(f["alpha"]) == float(ctx.alpha) and int(f["seed"]) == int(ctx.seed)
-                and int(f["generation"]) == generation):
-            _fault(f.get("kind", "raise"), generation)
-    if hooks.get("fit_log"):
-        with open(hooks["fit_log"], "a") as f:  # O_APPEND: one short line per fit
-            f.write(f"{float(ctx.alpha)!r} {int(ctx.seed)} {generation} "
-                    f"{json.dumps(ctx.params)}\n")
-
-
-@contextmanager
-def _installed_hooks(hooks: dict):
-    """Wrap loop.fit_score while chains run in this process when test hooks are given (the
-    chain is read from the fit's context, so one wrapper serves any number of chains)."""
-    if not hooks:
-        yield
-        return
-    from . import loop
-
-    real_fit = loop.fit_score
-
-    def fit(ctx, generation, *args, **kwargs):
-        apply_fit_hooks(hooks, ctx, generation)
-        return real_fit(ctx, generation, *args, **kwargs)
-
-    loop.fit_score = fit
-    try:
-        yield
-    finally:
-        loop.fit_score = real_fit
-
-
 def execute_chain(cfg_data: dict, root: str, alpha: float, seed: int, params: dict,
                   hooks: dict | None = None, threads: int | None = None,
                   on_generation: Callable[[int, float], None] | None = None) -> dict:
@@ -321,7 +248,7 @@ def execute_chain(cfg_data: dict, root: str, alpha: float, seed: int, params: di
             on_generation(generation, seconds)
 
     try:
-        with _installed_hooks(hooks or {}):
+        with installed_hooks(hooks or {}):
             from .loop import run_chain  # torch loads here, after the input is validated
 
             computed = run_chain(cfg, alpha, seed, store, on_generation=guarded, params=params)
@@ -333,85 +260,7 @@ def execute_chain(cfg_data: dict, root: str, alpha: float, seed: int, params: di
     return {"ok": True, "start": start, "computed": computed, "seconds": time.perf_counter() - t0}
 
 
-def _exit_with_parent() -> None:
-    """Stop this spawned worker as soon as its parent (the driver) is gone: once the driver
-    is killed its run directory's lock is free, and a worker still writing cells would race
-    the next run."""
-    import multiprocessing as mp
-    import threading
-
-    parent = mp.parent_process()
-    if parent is None:
-        return
-
-    def watch():
-        parent.join()
-        os._exit(3)
-
-    threading.Thread(target=watch, name="collapselab-parent-watch", daemon=True).start()
-
-
-def _worker_main(conn) -> None:
-    """A pool worker: one torch thread, one task at a time, until it receives None. A task is
-    execute_chain's keyword arguments (one chain), or ``entry`` — a module-level function that
-    sets its own thread count, :func:`collapselab.lockstep.run_part` for a part of the batched
-    executor — with its keyword arguments. It exits when the driver dies."""
-    _exit_with_parent()
-    import torch
-
-    torch.set_num_threads(1)
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:
-            return
-        if task is None:
-            return
-        entry = task.pop("entry", execute_chain)
-        conn.send(entry(**task))
-
-
-# ---- generation 0 sharing (every driver) ---------------------------------------------------
-def generation_zero_source(cfg: Config, store: RunStore, params: dict, seed: int) -> float | None:
-    """An α whose generation 0 of (params, seed) is done (its files serve every α), or None."""
-    for a in cfg.sweep.alphas:
-        if store.is_done(a, seed, 0, params):
-            return a
-    return None
-
-
-def adopt_generation_zero_for(store: RunStore, src_alpha: float, members) -> None:
-    """Copy generation 0 of (src_alpha, seed, params) to each chain of ``members`` (same seed
-    and params) that does not have it yet (:func:`loop.adopt_generation_zero`)."""
-    from .loop import adopt_generation_zero
-
-    for c in members:
-        if adopt_generation_zero(store, src_alpha, c.alpha, c.seed, c.param_dict):
-            log.info("%s: generation 0 adopted from alpha=%g", c.label(), src_alpha)
-
-
-# ---- progress observed in the run directory (every driver whose chains run elsewhere) -------
-def report_new_cells(store: RunStore, c: ChainSpec, seen: int, generations: int,
-                     on_generation: Callable[[ChainSpec, int, float], None] | None) -> int:
-    """Report the generations of chain ``c`` completed since the last look (``seen`` of them
-    were then) and return the new count: log "generation g done" and call ``on_generation``
-    with the seconds its metrics.json timings add up to (a generation 0 adopted from another
-    α included, with its copied timings: a progress bar counts every cell)."""
-    while seen < generations and store.is_done(c.alpha, c.seed, seen, c.param_dict):
-        g, seen = seen, seen + 1
-        meta = read_json(store.cell(c.alpha, c.seed, g, c.param_dict) / "metrics.json")
-        secs = float(sum((meta.get("timings") or {}).values()))
-        log.info("%s generation %d done in %.2fs", c.label(), g, secs)
-        if on_generation is not None:
-            on_generation(c, g, secs)
-    return seen
-
-
 # ---- back-ends: submit(task_id, kwargs), wait(timeout) -> [(task_id, result)], close() --------
-def _died(message: str) -> dict:
-    return {"ok": False, "error": message, "traceback": ""}
-
-
 class _InProcess:
     """Chains one after another in this process; progress is polled from inside each chain."""
 
@@ -433,82 +282,11 @@ class _InProcess:
         pass
 
 
-class _Pool:
-    """Long-lived spawned workers, each running one task (a chain, or a part of the batched
-    executor) at a time over its own pipe, so a worker that dies is attributed to exactly that
-    task and no other is disturbed (a concurrent.futures pool would break, and terminate every
-    worker, as a whole). A dead worker is replaced on demand."""
-
-    def __init__(self, workers: int, task: str = "the chain"):
-        import multiprocessing as mp
-
-        self.ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and locks
-        self.capacity = workers
-        self.task = task  # what a dead worker was running, for the failure record
-        self.slots: list[dict | None] = [None] * workers
-
-    def _start(self, i):
-        parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker_main, args=(child,), daemon=True,
-                                name=f"collapselab-worker-{i}")
-        proc.start()
-        child.close()
-        self.slots[i] = {"proc": proc, "conn": parent, "task": None}
+class _Pool(WorkerPool):
+    """The pool running one chain per task (:func:`execute_chain`)."""
 
     def submit(self, task_id, kwargs):
-        for i, slot in enumerate(self.slots):
-            if slot is None:
-                self._start(i)
-                slot = self.slots[i]
-            if slot["task"] is None:
-                slot["task"] = task_id
-                slot["conn"].send(kwargs)
-                return
-        raise RuntimeError("no idle worker")  # the driver never submits beyond capacity
-
-    def wait(self, timeout):
-        from multiprocessing.connection import wait
-
-        busy = [s for s in self.slots if s is not None and s["task"] is not None]
-        if not busy:
-            return []
-        ready = wait([s["conn"] for s in busy] + [s["proc"].sentinel for s in busy], timeout)
-        out = []
-        for i, slot in enumerate(self.slots):
-            if slot is None or slot["task"] is None:
-                continue
-            if slot["conn"] not in ready and slot["proc"].sentinel not in ready:
-                continue
-            try:
-                result = slot["conn"].recv()
-            except (EOFError, OSError):
-                slot["proc"].join(5)
-                code = slot["proc"].exitcode
-                result = _died(f"worker process died (exit code {code}) while running {self.task}")
-                slot["conn"].close()
-                self.slots[i] = None
-                out.append((slot["task"], result))
-                continue
-            out.append((slot["task"], result))
-            slot["task"] = None
-        return out
-
-    def close(self):
-        for slot in self.slots:
-            if slot is None:
-                continue
-            try:
-                slot["conn"].send(None)
-            except OSError:
-                pass
-        for slot in self.slots:
-            if slot is None:
-                continue
-            slot["proc"].join(10)
-            if slot["proc"].is_alive():
-                slot["proc"].terminate()
-                slot["proc"].join(5)
-            slot["conn"].close()
+        super().submit(task_id, {"entry": execute_chain, **kwargs})
 
 
 class _Ray:
@@ -733,7 +511,7 @@ def _run_locked(cfg, store, on_generation, *, executor, workers, address, resour
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
     verify_run_dir(cfg, store)
-    from .report import environment
+    from .pages import environment
 
     atomic_write_json(store.root / "environment.json",
                       {**environment(), "device": cfg.device, "executor": executor,

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
-import scipy.linalg
 from sklearn.metrics import pairwise_distances_chunked
 from sklearn.neighbors import NearestNeighbors
 
 from collapselab.estimate import Estimate
+from collapselab.gaussians import gaussian_chi2, gaussian_kl  # closed forms, re-exported
 
 __all__ = [
     "DEFAULT_RIDGE",
@@ -48,9 +48,6 @@ __all__ = [
 # less than its sampling error.
 DEFAULT_RIDGE = 1e-3
 
-# log(1 + χ²) above this overflows float64 when exponentiated.
-_LOG_MAX = math.log(np.finfo(np.float64).max)
-
 _GAUSS = "gaussian_features"
 
 
@@ -64,69 +61,6 @@ def _as_params(mu, cov) -> tuple[np.ndarray, np.ndarray]:
     if mu.ndim != 1 or cov.shape != (mu.size, mu.size):
         raise ValueError(f"mean of shape {mu.shape} needs a covariance of shape ({mu.size},)*2")
     return mu, 0.5 * (cov + cov.T)  # symmetrise: round-off in fitted covariances
-
-
-def _whitened(mu_a, cov_a, mu_b, cov_b) -> tuple[np.ndarray, np.ndarray]:
-    """Generalised eigen-decomposition Σ_a v = λ Σ_b v with vᵀΣ_b v = 1.
-
-    In that basis N_b is standard and N_a is N(z, diag λ) with z = Vᵀ(μ_a − μ_b), so both χ² and
-    KL become sums of 1-D terms. Returns (λ, z).
-    """
-    mu_a, cov_a = _as_params(mu_a, cov_a)
-    mu_b, cov_b = _as_params(mu_b, cov_b)
-    if mu_a.shape != mu_b.shape:
-        raise ValueError(f"dimension mismatch: {mu_a.size} vs {mu_b.size}")
-    try:
-        lam, vecs = scipy.linalg.eigh(cov_a, cov_b)
-    except np.linalg.LinAlgError as exc:
-        raise ValueError(f"covariance of the reference is not positive definite ({exc})") from None
-    if lam.min() <= 0:
-        raise ValueError("covariance of the first distribution is not positive definite")
-    return lam, vecs.T @ (mu_a - mu_b)
-
-
-def gaussian_chi2(mu_a, cov_a, mu_b, cov_b) -> Estimate:
-    """χ²(N_a ‖ N_b) = ∫ N_a² / N_b − 1 in closed form (PAPER §3: χ²(a‖b) = ∫ a²/b − 1).
-
-    With λ_j the generalised eigenvalues of (Σ_a, Σ_b) and z = Vᵀ(μ_a − μ_b) the mean offset in
-    the basis that whitens Σ_b,
-
-        log(1 + χ²) = Σ_j [ −½ log(λ_j (2 − λ_j)) + z_j² / (2 − λ_j) ]
-                    = log|Σ_b| − ½ log|Σ_a| − ½ log|2Σ_b − Σ_a| + δᵀ(2Σ_b − Σ_a)⁻¹δ,
-
-    finite iff 2Σ_a⁻¹ − Σ_b⁻¹ (equivalently 2Σ_b − Σ_a) is positive definite, i.e. every λ_j < 2:
-    N_a's variance in no direction reaches twice N_b's. Otherwise the value is ``inf`` and the
-    note says why. Evaluated in log space, then ``expm1``.
-    """
-    lam, z = _whitened(mu_a, cov_a, mu_b, cov_b)
-    lmax = float(lam.max())
-    if lmax >= 2.0:
-        return Estimate(
-            math.inf,
-            0.0,
-            "exact",
-            f"infinite: 2Σ_b − Σ_a is not positive definite (the first Gaussian's variance is "
-            f"{lmax:.4g}× the second's in some direction, ≥ 2)",
-        )
-    log1p_chi2 = float(np.sum(-0.5 * np.log(lam * (2.0 - lam)) + z**2 / (2.0 - lam)))
-    log1p_chi2 = max(log1p_chi2, 0.0)  # ≥ 0 exactly; clip round-off
-    if log1p_chi2 > _LOG_MAX:
-        return Estimate(
-            math.inf,
-            0.0,
-            "exact",
-            f"finite but beyond float64: log(1 + χ²) = {log1p_chi2:.6g}",
-        )
-    return Estimate(math.expm1(log1p_chi2), 0.0, "exact")
-
-
-def gaussian_kl(mu_a, cov_a, mu_b, cov_b) -> Estimate:
-    """KL(N_a ‖ N_b) = ½ [tr(Σ_b⁻¹Σ_a) − d + δᵀΣ_b⁻¹δ + log|Σ_b|/|Σ_a|] (the KL twin of D_i, I_i).
-
-    Computed as ½ Σ_j (λ_j − 1 − log λ_j + z_j²) in the basis that whitens Σ_b.
-    """
-    lam, z = _whitened(mu_a, cov_a, mu_b, cov_b)
-    return Estimate(float(0.5 * np.sum(lam - 1.0 - np.log(lam) + z**2)), 0.0, "exact")
 
 
 def gaussian_frechet(mu_a, cov_a, mu_b, cov_b) -> Estimate:

@@ -6,18 +6,17 @@ chains at the smallest next generation i (chains resumed further along wait for 
 and, in this process:
 
 1. builds every chain's training set of q_i (:meth:`loop.ChainRunner.prepare`, as run_chain);
-2. fits their MLP nets in ONE :func:`~collapselab.batched.train_dsm_batched` call
-   (:func:`loop.fit_scores_batched`; one call per shape should the chains' training sets
-   differ in shape); other score kinds are fitted one by one as run_chain fits them;
+2. fits their MLP nets together (:func:`loop.fit_scores_batched`: PyTorch's vmapped
+   ensemble by default, or the trainer ``score.train_backend`` names; one call per shape
+   should the chains' training sets differ in shape); other score kinds are fitted one by one
+   as run_chain fits them;
 3. samples, measures and writes each chain's cell (:meth:`loop.ChainRunner.finish`).
 
-Chain k of a batched fit gets the network :func:`loop.fit_score` would give it, to the last
-bit: the same init, seed, warm start, schedule and draws, and the same trainer (fit_score
-trains an MLP with :func:`~collapselab.batched.train_dsm_batched` and one chain), whose
-arithmetic per chain does not depend on the other chains of the batch (see
-:class:`~collapselab.batched._Flat`). So results equal the local executor's exactly, and a
-resumed run reproduces the uninterrupted one exactly whatever generations its chains
-restart at.
+Chain k of a batched fit gets the network :func:`loop.fit_score` would give it: the same
+init, seed, warm start, schedule and draws, and the same arithmetic up to float rounding
+(a batched product may sum in another order than a single one). So results equal the local
+executor's up to float rounding, and a resumed run reproduces the uninterrupted one likewise
+whatever generations its chains restart at.
 
 Generation 0 does not depend on α: it is computed for the first α of each seed only (batched
 across seeds) and adopted by the other α (:func:`loop.adopt_generation_zero`), as the other
@@ -50,17 +49,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, build_config
-from .executors import (
+from .chains import (
     POLL_SECONDS,
     ChainSpec,
-    _installed_hooks,
-    _Pool,
+    WorkerPool,
     adopt_generation_zero_for,
     apply_fit_hooks,
     generation_zero_source,
+    installed_hooks,
     report_new_cells,
 )
+from .config import Config, build_config
 from .store import RunStore, clear_failure, failure_path, read_json, record_failure
 
 log = logging.getLogger("collapselab")
@@ -108,7 +107,7 @@ def run_lockstep(
     torch.set_num_threads(max(1, int(threads)))
     lock = _Lockstep(cfg, store, on_generation, hooks, max(1, int(threads)))
     try:
-        with _installed_hooks(hooks):  # the fits that go through loop.fit_score
+        with installed_hooks(hooks):  # the fits that go through loop.fit_score
             groups: dict[tuple, list[ChainSpec]] = {}
             for c in specs:
                 groups.setdefault(c.params, []).append(c)
@@ -155,7 +154,7 @@ def run_batched(
 
 def run_part(cfg_data: dict, root: str, specs: list[ChainSpec], hooks: dict,
              threads: int) -> dict:
-    """One part in a spawned process (a :class:`executors._Pool` worker's entry): plain data
+    """One part in a spawned process (a :class:`chains.WorkerPool` worker's entry): plain data
     in, plain data back — ``ok``, ``failed`` ([(chain, failure record)]), ``gen0_trained``; an
     error that is no chain's failure comes back as ``error`` / ``traceback`` for the parent
     to record against the part's unfinished chains."""
@@ -211,7 +210,7 @@ class _Parts:
         if todo:
             log.info("batched: %d parts in spawned processes, %d thread(s) each", len(todo),
                      self.threads)
-            pool = _Pool(len(todo), task="its part of the batched executor")
+            pool = WorkerPool(len(todo), task="its part of the batched executor")
             cfg_data = self.cfg.model_dump(mode="json")
             try:
                 for i in todo:

@@ -207,9 +207,10 @@ def fit_scores_batched(
     *,
     threads: int | None = None,
 ) -> list[tuple]:
-    """:func:`fit_score` for several MLP chains of one group at one generation, in one
-    :func:`~collapselab.batched.train_dsm_batched` call. Chain k gets exactly what fit_score
-    would give it (same init, seed, warm start, schedule and trainer). The chains must share
+    """:func:`fit_score` for several MLP chains of one group at one generation, trained
+    together (:func:`~collapselab.scores.neural.fit_neural_batched`). Chain k gets what
+    fit_score would give it (same init, seed, warm start, schedule and draws; the same numbers
+    up to float rounding). The chains must share
     the score/sampler/process configuration (one group: they differ in α and seed only) and
     training sets of one shape. A diverged chain raises TrainingDivergedError with ``.chain``,
     its index in ``ctxs``."""

@@ -154,9 +154,9 @@ class ObservabilityConfig(_Strict):
 
 # ---- configuration ---------------------------------------------------------------------------
 def _raw(source, overrides) -> dict:
-    from .config import _read_source, apply_override, parse_override
+    from .config import apply_override, parse_override, read_source
 
-    data = _read_source(source)
+    data = read_source(source)
     for text in overrides:
         path, value = parse_override(text)
         apply_override(data, path, value)
@@ -175,13 +175,13 @@ def experiment_of(source, overrides=()) -> str | None:
 
 def load_observability_config(source, overrides=()) -> ObservabilityConfig:
     """Read and validate an observability preset/YAML; any problem is one ConfigError."""
-    from .config import _format_error
+    from .config import format_error
 
     data = _raw(source, overrides)
     try:
         return ObservabilityConfig.model_validate(data)
     except ValidationError as err:
-        raise _format_error(err) from None
+        raise format_error(err) from None
 
 
 def prepare_dir(cfg: ObservabilityConfig, out: Path) -> Path:
@@ -232,9 +232,8 @@ def digits_data() -> torch.Tensor:
 
 def digits_base(cfg: ObservabilityConfig, root: Path, process):
     """The digits base score (trained once per run, cached as DIR/base/digits.safetensors)."""
-    from .batched import train_dsm_batched
     from .scores.mlp import MLPNet, NeuralScore
-    from .scores.training import TrainConfig, load_checkpoint, save_checkpoint
+    from .scores.training import TrainConfig, load_checkpoint, save_checkpoint, train_dsm
 
     path = root / "base" / "digits.safetensors"
     if path.exists():
@@ -246,8 +245,7 @@ def digits_base(cfg: ObservabilityConfig, root: Path, process):
         net = MLPNet(64, hidden=dc.hidden, layers=dc.layers)
     tc = TrainConfig(steps=dc.train_steps, batch_size=dc.batch_size, lr=dc.lr,
                      schedule="cosine", ema_decay=0.995, t_min=cfg.paths.t0, seed=0)
-    # The fast MLP step with one chain (as fit_neural): train_dsm's result up to rounding.
-    (res,) = train_dsm_batched([net], [digits_data()], process, tc)
+    res = train_dsm(net, digits_data(), process, tc)  # the default trainer, as fit_neural
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, res.net, res.ema_net, meta={"what": "observability digits base"})
     return NeuralScore(res.ema_net, process)
@@ -504,7 +502,8 @@ def ordering_verdicts(pooled: pd.DataFrame) -> dict[str, str]:
 
 # ---- report ----------------------------------------------------------------------------------
 def plot_eta_vs_magnitude(summ: pd.DataFrame, path) -> bool:
-    from .report import _save, plt
+    from .pages import plt
+    from .pages import save_figure as _save
 
     if summ.empty:
         return False
@@ -539,7 +538,10 @@ def build_observability_report(root) -> list[Path]:
     import html as H
     import json
 
-    from .report import _img, _section, _table, environment
+    from .pages import environment
+    from .pages import img as _img
+    from .pages import section as _section
+    from .pages import table as _table
     from .store import atomic_write_text
 
     root = Path(root)

@@ -40,6 +40,7 @@ import torch
 from scipy import integrate
 from torch import Tensor
 
+from . import gaussians
 from .estimate import Estimate
 from .processes import time_grid
 from .samplers import euler_maruyama
@@ -724,15 +725,8 @@ def measure_observability(
 
 # ---- exact reference for a Gaussian q and an affine error -------------------------------------
 def gaussian_kl(m1: Tensor, S1: Tensor, m2: Tensor, S2: Tensor) -> float:
-    """KL(N(m1, S1) ‖ N(m2, S2)) in closed form."""
-    d = m1.numel()
-    L2 = torch.linalg.cholesky(S2)
-    S2inv_S1 = torch.cholesky_solve(S1, L2)
-    diff = (m2 - m1).reshape(-1, 1)
-    maha = float((diff * torch.cholesky_solve(diff, L2)).sum())
-    logdet = 2 * (torch.log(torch.diagonal(L2)).sum() - torch.log(
-        torch.diagonal(torch.linalg.cholesky(S1))).sum())
-    return 0.5 * (float(torch.trace(S2inv_S1)) + maha - d + float(logdet))
+    """KL(N(m1, S1) ‖ N(m2, S2)) in closed form (:func:`collapselab.gaussians.gaussian_kl`)."""
+    return gaussians.gaussian_kl(m1, S1, m2, S2).value
 
 
 def _single_gaussian(law: GaussianMixture):

@@ -9,7 +9,6 @@ base64, so report.html is one file that opens anywhere.
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import json
@@ -25,6 +24,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from .pages import environment  # noqa: E402,F401  (re-exported: report.environment)
+from .pages import fmt as _fmt  # noqa: E402
+from .pages import img as _img  # noqa: E402
+from .pages import save_figure as _save  # noqa: E402
+from .pages import section as _section  # noqa: E402
+from .pages import table as _table  # noqa: E402
 from .store import (  # noqa: E402
     RESULT_COLUMNS,
     RunStore,
@@ -547,14 +552,6 @@ def final_table(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _fmt(x: float, digits: int = 4) -> str:
-    if isinstance(x, float) and math.isnan(x):
-        return "NaN"
-    if isinstance(x, float) and math.isinf(x):
-        return "∞" if x > 0 else "−∞"
-    return f"{x:.{digits}g}"
-
-
 def value_with_interval(r) -> str:
     """'0.81 (95% interval 0.52–1.3, 2 seeds)' for a final_table row; no interval from one
     seed (never '± nan')."""
@@ -606,14 +603,6 @@ def answer_sentence(table: pd.DataFrame) -> str:
         flag = f"; {bad} seed value(s) are inf/NaN and are left out of the means" if bad else ""
         out.append(f"{trend}{where}{overlap}: {name} at generation {g} is {vals}{flag}.")
     return " ".join(out)
-
-
-def _table(df: pd.DataFrame, limit: int = 200) -> str:
-    if df.empty:
-        return "<p>none</p>"
-    shown = df.head(limit).map(lambda v: _fmt(v) if isinstance(v, float) else v)
-    more = f"<p>… {len(df) - limit} more rows in the data files.</p>" if len(df) > limit else ""
-    return shown.to_html(index=False, escape=True, classes="t") + more
 
 
 def timing_table(store: RunStore) -> pd.DataFrame:
@@ -698,38 +687,6 @@ def plot_final(table: pd.DataFrame, path) -> bool:
     return True
 
 
-def _save(fig, path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def environment() -> dict:
-    """Versions and device of this machine (the run records its own in environment.json)."""
-    import os
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    try:
-        own = version("collapselab")
-    except PackageNotFoundError:
-        own = "unknown"
-    cuda = torch.cuda.is_available()
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "collapselab": own,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "cuda_available": cuda,
-        "gpu": torch.cuda.get_device_name(0) if cuda else None,
-    }
-
-
 # ---- the report ----------------------------------------------------------------------------
 def build_report(root, progress=None) -> list:
     """Write DIR/figures/*.png, DIR/summary.{parquet,csv} and DIR/report.html; returns the
@@ -796,16 +753,6 @@ def build_report(root, progress=None) -> list:
     atomic_write_text(store.root / "report.html",
                       _html(cfg, df, table, figs, times, env, failures(store), bt))
     return [p for paths in figs.values() for p in paths]
-
-
-def _img(p: Path) -> str:
-    data = base64.b64encode(p.read_bytes()).decode()
-    return (f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(p.name)}</figcaption></figure>")
-
-
-def _section(sid: str, title: str, body: str) -> str:
-    return f'<section id="{sid}"><h2>{html.escape(title)}</h2>{body}</section>'
 
 
 def _details(summary: str, body: str) -> str:

@@ -1,4 +1,4 @@
-"""Noise-predicting MLP and the wrapper that turns any ε-network into a score (PAPER.md §2).
+"""Noise-predicting MLP and the wrapper that turns any ε-network into a score.
 
 Parametrisation. A network ``net(x, t)`` predicts the noise ε of the forward marginal
 X_t = scale(t)·x0 + √var(t)·ε. Since ∇ log p(x_t | x0) = −ε/√var(t), the minimiser of the
@@ -96,41 +96,10 @@ class MLPNet(nn.Module):
         return self.mlp(self.net_input(x, t)).reshape(x.shape)
 
 
-class _NativeInference:
-    """MLPNet's forward for inference through :mod:`collapselab.gemm`'s native products (where
-    :func:`collapselab.gemm.load` picks them): the same function as ``net(x, t)`` up to float32
-    rounding, ~1.5-2x the speed where PyTorch's BLAS is slow (MKL's AVX2 path on AMD CPUs).
-    Layers the native GEMM does not take (a width not a multiple of 16) go to the products'
-    fallback. The weights are transposed at every call (a few µs; a cache keyed on the
-    weights would miss in-place edits through ``.data``)."""
-
-    def __init__(self, products):
-        self.p = products
-
-    def __call__(self, net: MLPNet, x: Tensor, t) -> Tensor:
-        h = net.net_input(x, t)
-        lins = [m for m in net.mlp if isinstance(m, nn.Linear)]
-        for i, lin in enumerate(lins):
-            w = lin.weight.detach().contiguous()  # (out, in): the transpose of the product's
-            wt = self.p.k.transpose_(w, w.new_empty(w.shape[1], w.shape[0]))
-            z = self.p.forward(h, wt, w, h.new_empty(h.shape[0], lin.out_features))
-            z.add_(lin.bias.detach())
-            h = z if i == len(lins) - 1 else nn.functional.silu(z, inplace=True)
-        return h.reshape(x.shape)
-
-
-def _native_inference() -> _NativeInference | None:
-    from ..gemm import NativeProducts
-    from ..gemm import load as load_products
-
-    p = load_products()
-    return _NativeInference(p) if isinstance(p, NativeProducts) else None
-
-
 class NeuralScore:
     """Score protocol (:mod:`collapselab.scores.base`) for an ε-predicting network.
 
-    ``score(x, t) = −net(x, t)/√var(t)`` (PAPER.md §2; ε-parametrisation, see module docstring).
+    ``score(x, t) = −net(x, t)/√var(t)`` (ε-parametrisation, see module docstring).
     ``t`` is a float or a (n,) tensor and must be > 0 (var(0) = 0). ``x`` may have any event
     shape and dtype: it is evaluated in the network's dtype and device, and the result is
     returned in ``x``'s dtype and device. The network is put in eval mode (dropout off): a score
@@ -140,7 +109,6 @@ class NeuralScore:
     def __init__(self, net: nn.Module, process):
         self.net = net.eval()
         self.process = process
-        self._native = False  # collapselab.native's inference path, looked up on first use
 
     def _param(self) -> Tensor | None:
         return next(self.net.parameters(), None)
@@ -150,24 +118,7 @@ class NeuralScore:
         p = self._param()
         xin = x if p is None else x.to(device=p.device, dtype=p.dtype)
         tv = time_vector(t, x.shape[0], xin)
-        if self._fast(xin, p):
-            return self._native(self.net, xin, tv).to(device=x.device, dtype=x.dtype)
         return self.net(xin, tv).to(device=x.device, dtype=x.dtype)
-
-    def _fast(self, xin: Tensor, p: Tensor | None) -> bool:
-        """Whether the native inference path applies: an MLPNet itself (not a subclass, no
-        forward hooks: both could change what ``net(x, t)`` computes), CPU float32, and
-        nothing that autograd must see."""
-        if p is None or type(self.net) is not MLPNet or xin.device.type != "cpu" \
-                or p.dtype != torch.float32 or xin.dtype != torch.float32:
-            return False
-        if any(m._forward_hooks or m._forward_pre_hooks for m in self.net.modules()):
-            return False
-        if torch.is_grad_enabled() and (xin.requires_grad or p.requires_grad):
-            return False
-        if self._native is False:
-            self._native = _native_inference()
-        return self._native is not None
 
     def __call__(self, x: Tensor, t) -> Tensor:
         eps = self.eps(x, t)

@@ -2,22 +2,60 @@
 
 Glue between the configuration (``score.*``) and :mod:`.training`: the MLP (any data, images
 flattened) and the U-Net (images). The EMA weights sample; a warm start resumes from the
-previous generation's raw weights (PAPER.md §5 recipe: AdamW, cosine, EMA, early stopping).
+previous generation's raw weights (the paper's image recipe: AdamW, cosine, EMA, early
+stopping; docs/paper.md).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..batched import train_dsm_batched
+from .ensemble import train_dsm_ensemble
 from .mlp import MLPNet, NeuralScore
-from .training import TrainConfig, TrainResult, load_checkpoint, save_checkpoint, train_dsm
+from .training import (
+    TrainConfig,
+    TrainingDivergedError,
+    TrainResult,
+    load_checkpoint,
+    save_checkpoint,
+    train_dsm,
+)
 from .unet import UNet
+
+# Optional trainers of K MLP chains, by ``score.train_backend`` name, registered by the packages
+# that provide them (collapselab.fast registers "native" when it is imported; config imports it
+# when a config asks for it). "torch", the default, is this module's own path and never
+# consults this table, so a default run does not depend on what is installed.
+TRAIN_BACKENDS: dict[str, Callable] = {}
+
+# K MLP chains of the default backend train as one vmapped ensemble
+# (:func:`~.ensemble.train_dsm_ensemble`) up to this width, as K sequential ``train_dsm`` fits
+# above it: both give the same numbers up to float rounding, and the ensemble is kept only
+# where benchmarks/bench_ensemble.py measured it faster than sequential fits on CPU (narrow
+# nets, where per-op overhead dominates; wider ones spend their time in products that one
+# large matmul per chain computes faster than a batched one). Never decided by the machine.
+ENSEMBLE_MAX_HIDDEN = 128
+
+
+def use_ensemble(score_cfg, K: int) -> bool:
+    """Whether :func:`fit_neural_batched` trains K chains as one vmapped ensemble."""
+    return K > 1 and score_cfg.hidden <= ENSEMBLE_MAX_HIDDEN
+
+
+def register_train_backend(name: str, trainer: Callable) -> None:
+    """Make ``score.train_backend: <name>`` train K MLP chains with ``trainer(nets, datas,
+    process, cfg, seeds=..., device=..., threads=...)`` → one TrainResult per chain."""
+    TRAIN_BACKENDS[name] = trainer
+
+
+def train_backend(score_cfg) -> str:
+    return getattr(score_cfg, "train_backend", "torch") or "torch"
 
 
 def build_network(score_cfg, event_shape: tuple[int, ...], seed: int) -> nn.Module:
@@ -70,14 +108,10 @@ def fit_neural(
     device="cpu",
     init_state: dict | None = None,
 ) -> tuple[NeuralScore, TrainResult]:
-    """Train generation i's network on its training set; the score samples with EMA weights.
-
-    An MLP trains through the batched trainer with one chain (:func:`fit_neural_batched`):
-    the same draws, schedule and result as :func:`~.training.train_dsm` up to float rounding,
-    with its hand-written backward, flat optimizer state and (on CPU) fused SiLU kernels,
-    1.1-1.7x faster per step at the presets' sizes (docs/performance.md). A U-Net trains with
-    ``train_dsm``."""
-    if score_cfg.kind == "mlp":
+    """Train generation i's network on its training set with :func:`~.training.train_dsm`;
+    the score samples with EMA weights. With ``score.train_backend`` other than "torch" an MLP
+    trains through that backend with one chain (:func:`fit_neural_batched`)."""
+    if score_cfg.kind == "mlp" and train_backend(score_cfg) != "torch":
         return fit_neural_batched(score_cfg, process, [data], generation=generation,
                                   seeds=[seed], t_min=t_min, device=device,
                                   init_states=[init_state])[0]
@@ -99,14 +133,16 @@ def fit_neural_batched(
     init_states: Sequence[dict | None] | None = None,
     threads: int | None = None,
 ) -> list[tuple[NeuralScore, TrainResult]]:
-    """:func:`fit_neural` for K MLP chains at once (one :func:`~collapselab.batched.
-    train_dsm_batched` call); chain k gets what ``fit_neural(score_cfg, process, datas[k],
-    generation=generation, seed=seeds[k], t_min=t_min, init_state=init_states[k])`` gives, up
-    to float rounding (~1e-6 relative; see collapselab.batched): the same initial weights, warm
-    start, schedule and random draws.
+    """:func:`fit_neural` for K MLP chains at once; chain k gets what ``fit_neural(score_cfg,
+    process, datas[k], generation=generation, seed=seeds[k], t_min=t_min,
+    init_state=init_states[k])`` gives: the same initial weights, warm start, schedule and
+    random draws. The default backend trains them as one vmapped ensemble
+    (:func:`~.ensemble.train_dsm_ensemble`, equal to K ``train_dsm`` fits up to float
+    rounding) or one after another (:func:`use_ensemble`); ``score.train_backend`` names another
+    registered trainer (:data:`TRAIN_BACKENDS`).
 
-    datas: K training sets of one shape. threads: CPU shards of the batched trainer (default:
-    torch's thread count). A diverged chain raises TrainingDivergedError with ``.chain = k``.
+    datas: K training sets of one shape. threads: CPU threads of an optional backend. A
+    diverged chain raises TrainingDivergedError with ``.chain = k``.
     """
     if score_cfg.kind != "mlp":
         raise ValueError(f"batched training is for MLP scores, not {score_cfg.kind}")
@@ -120,8 +156,26 @@ def fit_neural_batched(
             net.load_state_dict(state)
     # The seed in the config is replaced per chain by ``seeds`` (as train_dsm's config seed).
     cfg = train_config(score_cfg, generation, int(seeds[0]), t_min)
-    results = train_dsm_batched(nets, datas, process, cfg, seeds=[int(s) for s in seeds],
-                                device=device, threads=threads)
+    seeds = [int(s) for s in seeds]
+    backend = train_backend(score_cfg)
+    if backend != "torch":
+        trainer = TRAIN_BACKENDS.get(backend)
+        if trainer is None:
+            raise RuntimeError(f"score.train_backend: {backend!r} is not available (its package "
+                               "registers it when imported; see docs/performance.md)")
+        results = trainer(nets, datas, process, cfg, seeds=seeds, device=device,
+                          threads=threads)
+    elif use_ensemble(score_cfg, K):
+        results = train_dsm_ensemble(nets, datas, process, cfg, seeds=seeds, device=device)
+    else:
+        results = []
+        for k, (net, data) in enumerate(zip(nets, datas, strict=True)):
+            try:
+                results.append(train_dsm(net, data, process, replace(cfg, seed=seeds[k]),
+                                         device=device))
+            except TrainingDivergedError as exc:
+                exc.chain = k
+                raise
     return [(NeuralScore(r.ema_net, process), r) for r in results]
 
 

@@ -8,9 +8,9 @@ Loss (Ho et al. 2020; Vincent 2011). With X_t = scale(t)·x0 + √var(t)·ε and
 i.e. denoising score matching with weight λ(t) = var(t). With unit weight instead (see
 :func:`dsm_loss`, ``weighting="score"``), (T − t_min)·E_t[·] is the paper's ideal-path score
 energy plus a constant: DSM loss = ε⋆² + C with C depending only on the training law q_i
-(PAPER.md §3). Both weightings have the same minimiser, the true score of q_i.
+(docs/paper.md). Both weightings have the same minimiser, the true score of q_i.
 
-The paper's image recipe (PAPER.md §5): AdamW, lr 2e-4, weight decay 1e-4, cosine schedule,
+The paper's image recipe (docs/paper.md): AdamW, lr 2e-4, weight decay 1e-4, cosine schedule,
 EMA 0.99, early stopping with patience 50. Everything here is generic over the network and the
 VP process (:mod:`collapselab.processes`).
 
@@ -163,7 +163,7 @@ def dsm_loss(net: nn.Module, x0: Tensor, process, t: Tensor, eps: Tensor,
 
     weighting='eps': ‖ε_θ(X_t, t) − ε‖² (the training loss, DSM weight var(t)).
     weighting='score': ‖s_θ(X_t, t) − ∇ log p(X_t | x0)‖² = ‖ε_θ − ε‖²/var(t); its mean over
-    t ~ U[t0, T] times (T − t0) estimates ε⋆² + C (PAPER.md §3).
+    t ~ U[t0, T] times (T − t0) estimates ε⋆² + C (docs/paper.md).
     The network is evaluated in its current mode (call ``net.eval()`` for dropout off).
     """
     if weighting not in ("eps", "score"):
@@ -178,7 +178,7 @@ def dsm_loss(net: nn.Module, x0: Tensor, process, t: Tensor, eps: Tensor,
     return torch.cat(out)
 
 
-def _make_optimizer(params, cfg: TrainConfig, device: torch.device):
+def make_optimizer(params, cfg: TrainConfig, device: torch.device):
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     try:  # The fused kernel (CPU since torch 2.4) removes most per-step Python overhead.
         return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -186,7 +186,7 @@ def _make_optimizer(params, cfg: TrainConfig, device: torch.device):
         return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
-def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Learning rate at 1-based ``step``: linear warm-up, then constant or cosine decay."""
     if cfg.warmup_steps and step <= cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
@@ -208,7 +208,7 @@ def _clip_(params: list[Tensor], max_norm: float) -> None:
     torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
 
 
-def _seed_from(gen: torch.Generator) -> int:
+def seed_from(gen: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=gen))
 
 
@@ -249,7 +249,7 @@ def train_dsm(net: nn.Module, data: Tensor, process, cfg: TrainConfig | None = N
     """Fit an ε-predicting ``net`` to ``data`` (shape (n, *event)) by denoising score matching.
 
     Minimises E‖ε_θ(X_t, t) − ε‖² over t ~ U[t_min, t_max] (module docstring; DSM with weight
-    var(t); DSM loss = ε⋆² + C, PAPER.md §3). ``net`` is trained in place (moved to
+    var(t); DSM loss = ε⋆² + C, docs/paper.md). ``net`` is trained in place (moved to
     ``device``) and returned as ``TrainResult.net``; an EMA copy is ``TrainResult.ema_net``.
 
     generator: CPU torch.Generator for all randomness (default: seeded with ``cfg.seed``);
@@ -264,7 +264,7 @@ def train_dsm(net: nn.Module, data: Tensor, process, cfg: TrainConfig | None = N
     cfg = cfg or TrainConfig()
     device = torch.device(device)
     gen = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
-    split_seed, loop_seed, drop_seed, val_seed = (_seed_from(gen) for _ in range(4))
+    split_seed, loop_seed, drop_seed, val_seed = (seed_from(gen) for _ in range(4))
     if init_state is not None:
         net.load_state_dict(init_state)
     net.to(device).train()
@@ -289,7 +289,7 @@ def train_dsm(net: nn.Module, data: Tensor, process, cfg: TrainConfig | None = N
                  * (t_max - t_min) + t_min).to(device=device, dtype=val_x.dtype)
         val_eps = torch.randn(val_x.shape, generator=vg, dtype=val_x.dtype).to(device)
 
-    opt = _make_optimizer(net.parameters(), cfg, device)
+    opt = make_optimizer(net.parameters(), cfg, device)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -344,7 +344,7 @@ def train_dsm(net: nn.Module, data: Tensor, process, cfg: TrainConfig | None = N
                 check(step)  # before the update on CPU: the raw weights stay finite
             if cfg.grad_clip is not None:
                 _clip_(raw_p, cfg.grad_clip)
-            lr = _lr_at(step, total, cfg)
+            lr = lr_at(step, total, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()

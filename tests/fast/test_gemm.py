@@ -1,4 +1,4 @@
-"""collapselab.gemm: the training step's products (oneDNN or torch.mm) against float64, the
+"""collapselab.fast.gemm: the training step's products (oneDNN or torch.mm) against float64, the
 rule that picks them, and the fallbacks.
 
 Tolerance: the float32 rounding bound γ_n |a||b| (gemm.rounding_bound), valid for any
@@ -7,7 +7,7 @@ summation order; nothing is tuned to the backend."""
 import pytest
 import torch
 
-from collapselab import gemm, native
+from collapselab.fast import gemm, native
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_without_onednn_uses_torch_mm(fresh_load, monkeypatch):
 
 
 def test_native_gemm_first_where_it_builds(fresh_load, monkeypatch):
-    """The order: collapselab.native's GEMM (its AVX-512 build), then oneDNN, then torch.mm;
+    """The order: collapselab.fast.native's GEMM (its AVX-512 build), then oneDNN, then torch.mm;
     without the native kernels, the library."""
     k = native.load()
     p = fresh_load()
@@ -92,7 +92,7 @@ def test_failed_self_test_falls_back(fresh_load, monkeypatch):
 def test_failed_native_self_test_falls_back_to_the_library(fresh_load, monkeypatch):
     k = native.load()
     if k is None or k.target != "avx512f":
-        pytest.skip("collapselab.native's AVX-512 build is unavailable here")
+        pytest.skip("collapselab.fast.native's AVX-512 build is unavailable here")
     right = gemm.NativeProducts.weight_grad
 
     def off(self, at, g, out):

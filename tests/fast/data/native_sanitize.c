@@ -1,5 +1,5 @@
-/* Driver for tests/test_native.py::test_kernels_clean_under_sanitizers: calls every kernel of
-   collapselab.native over many shapes (rows not a multiple of 8, widths with and without a
+/* Driver for tests/fast/test_native.py::test_kernels_clean_under_sanitizers: calls every kernel of
+   collapselab.fast.native over many shapes (rows not a multiple of 8, widths with and without a
    vector remainder, every output width the output-layer kernels take; transposes with and
    without whole 16 x 16 tiles; the GEMM, the one-call forward/backward and the optimizer
    pass) and checks them

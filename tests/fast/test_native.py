@@ -1,4 +1,4 @@
-"""collapselab.native: the fused SiLU/bias kernels against the PyTorch ops they replace, and
+"""collapselab.fast.native: the fused SiLU/bias kernels against the PyTorch ops they replace, and
 the fallback when they are unavailable."""
 
 import copy
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from collapselab import gemm, native
+from collapselab.fast import gemm, native
 
 
 @pytest.fixture
@@ -140,7 +140,7 @@ def test_disabled_by_environment(fresh_load, monkeypatch):
 
 def test_missing_compiler_falls_back(fresh_load, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    if native._cpu_flags().isdisjoint(native._TARGETS):
+    if native.cpu_flags().isdisjoint(native._TARGETS):
         pytest.skip("no AVX2/AVX-512: the kernels are off before a compiler is looked for")
     assert fresh_load() is None
     assert "no C compiler" in native.status()
@@ -171,9 +171,9 @@ def test_compiled_once_into_the_cache(fresh_load, tmp_path):
 def test_avx2_build_passes_its_self_test(fresh_load, monkeypatch):
     """The AVX2 build (machines without AVX-512) compiles and computes the same; here it runs
     on a CPU that has both."""
-    if "avx2" not in native._cpu_flags():
+    if "avx2" not in native.cpu_flags():
         pytest.skip("this CPU has no AVX2")
-    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(native, "cpu_flags", lambda: {"avx2", "fma"})
     k = fresh_load()
     if k is None:
         pytest.skip(f"native kernels unavailable here: {native.status()}")
@@ -181,11 +181,11 @@ def test_avx2_build_passes_its_self_test(fresh_load, monkeypatch):
 
 
 def _sanitized_run(tmp_path, source: str) -> subprocess.CompletedProcess:
-    """Build ``source`` (the kernels' C) with tests/data/native_sanitize.c under AddressSanitizer
-    and UBSan, and run it; skips where there is no compiler, no AVX2/AVX-512 or no sanitizer
-    runtime."""
+    """Build ``source`` (the kernels' C) with tests/fast/data/native_sanitize.c under
+    AddressSanitizer and UBSan, and run it; skips where there is no compiler, no AVX2/AVX-512 or
+    no sanitizer runtime."""
     cc = os.environ.get("CC") or "cc"
-    have = native._cpu_flags()
+    have = native.cpu_flags()
     target = next((t for t in native._TARGETS if t in have), None)
     if shutil.which(cc) is None or target is None:
         pytest.skip("needs a C compiler and AVX2 or AVX-512")
@@ -208,7 +208,7 @@ def _sanitized_run(tmp_path, source: str) -> subprocess.CompletedProcess:
 def test_kernels_clean_under_sanitizers(tmp_path):
     """Every kernel over many shapes (rows not a multiple of 8, widths with a vector
     remainder, output widths 1-16) under AddressSanitizer and UBSan: no out-of-bounds access,
-    no undefined behaviour, results as double-precision loops (tests/data/native_sanitize.c).
+    no undefined behaviour, results as double-precision loops (tests/fast/data/native_sanitize.c).
     Value checks in Python cannot see a read past a buffer; this can."""
     run = _sanitized_run(tmp_path, native._SOURCE)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr[-2000:]
@@ -257,7 +257,7 @@ def test_transpose_and_transposing_silu():
 
 def test_one_call_forward_backward_equals_the_per_op_path(monkeypatch):
     """mlp_fb (one C call per chain) and the per-op native path compute the same bits."""
-    import collapselab.batched as batched_mod
+    import collapselab.fast.batched as batched_mod
     from collapselab.processes import VPProcess
     from collapselab.scores.mlp import MLPNet
     from collapselab.scores.training import TrainConfig

@@ -1,24 +1,23 @@
-"""The matrix products of the CPU training step of :mod:`collapselab.batched` (issue 6, part 3).
+"""The matrix products of the CPU training step of :mod:`collapselab.fast.batched`.
 
 Per chain and layer the step makes three float32 products of small shapes (batch 512, width
 128): the forward ``a @ w``, the input gradient ``g @ wᵀ`` and the weight gradient ``aᵀ @ g``.
 ``torch.mm`` hands them to PyTorch's BLAS (MKL in the x86 wheels), whose speed depends on the
-CPU: on the AMD EPYC (Zen 5) development machine MKL takes its AVX2 path and reaches
-~95 GFLOP/s per core, where a core's FMA peak is 231-248 (docs/performance.md, "Batched
-chains"). :func:`load` returns the first of these that is available and passes a self-test
-against float64 products within the float32 rounding bound (:func:`rounding_bound`):
+CPU (on some CPUs MKL takes a path far below the FMA peak; measurements in
+benchmarks/results/). :func:`load` returns the first of these that is available and passes a
+self-test against float64 products within the float32 rounding bound (:func:`rounding_bound`):
 
-1. :class:`NativeProducts`: :mod:`collapselab.native`'s register-tiled GEMM (its AVX-512
-   build only): 210-224 GFLOP/s at the step's shapes, no per-call cost beyond ctypes', results
+1. :class:`NativeProducts`: :mod:`collapselab.fast.native`'s register-tiled GEMM (its AVX-512
+   build only), close to the FMA peak at the step's shapes, no per-call cost beyond ctypes', results
    written into the step's own buffers, the weight gradient reading the layer input in place;
 2. :class:`OneDNNProducts`: oneDNN's fp32 inner product (``torch.ops.mkldnn._linear_pointwise``,
    x @ wᵀ, IEEE float32), which PyTorch ships and which picks its kernels by instruction set:
-   136-192 GFLOP/s at these shapes, ~12.5 µs per call, fresh outputs;
+   a fixed per-call cost, fresh outputs;
 3. :class:`Products`: ``torch.mm(out=)``.
 
 ``COLLAPSELAB_GEMM`` = native | onednn | torch picks one (falling back the same way where it
 is unavailable). The choice is a rule, never a timing, so one machine always computes the
-same bits; the backends agree to float32 rounding (tests/test_gemm.py).
+same bits; the backends agree to float32 rounding (tests/fast/test_gemm.py).
 """
 
 from __future__ import annotations
@@ -80,13 +79,13 @@ class OneDNNProducts(Products):
 
 
 class NativeProducts(Products):
-    """:mod:`collapselab.native`'s register-tiled float32 GEMM (AVX-512): products written
+    """:mod:`collapselab.fast.native`'s register-tiled float32 GEMM (AVX-512): products written
     straight into the caller's buffers, the weight gradient reading the layer input in place
     (no transposed copy), the input gradient through one transpose of the weights (64 KiB at
     width 128). Shapes it does not take (an output width not a multiple of 16) go to
     ``fallback``."""
 
-    name = "collapselab.native GEMM"
+    name = "collapselab.fast.native GEMM"
 
     def __init__(self, kernels, fallback: Products):
         self.k, self.fallback = kernels, fallback
@@ -184,7 +183,7 @@ def backends() -> list[Products]:
 @functools.cache
 def load() -> Products:
     """The products of the CPU float32 step, the first of these that is available and passes
-    its self-test: collapselab.native's GEMM (AVX-512 builds), oneDNN, torch.mm.
+    its self-test: collapselab.fast.native's GEMM (AVX-512 builds), oneDNN, torch.mm.
     ``COLLAPSELAB_GEMM`` = native | onednn | torch picks one (falling back likewise)."""
     global _status
     forced = os.environ.get("COLLAPSELAB_GEMM", "").strip().lower()
@@ -205,15 +204,15 @@ def load() -> Products:
 
     k = native.load()
     if k is None or k.target != "avx512f":
-        _status = f"{why} (collapselab.native's GEMM needs its AVX-512 build: " \
+        _status = f"{why} (collapselab.fast.native's GEMM needs its AVX-512 build: " \
                   f"{native.status() if k is None else k.target})"
         return lib
     try:
         p = NativeProducts(k, lib)
         _self_test(p)
     except Exception as exc:  # noqa: BLE001
-        _status = f"{why} (collapselab.native's GEMM failed: {type(exc).__name__}: " \
+        _status = f"{why} (collapselab.fast.native's GEMM failed: {type(exc).__name__}: " \
                   f"{str(exc).splitlines()[0][:200]})"
         return lib
-    _status = f"collapselab.native GEMM (AVX-512), else {why}"
+    _status = f"collapselab.fast.native GEMM (AVX-512), else {why}"
     return p

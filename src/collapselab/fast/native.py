@@ -1,4 +1,4 @@
-"""Optional native kernels for the CPU step of MLP training (issue 6, part 3).
+"""Optional native kernels for the CPU step of MLP training.
 
 The DSM step of a SiLU MLP has, per hidden layer, four elementwise passes in eager PyTorch:
 the bias add, ``silu``, ``silu_backward`` (which computes the sigmoid again) and the bias
@@ -8,19 +8,17 @@ gradient's column sum. Two fused, vectorised C loops replace them:
   pre-activation is only ever needed through silu', so its buffer keeps that instead);
 - backward ``mul_colsum``: ``g *= d; gb = Σ_rows g`` (d = silu', or none for the output layer).
 
-At width 128 and batch 512 they take about half the time of the four PyTorch kernels. A
-narrow output layer (d ≤ 10 outputs, as in the GMM experiments) is a poor shape for BLAS
-(20-30 µs for a 512 × 128 × 2 product: ~10 GFLOP/s, a tenth of the square products' rate),
-so two more passes do it: ``out_fwd`` (the layer, the loss gradient, its column sums and the loss,
-eight rows at a time in vector registers like a GEMM micro-kernel) and ``out_bwd`` (its weight
-gradient, and the input gradient of the layer below times silu', with its column sums).
+A narrow output layer (d ≤ 10 outputs, as in the GMM experiments) is a poor shape for BLAS (a
+small fraction of the square products' rate), so two more passes do it: ``out_fwd`` (the layer,
+the loss gradient, its column sums and the loss, eight rows at a time in vector registers like a
+GEMM micro-kernel) and ``out_bwd`` (its weight gradient, and the input gradient of the layer
+below times silu', with its column sums).
 The products themselves:
 
 - ``gemm``: C (+)= op(A) B in float32, op(A) = A or Aᵀ read in place; tiles of 6 rows x 64
   columns of C in 24 vector accumulators, 128 x 64 panels of B kept in L1, A broadcast.
-  210-224 GFLOP/s at the step's shapes on the AMD EPYC development machine, whose core peaks
-  at 231-248 (MKL, PyTorch's BLAS, takes its AVX2 path there: ~95). :mod:`collapselab.gemm`
-  uses it on AVX-512 builds only (the AVX2 build emulates its 512-bit vectors);
+  :mod:`collapselab.fast.gemm` uses it on AVX-512 builds only (the AVX2 build emulates its
+  512-bit vectors);
 - ``transpose`` (16 x 16 tiles in registers) and ``bias_silu_t`` (the forward pass that also
   writes its output transposed): dense transposed activations for oneDNN's products, which
   reorder a strided operand on every call.
@@ -28,7 +26,7 @@ The products themselves:
 And the step around them: ``mlp_fb``, one chain's whole forward/backward in one call (~20
 ctypes calls per chain otherwise), and ``adam_ema``, gradient clipping + Adam(W) (torch's
 fused formulas) + the EMA in one pass over the flat training state.
-docs/performance.md, "Batched chains", has the measurements.
+benchmarks/results/ has the measurements.
 
 Nothing depends on them. The C source below is compiled once per machine with the system C
 compiler (``$CC`` or ``cc``) into the cache (``$COLLAPSELAB_CACHE/native``, default
@@ -50,6 +48,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -63,291 +62,7 @@ log = logging.getLogger(__name__)
 
 # simdlen is filled in per target: the vector variant of expf that libmvec provides
 # (_ZGVdN8v_expf for AVX2, _ZGVeN16v_expf for AVX-512).
-_SOURCE = r"""
-#include <math.h>
-#pragma omp declare simd notinbranch simdlen(SIMDLEN)
-extern float expf(float);
-
-/* z (rows x n) += b (n); a = silu(z); z <- silu'(z) = s (1 + z (1 - s)), s = sigmoid(z). */
-void bias_silu(float *restrict z, const float *restrict b, float *restrict a,
-               long rows, long n) {
-    for (long r = 0; r < rows; r++) {
-        float *zr = z + r * n, *ar = a + r * n;
-        #pragma omp simd
-        for (long j = 0; j < n; j++) {
-            float x = zr[j] + b[j];
-            float s = 1.0f / (1.0f + expf(-x));
-            ar[j] = x * s;
-            zr[j] = s * (1.0f + x * (1.0f - s));
-        }
-    }
-}
-
-/* A 16 x 16 block transposed in registers: four perfect shuffles of the rows (row r, lane c
-   go to row r', lane c' with the bits of r'c' those of rc rotated by one; four rotations swap
-   r and c). */
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int v16i __attribute__((vector_size(64)));
-
-static inline void transpose16(v16 *r) {
-    const v16i lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
-    const v16i hi = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    for (int stage = 0; stage < 4; stage++) {
-        v16 s[16];
-        for (int i = 0; i < 8; i++) {
-            s[2 * i] = __builtin_shuffle(r[i], r[i + 8], lo);
-            s[2 * i + 1] = __builtin_shuffle(r[i], r[i + 8], hi);
-        }
-        for (int i = 0; i < 16; i++) r[i] = s[i];
-    }
-}
-
-/* at (n x rows) = a (rows x n) transposed, in 16 x 16 tiles, a column of tiles at a time:
-   at's rows are then written one after another (a row of tiles at a time scatters the
-   stores over all of at's rows: 3.4x slower). */
-void transpose(const float *restrict a, float *restrict at, long rows, long n) {
-    const long nq = n - n % 16, rq = rows - rows % 16;
-    for (long c0 = 0; c0 < nq; c0 += 16)
-        for (long r0 = 0; r0 < rq; r0 += 16) {
-            v16 t[16];
-            for (int i = 0; i < 16; i++) t[i] = *(const v16u *)(a + (r0 + i) * n + c0);
-            transpose16(t);
-            for (int i = 0; i < 16; i++) *(v16u *)(at + (c0 + i) * rows + r0) = t[i];
-        }
-    for (long j = 0; j < n; j++)  /* the remainders: last columns, last rows */
-        for (long i = j < nq ? rq : 0; i < rows; i++) at[j * rows + i] = a[i * n + j];
-}
-
-/* bias_silu, then at = a transposed (the weight gradient's dense operand), while a is in
-   L2. */
-void bias_silu_t(float *restrict z, const float *restrict b, float *restrict a,
-                 float *restrict at, long rows, long n) {
-    bias_silu(z, b, a, rows, n);
-    transpose(a, at, rows, n);
-}
-
-/* C[i][:] (+)= sum_k A[i*si + k*sk] B[k][:] for a tile of mr <= 6 rows and nv <= 4 vectors of
-   16 columns: 24 accumulators in registers, B's rows loaded once per k, A broadcast. */
-static inline __attribute__((always_inline)) void
-gemm_tile(const float *restrict A, long si, long sk, const float *restrict B, long ldb,
-          float *restrict C, long ldc, long K, const int mr, const int nv, int load) {
-    v16 c[6][4];
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nv; j++)
-            c[i][j] = load ? *(const v16u *)(C + i * ldc + 16 * j) : (v16){0};
-    for (long k = 0; k < K; k++) {
-        v16 b[4];
-        for (int j = 0; j < nv; j++) b[j] = *(const v16u *)(B + k * ldb + 16 * j);
-        for (int i = 0; i < mr; i++) {
-            const float s = A[i * si + k * sk];
-            for (int j = 0; j < nv; j++) c[i][j] += s * b[j];
-        }
-    }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nv; j++) *(v16u *)(C + i * ldc + 16 * j) = c[i][j];
-}
-
-#define TILE(MR, NV) gemm_tile(a, si, sk, b, ldb, c, ldc, kc, MR, NV, load)
-#define ROWS(NV) switch (mr) { case 6: TILE(6, NV); break; case 5: TILE(5, NV); break; \
-    case 4: TILE(4, NV); break; case 3: TILE(3, NV); break; case 2: TILE(2, NV); break; \
-    default: TILE(1, NV); }
-
-/* C (M x N, row stride ldc) (+)= op(A) B, B (K x N, row stride ldb), N a multiple of 16;
-   op(A)[i][k] = A[i*si + k*sk]: (si, sk) = (lda, 1) for A, (1, lda) for A's transpose.
-   Blocked: 128 rows of B by 64 columns (32 KiB) stay in L1 while every row tile of C passes. */
-void gemm(const float *restrict A, long si, long sk, const float *restrict B, long ldb,
-          float *restrict C, long ldc, long M, long K, long N, int accumulate) {
-    for (long k0 = 0; k0 < K; k0 += 128) {
-        const long kc = K - k0 < 128 ? K - k0 : 128;
-        const int load = accumulate || k0 > 0;
-        for (long j0 = 0; j0 < N; j0 += 64) {
-            const int nv = (N - j0) >= 64 ? 4 : (int)((N - j0) / 16);
-            const float *b = B + k0 * ldb + j0;
-            for (long i0 = 0; i0 < M; i0 += 6) {
-                const int mr = M - i0 < 6 ? (int)(M - i0) : 6;
-                const float *a = A + i0 * si + k0 * sk;
-                float *c = C + i0 * ldc + j0;
-                switch (nv) { case 4: ROWS(4); break; case 3: ROWS(3); break;
-                              case 2: ROWS(2); break; default: ROWS(1); }
-            }
-        }
-    }
-}
-
-/* g (rows x n) *= d (if d is not NULL); gb (n) = column sums of g. */
-void mul_colsum(float *restrict g, const float *restrict d, float *restrict gb,
-                long rows, long n) {
-    for (long j = 0; j < n; j++) gb[j] = 0.0f;
-    for (long r = 0; r < rows; r++) {
-        float *gr = g + r * n;
-        if (d) {
-            const float *dr = d + r * n;
-            #pragma omp simd
-            for (long j = 0; j < n; j++) { gr[j] *= dr[j]; gb[j] += gr[j]; }
-        } else {
-            #pragma omp simd
-            for (long j = 0; j < n; j++) gb[j] += gr[j];
-        }
-    }
-}
-
-/* The output layer, of width d <= 16 (one vector: w's rows padded to 16 lanes), on the last
-   activations a (rows x n), with the loss gradient: g = c ((a w + b) - e) (rows x d),
-   gb = column sums of g, *sq = sum of g^2 (in double). w is n x d. Eight rows at a time in
-   registers, like a GEMM kernel. */
-static void out_rows(const float *restrict a, const v16 *restrict wp, const float *restrict b,
-                     const float *restrict e, float *restrict g, float *restrict gb,
-                     double *restrict sq, long m, long n, long d, float c) {
-    v16 s[8] = {0};
-    for (long k = 0; k < n; k++) {
-        const v16 wk = wp[k];
-        for (long i = 0; i < 8; i++) s[i] += a[i * n + k] * wk;
-    }
-    for (long i = 0; i < m; i++)
-        for (long j = 0; j < d; j++) {
-            float v = ((s[i][j] + b[j]) - e[i * d + j]) * c;
-            g[i * d + j] = v;
-            gb[j] += v;
-            *sq += (double)v * v;
-        }
-}
-
-void out_fwd(const float *restrict a, const float *restrict w, const float *restrict b,
-             const float *restrict e, float *restrict g, float *restrict gb,
-             float *restrict sq, long rows, long n, long d, float c) {
-    v16 wp[n];
-    double acc = 0.0;
-    for (long k = 0; k < n; k++) {
-        v16 t = {0};
-        for (long j = 0; j < d; j++) t[j] = w[k * d + j];
-        wp[k] = t;
-    }
-    for (long j = 0; j < d; j++) gb[j] = 0.0f;
-    long r = 0;
-    for (; r + 8 <= rows; r += 8)
-        out_rows(a + r * n, wp, b, e + r * d, g + r * d, gb, &acc, 8, n, d, c);
-    if (r < rows) {  /* the last rows, through a zero-padded copy */
-        float tail[8 * n];
-        for (long i = 0; i < 8 * n; i++) tail[i] = r * n + i < rows * n ? a[r * n + i] : 0.0f;
-        out_rows(tail, wp, b, e + r * d, g + r * d, gb, &acc, rows - r, n, d, c);
-    }
-    *sq = (float)acc;
-}
-
-/* Back through the output layer (w: n x d, d <= 16, n a multiple of 16) into the hidden
-   layer below it: gw (n x d) = a^T g; h = (g w^T) * silu', written over silu' (sh: rows x n,
-   in: silu', out: h); gh (n) = column sums of h. */
-void out_bwd(const float *restrict a, const float *restrict g, const float *restrict w,
-             float *restrict sh, float *restrict gw, float *restrict gh,
-             long rows, long n, long d) {
-    const long nb = n / 16;
-    v16 wt[d * nb], gwt[d * nb], ghv[nb];
-    for (long j = 0; j < d; j++)
-        for (long q = 0; q < nb; q++) {
-            v16 t;
-            for (long l = 0; l < 16; l++) t[l] = w[(q * 16 + l) * d + j];
-            wt[j * nb + q] = t;
-            gwt[j * nb + q] = (v16){0};
-        }
-    for (long q = 0; q < nb; q++) ghv[q] = (v16){0};
-    for (long r = 0; r < rows; r++) {
-        const float *gr = g + r * d;
-        const v16u *ar = (const v16u *)(a + r * n);
-        v16u *hr = (v16u *)(sh + r * n);
-        for (long q = 0; q < nb; q++) {
-            const v16 av = ar[q];
-            v16 t = {0};
-            for (long j = 0; j < d; j++) {
-                gwt[j * nb + q] += av * gr[j];
-                t += gr[j] * wt[j * nb + q];
-            }
-            const v16 h = t * hr[q];
-            hr[q] = h;
-            ghv[q] += h;
-        }
-    }
-    for (long q = 0; q < nb; q++)
-        for (long l = 0; l < 16; l++) {
-            gh[q * 16 + l] = ghv[q][l];
-            for (long j = 0; j < d; j++) gw[(q * 16 + l) * d + j] = gwt[j * nb + q][l];
-        }
-}
-
-/* One chain's forward/backward of the DSM step of a SiLU MLP whose output layer is narrow
-   (out_fwd / out_bwd), all in this library: what batched._forward_backward_2d computes with
-   these kernels, in one call (the Python of ~20 calls per chain was ~0.08 ms). L weight
-   layers; widths w[0..L], w[1..L-1] multiples of 16, w[L] <= 16; W[l] (w[l] x w[l+1]) and
-   b[l] the weights, GW[l] and GB[l] their gradients; inp (rows x w[0]), eps (rows x w[L]);
-   work space z[l], act[l] (rows x w[l+1], l < L - 1) and wt (w x w for the widest hidden
-   layer); out (rows x w[L]) receives the loss gradient c (net - eps), sq its sum of squares. */
-void mlp_fb(long L, const long *w, float *const *W, float *const *b, float *const *GW,
-            float *const *GB, const float *inp, const float *eps, float *const *z,
-            float *const *act, float *out, float *wt, float *sq, long rows, float c) {
-    const float *a = inp;
-    for (long l = 0; l + 1 < L; l++) {
-        gemm(a, w[l], 1, W[l], w[l + 1], z[l], w[l + 1], rows, w[l], w[l + 1], 0);
-        bias_silu(z[l], b[l], act[l], rows, w[l + 1]);
-        a = act[l];
-    }
-    const long h = L - 2;  /* the last hidden layer */
-    out_fwd(a, W[L - 1], b[L - 1], eps, out, GB[L - 1], sq, rows, w[L - 1], w[L], c);
-    out_bwd(a, out, W[L - 1], z[h], GW[L - 1], GB[h], rows, w[L - 1], w[L]);
-    float *g = z[h];  /* the loss gradient in layer h's pre-activation */
-    for (long l = h; l >= 0; l--) {
-        const float *x = l == 0 ? inp : act[l - 1];
-        gemm(x, 1, w[l], g, w[l + 1], GW[l], w[l + 1], w[l], rows, w[l + 1], 0);  /* x^T g */
-        if (l > 0) {  /* into the activation buffer of layer l - 1: last needed just above */
-            transpose(W[l], wt, w[l], w[l + 1]);
-            gemm(g, w[l + 1], 1, wt, w[l], act[l - 1], w[l], rows, w[l + 1], w[l], 0);
-            mul_colsum(act[l - 1], z[l - 1], GB[l - 1], rows, w[l]);
-            g = act[l - 1];
-        }
-    }
-}
-
-/* The update of a (rows x P) chain-major training state, one row per chain: clip the row's
-   gradient to global norm max_norm (max_norm <= 0: no clipping; factor max_norm / (norm +
-   1e-6), at most 1, as batched._clip_per_chain_), one Adam or AdamW step with torch's fused
-   formulas (bias corrections of step `step`; wd: L2 in the gradient, or decoupled), then the
-   EMA e = lerp(e, w, ew). One pass over the state instead of four (norm, scale, Adam, lerp):
-   the state of three width-128 chains (2.5 MB) does not fit L2 beside the step's buffers. */
-void adam_ema(float *restrict w, const float *restrict g, float *restrict m,
-              float *restrict v, float *restrict e, long rows, long P, float max_norm,
-              float lr, float beta1, float beta2, float eps, float wd, int decoupled,
-              double step, float ew) {
-    const double bc1 = 1.0 - pow(beta1, step), bc2 = 1.0 - pow(beta2, step);
-    const float step_size = (float)(lr / bc1), bc2s = (float)sqrt(bc2);
-    const float c1 = 1.0f - beta1, c2 = 1.0f - beta2, shrink = 1.0f - lr * wd;
-    const float l2 = decoupled ? 0.0f : wd;
-    for (long r = 0; r < rows; r++) {
-        float *wr = w + r * P, *mr = m + r * P, *vr = v + r * P, *er = e + r * P;
-        const float *gr = g + r * P;
-        float f = 1.0f;
-        if (max_norm > 0.0f) {
-            float s = 0.0f;
-            #pragma omp simd reduction(+:s)
-            for (long j = 0; j < P; j++) s += gr[j] * gr[j];
-            const float fac = max_norm / (sqrtf(s) + 1e-6f);
-            f = fac < 1.0f ? fac : 1.0f;
-        }
-        #pragma omp simd
-        for (long j = 0; j < P; j++) {
-            float wj = wr[j];
-            const float gj = gr[j] * f + l2 * wj;
-            if (decoupled) wj *= shrink;
-            const float mj = mr[j] + c1 * (gj - mr[j]);
-            const float vj = beta2 * vr[j] + c2 * gj * gj;
-            wj -= step_size * mj / (sqrtf(vj) / bc2s + eps);
-            mr[j] = mj;
-            vr[j] = vj;
-            wr[j] = wj;
-            /* torch.lerp: from the nearer end */
-            er[j] = ew < 0.5f ? er[j] + ew * (wj - er[j]) : wj - (wj - er[j]) * (1.0f - ew);
-        }
-    }
-}
-"""
+_SOURCE = (Path(__file__).with_name("kernels.c")).read_text()
 
 # IEEE semantics: no -ffast-math (NaN and inf must propagate as in PyTorch).
 _BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
@@ -479,9 +194,8 @@ class Kernels:
     def fits_output(w: Tensor) -> bool:
         """Whether :meth:`out_fwd_` / :meth:`out_bwd_` take an output layer of weights w
         (n x d): a narrow one, d ≤ 10 (the kernels take up to 16 outputs, but their backward
-        costs grow with d: against the BLAS products they measured 1.14x / 1.07x / 1.00x /
-        0.94x / 0.80x as fast at d = 8 / 10 / 12 / 14 / 16), n a multiple of 16 up to 2048
-        (the padded copies live on the stack)."""
+        costs grow with d: beyond d = 10 the BLAS products are faster), n a multiple of 16 up
+        to 2048 (the padded copies live on the stack)."""
         n, d = w.shape
         return d <= 10 and n % 16 == 0 and n <= 2048
 
@@ -511,12 +225,13 @@ def status() -> str:
 
 
 def _cache_dir() -> Path:
-    from .features import default_cache_dir  # one cache root for the project
+    from ..features import default_cache_dir  # one cache root for the project
 
     return default_cache_dir() / "native"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it is unreadable)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -528,7 +243,7 @@ def _cpu_flags() -> set[str]:
 
 
 def _compile(cc: str, source: str, flags: list[str], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src = Path(tmp) / "kernels.c"
         src.write_text(source)
@@ -537,7 +252,53 @@ def _compile(cc: str, source: str, flags: list[str], out: Path) -> None:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[:300]}")
-        os.replace(so, out)  # atomic: a concurrent loader sees the old file or the whole new one
+        os.chmod(so, 0o700)
+        digest = Path(tmp) / "kernels.sha256"
+        digest.write_text(_sha256(so))
+        os.chmod(digest, 0o600)
+        # atomic: a concurrent loader sees the old files or the whole new ones (the digest
+        # first: a library whose digest does not match is rebuilt, never loaded)
+        os.replace(digest, _digest_path(out))
+        os.replace(so, out)
+
+
+def _digest_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def untrusted(path: Path) -> str | None:
+    """Why ``path`` (file or directory) must not be trusted, or None: it must be owned by this
+    user and not writable by group or others (else someone else could replace what we load).
+    A symbolic link is not followed and not trusted."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{path} is owned by uid {st.st_uid}, not by this user ({os.getuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def cached_library_problem(lib: Path) -> str | None:
+    """Why the cached library ``lib`` must not be loaded (None: load it): its directory, the
+    file and its recorded digest must be trusted (:func:`untrusted`) and the file's SHA-256
+    must equal the digest recorded when this version built it."""
+    digest = _digest_path(lib)
+    for p in (lib.parent, lib, digest):
+        why = untrusted(p)
+        if why:
+            return why
+    if _sha256(lib) != digest.read_text().strip():
+        return f"{lib.name} does not match the digest recorded when it was built"
+    return None
 
 
 def _mlp_case(k: Kernels, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -677,7 +438,7 @@ def load() -> Kernels | None:
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         _status = f"off: needs Linux on x86-64, this is {platform.system()} {platform.machine()}"
         return None
-    have = _cpu_flags()
+    have = cpu_flags()
     target = next((t for t in _TARGETS if t in have), None)
     if target is None:
         _status = "off: the CPU has neither AVX2 nor AVX-512"
@@ -695,13 +456,24 @@ def load() -> Kernels | None:
         key = hashlib.sha256("\n".join([source, *_BASE_FLAGS, *flags, *version]).encode()
                              ).hexdigest()[:16]
         path = _cache_dir() / f"kernels-{target}-{key}.so"
-        if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        unsafe = untrusted(path.parent)
+        if unsafe:  # others could swap the library: do not build or load anything there
+            raise RuntimeError(f"cache not trusted: {unsafe}")
+        problem = cached_library_problem(path) if path.exists() else "not built yet"
+        if problem:
+            if path.exists():
+                log.warning("collapselab.fast: rebuilding %s (%s)", path.name, problem)
             _compile(cc, source, flags, path)
+            problem = cached_library_problem(path)
+            if problem:
+                raise RuntimeError(f"the library just built is not trusted: {problem}")
         kernels = Kernels(ctypes.CDLL(str(path)), path, target)
         _self_test(kernels)
     except Exception as exc:  # noqa: BLE001 - any failure means: use the PyTorch ops
         _status = f"off: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        log.info("collapselab native kernels unavailable (%s); using PyTorch ops", _status)
+        (log.warning if "not trusted" in _status else log.info)(
+            "collapselab native kernels unavailable (%s); using PyTorch ops", _status)
         return None
     _status = f"on: {target}, {path}"
     return kernels

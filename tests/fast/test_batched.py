@@ -1,4 +1,4 @@
-"""Batched chains (collapselab.batched): K MLPs in one step equal K unbatched ones.
+"""Batched chains (collapselab.fast.batched): K MLPs in one step equal K unbatched ones.
 
 Tolerances (float32 throughout). A batched matmul sums in another order than a single one, so
 results agree to rounding, not bit for bit:
@@ -18,9 +18,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-import collapselab.batched as batched_mod
-from collapselab import gemm
-from collapselab.batched import BatchedMLP, _forward_backward, train_dsm_batched
+import collapselab.fast.batched as batched_mod
+from collapselab.fast import gemm
+from collapselab.fast.batched import BatchedMLP, _forward_backward, train_dsm_batched
 from collapselab.processes import OU, VPProcess
 from collapselab.scores.mlp import MLPNet, NeuralScore
 from collapselab.scores.training import TrainConfig, TrainingDivergedError, train_dsm
@@ -141,10 +141,10 @@ def test_run_matches_train_dsm_per_chain(threads, chunk, native, dim, prod):
     """Same seeds ⇒ same minibatches, t and ε per chain; with validation, early stopping,
     clipping, AdamW and a cosine schedule, every chain matches its own train_dsm run. chunk = K
     is the accelerator's formulation (one bmm per layer over all chains), run here on CPU;
-    native=False uses PyTorch's SiLU ops instead of collapselab.native's fused kernels; at
+    native=False uses PyTorch's SiLU ops instead of collapselab.fast.native's fused kernels; at
     dim = 2 the native path computes the narrow output layer and the loss itself, at dim = 20
     (wider than the native output layer is used for) the products do. The products are
-    collapselab.gemm's choice (the native GEMM on AVX-512: then, at dim = 2, the one-call
+    collapselab.fast.gemm's choice (the native GEMM on AVX-512: then, at dim = 2, the one-call
     forward/backward), torch.mm's, or oneDNN's (with dense transposes from the native
     SiLU pass)."""
     nets = make_nets(dim=dim)

@@ -1,4 +1,5 @@
-"""Batched chains: K independent ε-prediction MLPs trained in one batched step (issue 6, part 3).
+"""Batched chains: K independent ε-prediction MLPs trained in one hand-written batched step
+(collapselab.fast's trainer, ``score.train_backend: native``).
 
 Chains of one sweep (different α or seeds) that fit the same architecture at the same
 generation are independent problems of identical shape. :class:`BatchedMLP` holds K copies of
@@ -16,7 +17,7 @@ loss, its gradient, Adam (one fused kernel over the K-stacked tensors is element
 same update per chain), gradient clipping (per chain), EMA, validation and early stopping are
 all per chain. What differs is only float rounding: a batched matmul sums in another order than
 a single one, so a step agrees to ~1e-6 relative, and runs of 80-200 steps differ by < 1e-6 in
-weights and losses (tests/test_batched.py checks 2e-5). Rounding differences could, in
+weights and losses (tests/fast/test_batched.py checks 2e-5). Rounding differences could, in
 principle, flip a validation comparison that is tied to 1e-7 and so the early-stopping step.
 Against itself with K = 1 (what :func:`~collapselab.scores.neural.fit_neural` runs for one
 MLP) a chain agrees to the last bit whatever chains share its batch: see :class:`_Flat`.
@@ -29,11 +30,11 @@ shard the forward/backward goes chain by chain (cache-resident activations; inpu
 overwrite the activations they no longer need) while sampling, clipping, Adam and the EMA run
 over the shard's chains at once: the training state is chain-major flat (row k of a (K, P)
 tensor is chain k's parameters), so each of these is one kernel. Where a C compiler is
-available, :mod:`collapselab.native` fuses the SiLU/bias passes and computes a narrow output
-layer (d ≤ 10) with the loss, and :mod:`collapselab.gemm` picks the products (the native
+available, :mod:`collapselab.fast.native` fuses the SiLU/bias passes and computes a narrow output
+layer (d ≤ 10) with the loss, and :mod:`collapselab.fast.gemm` picks the products (the native
 register-tiled GEMM on AVX-512, else oneDNN's, else ``torch.mm``). ``compile=True`` adds
 ``torch.compile`` to the forward/backward. Measurements and where the time goes:
-docs/performance.md, "Batched chains".
+benchmarks/results/performance-records-before-fast-leaf.md, "Batched chains".
 """
 
 from __future__ import annotations
@@ -47,20 +48,20 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from ..scores.mlp import MLPNet, embedding_freqs, sinusoidal_embedding
+from ..scores.training import (
+    TrainConfig,
+    TrainingDivergedError,
+    TrainResult,
+    lr_at,
+    make_optimizer,
+    run_plan,
+    seed_from,
+)
 from .gemm import NativeProducts, Products
 from .gemm import load as load_products
 from .native import Kernels
 from .native import load as load_native
-from .scores.mlp import MLPNet, embedding_freqs, sinusoidal_embedding
-from .scores.training import (
-    TrainConfig,
-    TrainingDivergedError,
-    TrainResult,
-    _lr_at,
-    _make_optimizer,
-    _seed_from,
-    run_plan,
-)
 
 __all__ = ["BatchedMLP", "train_dsm_batched"]
 
@@ -293,7 +294,7 @@ def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
                          sq: Tensor | None = None, prod: Products = _MM) -> None:
     """:func:`_forward_backward` for one chain with 2-D operands and preallocated buffers.
 
-    The CPU path. ``prod`` (:mod:`collapselab.gemm`) makes the products: the native GEMM into
+    The CPU path. ``prod`` (:mod:`collapselab.fast.gemm`) makes the products: the native GEMM into
     the buffers, oneDNN's (fresh outputs; they want dense transposed inputs for the weight
     gradients, which the native SiLU pass writes), or ``torch.mm(out=)`` into buffers that
     live for the whole run, per chain ~15% faster than ``bmm`` over a batch of one. (With the
@@ -305,14 +306,14 @@ def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
     shard's rows of it into the losses in one pass over all chains. Same gradients as the
     batched form up to float rounding.
 
-    With ``nat`` (:mod:`collapselab.native`) each hidden layer's bias add and SiLU are one
+    With ``nat`` (:mod:`collapselab.fast.native`) each hidden layer's bias add and SiLU are one
     fused pass that leaves silu'(z) in the pre-activation's buffer, and the backward's
     multiplication by it and the bias gradient are another; without, the PyTorch ops
     (``silu_backward`` in place on the input gradient). With ``sq`` as well (a one-element
-    buffer; the caller passes it only where :meth:`~collapselab.native.Kernels.fits_output`
+    buffer; the caller passes it only where :meth:`~collapselab.fast.native.Kernels.fits_output`
     holds), a narrow output layer runs as two native passes: forward with the loss gradient
     and the loss Σ g² (into ``sq``), and back into the layer below with its weight gradient
-    (BLAS is slow at this shape: 20-30 µs for 512 x 128 x 2).
+    (BLAS is slow at this shape).
     """
     acts = bufs.act
     zs = []  # pre-activations (silu' with nat): the buffers, or the products' fresh outputs
@@ -388,7 +389,7 @@ class _Buffers:
         self.act = [new(w) for w in widths[:-1]]
         self.act_t = [a.T for a in self.act]
         # Dense transposes aᵀ of the input and the activations, for products that want them
-        # (collapselab.gemm's dense_transpose; written by collapselab.native's passes).
+        # (collapselab.fast.gemm's dense_transpose; written by collapselab.fast.native's passes).
         self.inp_t = None if in_width is None else \
             torch.empty(in_width, bsz, device=device, dtype=dtype)
         self.act_tt = [] if in_width is None else \
@@ -443,7 +444,7 @@ class _Shard:
         self.gflat = torch.zeros_like(self.flat)
         self.flat.grad = self.gflat
         self.params, self.grads = layout.views(self.flat), layout.views(self.gflat)
-        self.opt = _make_optimizer([self.flat], cfg, device)
+        self.opt = make_optimizer([self.flat], cfg, device)
         self.gens = [torch.Generator(device=device).manual_seed(s) for s in loop_seeds[lo:hi]]
         self.train_x = train_x[lo:hi]
         k, dtype = hi - lo, train_x.dtype
@@ -468,7 +469,7 @@ class _Shard:
         # chunk == 1 (the CPU default): 2-D operands per chain, buffers shared by the chains.
         self.per_chain = None
         self.plans = None
-        # collapselab.native's kernels (CPU float32): the step's passes, and the one-pass
+        # collapselab.fast.native's kernels (CPU float32): the step's passes, and the one-pass
         # clipping + Adam(W) + EMA where the optimizer is the plain fused kind
         self.nat = nat = load_native() if native and device.type == "cpu" \
             and dtype == torch.float32 else None
@@ -478,7 +479,7 @@ class _Shard:
             prod = products if products is not None else (
                 load_products() if device.type == "cpu" and dtype == torch.float32 else _MM)
             if not native and isinstance(prod, NativeProducts):
-                prod = prod.fallback  # native=False: nothing of collapselab.native
+                prod = prod.fallback  # native=False: nothing of collapselab.fast.native
             dense = nat is not None and prod.dense_transpose
             self.bufs = _Buffers(widths, bsz, device, dtype,
                                  dim + time_embed_dim if dense else None)
@@ -538,7 +539,7 @@ class _Shard:
         self.inp_sin.copy_(torch.sin(args, out=self.trig))
         # Chains one at a time (chunk = 1 by default): a chain's activations (~2 MB at width
         # 128, batch 512) stay in L2, where the SiLU and bias passes are 1.3-1.5x cheaper
-        # than over all K chains' (measured; docs/performance.md, "Batched chains").
+        # than over all K chains' (measured; see benchmarks/results/).
         if self.plans is not None and fb is _forward_backward:
             for run in self.plans:
                 run()
@@ -561,8 +562,8 @@ class _Shard:
         """Clipping, one Adam(W) step and the EMA of the shard. Once the optimizer holds its
         state, the fused kernel is called directly with cached argument lists, as
         ``Optimizer.step`` would call it (step counters, then ``_fused_adam(w)_``): that skips
-        ~0.2 ms of per-step Python (grouping tensors by device and dtype, hooks) at this size;
-        with :mod:`collapselab.native`, its one pass does clipping, Adam and the EMA instead.
+        the per-step Python (grouping tensors by device and dtype, hooks) at this size;
+        with :mod:`collapselab.fast.native`, its one pass does clipping, Adam and the EMA instead.
         The state tensors stay those of ``self.opt``, so checkpoints and :meth:`adam_rows`
         see every update."""
         if not self._adam:  # first step (the optimizer creates its state), or no fused kernel
@@ -666,7 +667,7 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
                       compile: bool = False, native: bool = True,
                       products: Products | None = None,
                       nan_check: bool = True) -> list[TrainResult]:
-    """:func:`~collapselab.scores.training.train_dsm` for K chains at once (DSM, PAPER.md §3).
+    """:func:`~collapselab.scores.training.train_dsm` for K chains at once (DSM).
 
     Minimises, for every chain k separately, E‖ε_θk(X_t, t) − ε‖² over its own data set
     ``datas[k]`` (all of shape (n, *event)), with t ~ U[t_min, t_max] (denoising score matching
@@ -687,14 +688,14 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
     compile: run the forward/backward through ``torch.compile`` (falls back to eager with a
         warning where compilation fails). It costs tens of seconds once per process and shape
         and saves ~10-20% per step on CPU: worth it for long runs or many generations only.
-    native: on CPU in float32 (chunk = 1), use the kernels of :mod:`collapselab.native`
+    native: on CPU in float32 (chunk = 1), use the kernels of :mod:`collapselab.fast.native`
         (fused SiLU/bias passes, the narrow output layer, the optimizer pass and, through
-        :mod:`collapselab.gemm`, the GEMM) where they compile and pass their self-test (else,
+        :mod:`collapselab.fast.gemm`, the GEMM) where they compile and pass their self-test (else,
         and with False, the PyTorch ops and a library's products; results agree to float
         rounding).
     products: the CPU float32 step's matrix products (chunk = 1): default
-        :func:`collapselab.gemm.load` (oneDNN where PyTorch has it, else ``torch.mm``);
-        ``collapselab.gemm.Products()`` forces ``torch.mm``. Results agree to float rounding.
+        :func:`collapselab.fast.gemm.load` (oneDNN where PyTorch has it, else ``torch.mm``);
+        ``collapselab.fast.gemm.Products()`` forces ``torch.mm``. Results agree to float rounding.
 
     Returns one :class:`TrainResult` per chain: the raw net (last weights), the EMA net (best
     validated EMA weights when ``cfg.restore_best``), per-chain loss and validation histories,
@@ -724,7 +725,7 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
         raise ValueError(f"data has event shape {event}, the nets expect {model.dim} features")
 
     # Per-chain random streams, seeded and consumed exactly as train_dsm consumes them.
-    chain_seeds = [[_seed_from(g) for _ in range(4)]  # split, loop, dropout, validation
+    chain_seeds = [[seed_from(g) for _ in range(4)]  # split, loop, dropout, validation
                    for g in (torch.Generator().manual_seed(s) for s in seeds)]
     plan = run_plan(cfg, n, process)
     n_val, bsz, total = plan.n_val, plan.batch_size, plan.total
@@ -808,7 +809,7 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
                 new_epoch = pos + bsz > n_train
                 if new_epoch:
                     pos = 0
-                lr = _lr_at(step, total, cfg)
+                lr = lr_at(step, total, cfg)
                 d = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup \
                     else cfg.ema_decay
                 check_now = nan_check and step % check_every == 0 and check_every == 1
@@ -852,7 +853,7 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
                 p.copy_(v)
 
     results = []
-    lr_final = _lr_at(step, total, cfg)
+    lr_final = lr_at(step, total, cfg)
     for k in range(K):
         snap = frozen[k]
         steps_k = step if snap is None else snap["step"]
@@ -872,7 +873,7 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
         net.eval()
         ema_net = model._net_from_rows(ema_k).eval().requires_grad_(False)
         adam = owner[k].adam_rows(k) if snap is None else snap["adam"]
-        lr_k = lr_final if snap is None else _lr_at(steps_k, total, cfg)
+        lr_k = lr_final if snap is None else lr_at(steps_k, total, cfg)
         results.append(TrainResult(
             net=net, ema_net=ema_net, loss_history=hist[:steps_k, k].tolist(),
             val_history=val_history[k], best_val_loss=best[k] if do_val else math.nan,
@@ -912,7 +913,7 @@ def _per_linear(rows: list[Tensor]) -> list[Tensor]:
 
 def _chain_opt_state(net: MLPNet, cfg: TrainConfig, adam, lr: float) -> dict:
     """Chain k's Adam state in the format train_dsm's optimizer produces for an MLPNet."""
-    chain_opt = _make_optimizer(net.parameters(), cfg, next(net.parameters()).device)
+    chain_opt = make_optimizer(net.parameters(), cfg, next(net.parameters()).device)
     if adam is not None:
         m, v, step = adam
         ms, vs = _per_linear(m), _per_linear(v)
