@@ -96,7 +96,12 @@ def chains(cfg: Config) -> list[ChainSpec]:
 
 
 def prepare_run_dir(cfg: Config, out: Path) -> RunStore:
-    """Create (or reopen for resuming) a run directory; refuses one of another config."""
+    """Create (or reopen for resuming) a run directory; refuses one of another config. A
+    plug-in model that cannot be found or breaks the contract is refused before anything is
+    written (:func:`~collapselab.scores.registry.check_model`)."""
+    from .scores.registry import check_model
+
+    check_model(cfg)
     store = RunStore(out)
     if store.config_path.exists():
         try:
