@@ -366,7 +366,7 @@ def measure(ctx, generation, samples, train: TrainingSet, law_next, q_law) -> li
         if q_law is not None:
             for key, e in est.mc_divergences(law_next, q_law, ecfg.n_mc, gen).items():
                 rows.append(_row(ctx, generation, f"intra_{key}", label(e)))
-        if q_law is not None and has_marginals(q_law):
+        if q_law is not None and has_marginals(q_law) and label is _ideal:
             # Against q_i pushed to t0 — the ideal reverse process's output, which is what the
             # Girsanov bounds of PAPER.md §4 control (they ignore the t0 shrink).
             q_t0 = q_law.marginal(ctx.process, ctx.cfg.sampler.t0)
