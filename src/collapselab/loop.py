@@ -481,8 +481,10 @@ def _law_history(ctx: ChainContext, upto: int) -> dict[int, object]:
     whose law holds their training set (``law_memory = "last"``: the finite KDE) keep only
     p̂_upto; models without an exact output law rebuild nothing."""
     laws: dict[int, object] = {}
+    if upto == 0:
+        return laws
     probe = registry.make_model(ctx.cfg.score)
-    if upto == 0 or not registry.has_output_law(probe):
+    if not registry.has_output_law(probe):
         return laws
     first = upto - 1 if getattr(probe, "law_memory", "all") == "last" else 0
     for g in range(first, upto):

@@ -111,7 +111,7 @@ class Monitor:
             if q is not None:
                 for key, e in est.mc_divergences(law, q, self.n_mc, gen).items():
                     rows.append(self._row(i, f"intra_{key}", e))
-                if _has_marginals(q):
+                if score is not None and _has_marginals(q):  # what the bounds compare with
                     q_t0 = q.marginal(self.process, self.t0)
                     for key, e in est.mc_divergences(law, q_t0, self.n_mc, gen).items():
                         rows.append(self._row(i, f"intra_{key}_t0", e))
