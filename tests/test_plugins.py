@@ -182,13 +182,25 @@ def test_entry_point_names_a_factory(tmp_path, monkeypatch):
         registry.resolve_factory("no-such-model")
 
 
-@pytest.mark.parametrize("factory,words", [
+BAD_FACTORIES = [
     ("no_such_module_xyz:make", "cannot import 'no_such_module_xyz'"),
     ("gaussian_mixture:nope", "has no attribute 'nope'"),
     ("plugin_models:no_fit", "without a fit method"),
     ("plugin_models:fit_only", "neither a sample nor a score"),
     ("not-registered", "neither module:function nor a registered model name"),
-])
+]
+
+
+@pytest.mark.parametrize("factory,words", BAD_FACTORIES)
+def test_bad_factory_is_refused_before_anything_is_written(tmp_path, factory, words):
+    cfg = load_config("quickstart", ["score.kind=plugin", f"score.factory={factory}"])
+    with pytest.raises(ConfigError) as exc:
+        prepare_run_dir(cfg, tmp_path / "never")
+    assert exc.value.field == "score.factory" and words in str(exc.value)
+    assert "\n" not in str(exc.value) and not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("factory,words", [BAD_FACTORIES[0], BAD_FACTORIES[2]])
 def test_bad_factory_exits_2_with_one_line_before_anything_is_written(tmp_path, monkeypatch,
                                                                       factory, words):
     monkeypatch.setenv("PYTHONPATH", f"{EXAMPLES}:{TESTS}:" + ":".join(sys.path))
