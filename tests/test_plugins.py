@@ -228,6 +228,18 @@ def test_plugin_config_errors_name_the_field(tmp_path, sets, field):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_builtin_kind_named_as_a_plugin_factory_is_that_kind(tmp_path):
+    ref = run_experiment(c := load_config("quickstart", SMALL + ["score.bandwidth=0.3"]),
+                         prepare_run_dir(c, tmp_path / "kde"))
+    cfg = load_config("quickstart", SMALL + ["score.kind=plugin", "score.factory=kde",
+                                             "score.options={bandwidth: 0.3}"])
+    pd.testing.assert_frame_equal(ref, run_experiment(cfg, prepare_run_dir(cfg, tmp_path / "p")))
+    bad = load_config("quickstart", ["score.kind=plugin", "score.factory=kde",
+                                     "score.options={bandwidth: -1}"])
+    with pytest.raises(ConfigError, match="bandwidth"):
+        prepare_run_dir(bad, tmp_path / "bad")
+
+
 def test_builtin_kinds_follow_the_contract():
     for kind in ("analytic", "population_kde", "kde", "mlp", "unet"):
         model = registry.make_model(load_config("quickstart").score.model_copy(

@@ -15,8 +15,9 @@ takes ``**kwargs``). A model may expose ``output_law(t0)``, the exact law of its
 sampled by the ideal reverse process stopped at t0 (the built-in analytic and KDE models).
 
 Factories are found, in order, among the built-in kinds (``score.kind``: analytic,
-population_kde, kde, mlp, unet, diffusers), by import path (``package.module:function``) and
-by name in the ``collapselab.models`` entry-point group.
+population_kde, kde, mlp, unet, diffusers; as ``factory:`` of a plugin, their options are
+their ``score.*`` settings), by import path (``package.module:function``) and by name in the
+``collapselab.models`` entry-point group.
 """
 
 from __future__ import annotations
@@ -167,9 +168,31 @@ def _call_factory(factory: Callable[..., object], options: dict, what: str) -> o
         raise ConfigError("score.options", f"{what}(**options) failed ({_brief(exc)})") from None
 
 
+def _builtin_as_plugin(score_cfg) -> object:
+    """``kind: plugin, factory: <built-in kind>, options: {...}``: the built-in kind with the
+    options as its ``score.*`` settings (``factory: kde, options: {bandwidth: 0.3}`` is
+    ``kind: kde, bandwidth: 0.3``)."""
+    from pydantic import ValidationError
+
+    data = {**score_cfg.model_dump(), "kind": score_cfg.factory, "factory": None, "options": {}}
+    data.update(score_cfg.options if score_cfg.factory != "diffusers" else
+                {"options": score_cfg.options})
+    try:
+        cfg = type(score_cfg).model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError("score.options", f"{where}: {first['msg']} (the options of the "
+                          f"built-in kind '{score_cfg.factory}' are its score.* settings)"
+                          ) from None
+    return BUILTIN[cfg.kind](cfg)
+
+
 def make_model(score_cfg) -> object:
     """A fresh, unfitted model of the configured kind."""
     if score_cfg.kind == "plugin":
+        if score_cfg.factory in BUILTIN:
+            return _builtin_as_plugin(score_cfg)
         return _call_factory(resolve_factory(score_cfg.factory), score_cfg.options,
                              str(score_cfg.factory))
     return BUILTIN[score_cfg.kind](score_cfg)
