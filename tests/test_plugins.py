@@ -350,3 +350,24 @@ def test_monitor_measures_a_users_own_loop_and_report_renders(tmp_path):
     r = cli("report", str(tmp_path / "mine"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "mine" / "report.html").exists()
+
+
+def test_monitor_without_a_law_uses_the_sample_based_estimators(tmp_path):
+    from collapselab.monitor import Monitor
+    from collapselab.targets import ring
+
+    p = ring(8, 4.0, 0.5)
+    g = torch.Generator().manual_seed(1)
+    mon = Monitor(tmp_path / "s", p, alpha=0.5, n_eval=400)
+    train = p.sample(400, g)
+    rows = mon.record(0, p.sample(400, g).float(), train=train)
+    got = {(r["metric"], r["generation"], r["estimator"]) for r in rows}
+    assert ("accumulated_kl", 1, "knn") in got and ("intra_kl", 0, "knn") in got
+    assert any(m == "accumulated_chi2" and g_ == 1 and e != "monte_carlo" for m, g_, e in got)
+    # q_1 = ½ p + ½ p̂_1 is unknown without p̂_1's law: I_1 from the training samples.
+    rows = mon.record(1, p.sample(400, g).float(), train=train)
+    assert {r["metric"] for r in rows if r["generation"] == 1} >= {"intra_kl", "intra_chi2"}
+    assert (tmp_path / "s" / "cells" / "alpha=0.5" / "seed=0" / "generation=1" /
+            "train.npy").exists()
+    df = pd.read_parquet(tmp_path / "s" / "results.parquet")
+    assert set(df.generation) == {0, 1, 2}
