@@ -137,11 +137,16 @@ class ProcessConfig(_Strict):
 class ScoreConfig(_Strict):
     """Score model. analytic: exact score of q_i (oracle); kde: finite KDE on the training set;
     population_kde: the N → ∞ KDE (law stays a Gaussian mixture); mlp / unet: ε-prediction
-    networks trained by denoising score matching (EMA weights sample)."""
+    networks trained by denoising score matching (EMA weights sample); plugin: the model
+    ``factory(**options)`` returns (``package.module:function`` or a name registered in the
+    ``collapselab.models`` entry-point group; docs/plugins.md); diffusers: a diffusers UNet2DModel
+    with its DDPM scheduler (image targets; ``options`` are the adapter's arguments)."""
 
-    kind: Literal["analytic", "kde", "population_kde", "mlp", "unet"] = "kde"
+    kind: Literal["analytic", "kde", "population_kde", "mlp", "unet", "plugin", "diffusers"] = "kde"
     # Its square enters the kernels' variances: a bound far above any data scale keeps it finite.
     bandwidth: Annotated[float, Field(gt=0.0, le=1e6, allow_inf_nan=False)] = 0.6
+    factory: str | None = None
+    options: dict[str, Any] = {}
     # networks
     hidden: PosInt = 128
     layers: PosInt = 3
@@ -181,6 +186,13 @@ class ScoreConfig(_Strict):
     def _check(self):
         if self.patience is not None and self.val_fraction == 0:
             raise ValueError("patience: early stopping needs a validation split (val_fraction > 0)")
+        if self.kind == "plugin" and not (self.factory and self.factory.strip()):
+            raise ValueError("factory: required with kind: plugin (package.module:function or "
+                             "a name registered in the collapselab.models entry-point group)")
+        if self.kind != "plugin" and self.factory is not None:
+            raise ValueError("factory: only allowed with kind: plugin")
+        if self.kind not in ("plugin", "diffusers") and self.options:
+            raise ValueError("options: only allowed with kind: plugin or diffusers")
         return self
 
 
@@ -342,10 +354,12 @@ class Config(_Strict):
             raise ValueError("sampler.schedule: geometric needs sampler.t0 > 0 "
                              "(allowed with t0 = 0: uniform, edm)")
         image = self.target.kind == "dataset"
-        if image and self.score.kind not in ("mlp", "unet"):
-            raise ValueError("score.kind: image targets need a network score (mlp or unet)")
-        if not image and self.score.kind == "unet":
-            raise ValueError("score.kind: unet needs an image target (target.kind: dataset)")
+        if image and self.score.kind not in ("mlp", "unet", "diffusers", "plugin"):
+            raise ValueError("score.kind: image targets need a network score (mlp, unet, "
+                             "diffusers or plugin)")
+        if not image and self.score.kind in ("unet", "diffusers"):
+            raise ValueError(f"score.kind: {self.score.kind} needs an image target "
+                             "(target.kind: dataset)")
         if self.sampler.clip and not (image and self.sampler.kind == "ddpm"):
             raise ValueError("sampler.clip: only with sampler.kind ddpm on an image target "
                              "(target.kind: dataset, pixels in [-1, 1])")

@@ -186,7 +186,12 @@ def _migrate_legacy_cells(cfg: Config, store: RunStore) -> None:
 
 def prepare_run_dir(cfg: Config, out: Path) -> RunStore:
     """Create (or reopen for resuming) a run directory; refuses one of another config, one that
-    another process is using (:func:`store.run_lock`) and an unusable --out, before writing."""
+    another process is using (:func:`store.run_lock`) and an unusable --out, before writing; a
+    plug-in model that cannot be found or breaks the contract too
+    (:func:`~collapselab.scores.registry.check_model`)."""
+    from .scores.registry import check_model
+
+    check_model(cfg)
     check_cell_names(cfg)
     check_out(out)
     store = RunStore(out)

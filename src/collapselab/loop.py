@@ -27,8 +27,7 @@ from .estimate import Estimate
 from .policies import TrainingSet, build_training_set, training_law_weights
 from .processes import OU, VPProcess, time_grid
 from .samplers import SAMPLERS
-from .scores.analytic import AnalyticScore
-from .scores.kde import KDEScore
+from .scores import registry
 from .store import (
     RunStore,
     atomic_save_npy,
@@ -37,8 +36,16 @@ from .store import (
     read_json,
     write_cell_metrics,
 )
-from .targets import EmpiricalTarget, GaussianMixture, mix_laws, paper_gmm_means, ring
+from .targets import (
+    EmpiricalTarget,
+    GaussianMixture,
+    LawMixture,
+    mix_laws,
+    paper_gmm_means,
+    ring,
+)
 
+PLUGIN_CHECKPOINT = "model.safetensors"  # a plug-in's state_dict(), where networks keep theirs
 _STREAMS = {"real": 1, "policy": 2, "train": 3, "sample": 4, "eval": 5, "eval_real": 6, "path": 7,
             "gap": 8}
 
@@ -174,30 +181,26 @@ def _neural_inputs(ctx: ChainContext, generation: int) -> tuple[int, dict | None
 
 
 def fit_score(ctx: ChainContext, generation: int, train: TrainingSet, q_law):
-    """Fit generation i's score model. Returns (score, state_dict or None)."""
-    s = ctx.cfg.score
-    if s.kind == "analytic":
-        return AnalyticScore(q_law, ctx.process), None
-    if s.kind == "population_kde":
-        return AnalyticScore(q_law, ctx.process, bandwidth=s.bandwidth), None
-    if s.kind == "kde":
-        centres = torch.from_numpy(train.x).to(ctx.device)
-        return KDEScore(centres, s.bandwidth, ctx.process), None
-    if s.kind in ("mlp", "unet"):
-        from .scores.neural import fit_neural
+    """Fit generation i's score model (any kind: :mod:`.scores.registry`). Returns (score,
+    state): what the chain samples and measures with, and what it checkpoints (or None)."""
+    model = registry.make_model(ctx.cfg.score)
+    _fit(ctx, model, generation, torch.from_numpy(train.x), q_law)
+    return registry.ModelScore(model, ctx.event_shape), registry.model_state(model)
 
-        seed, init, t_min = _neural_inputs(ctx, generation)
-        return fit_neural(
-            s,
-            ctx.process,
-            torch.from_numpy(train.x),
-            generation=generation,
-            seed=seed,
-            t_min=t_min,
-            device=ctx.device,
-            init_state=init,
-        )
-    raise ValueError(f"unknown score kind {s.kind}")
+
+def _fit(ctx: ChainContext, model, generation: int, x: torch.Tensor, q_law) -> None:
+    """``model.fit`` on generation i's training set ``x`` with the chain's seed of that
+    generation (its ``train`` stream) and the extras the model's fit asks for."""
+
+    def init_state():
+        return _neural_inputs(ctx, generation)[1]
+
+    _, rng = streams(ctx.seed, generation, "train")
+    extras = {"generation": lambda: generation, "device": lambda: ctx.device,
+              "law": lambda: q_law, "t_min": lambda: max(ctx.cfg.sampler.t0, 1e-3),
+              "init_state": init_state}
+    registry.fit_model(model, x, seed=int(rng.integers(2**31)), process=ctx.process,
+                       extras=extras)
 
 
 def fit_scores_batched(
@@ -234,6 +237,8 @@ def fit_scores_batched(
 def draw_samples(ctx: ChainContext, score, n: int, generation: int) -> np.ndarray:
     """n draws of p̂_{i+1}: the reverse SDE from N(0, I) at T down to t0."""
     gen, _ = streams(ctx.seed, generation, "sample")
+    if getattr(score, "draws_itself", False):
+        return _model_samples(ctx, score, n, gen)
     sc = ctx.cfg.sampler
     x = torch.randn((n, *ctx.event_shape), generator=gen, dtype=torch.float32)
     times = time_grid(ctx.process.T, sc.t0, sc.steps, schedule=sc.schedule, rho=sc.rho)
@@ -247,6 +252,21 @@ def draw_samples(ctx: ChainContext, score, n: int, generation: int) -> np.ndarra
         for i in range(0, n, chunk)
     ]
     return torch.cat(out).float().cpu().numpy()
+
+
+def _model_samples(ctx: ChainContext, score, n: int, gen: torch.Generator) -> np.ndarray:
+    """n draws of p̂_{i+1} by a model that samples itself (``sample(n, generator=...)``), in
+    chunks for images (memory), each chunk's randomness from the chain's sample stream."""
+    chunk = n if not ctx.is_image else 512
+    out = []
+    for i in range(0, n, chunk):
+        m = min(chunk, n - i)
+        x = torch.as_tensor(score.sample(m, generator=gen)).detach()
+        if tuple(x.shape) != (m, *ctx.event_shape):
+            raise ValueError(f"the model's sample({m}) returned shape {tuple(x.shape)}, "
+                             f"expected {(m, *ctx.event_shape)}")
+        out.append(x.float().cpu())
+    return torch.cat(out).numpy()
 
 
 # ---- laws (exact densities where the model's output law is known) ---------------------------
@@ -340,16 +360,19 @@ def measure(ctx, generation, samples, train: TrainingSet, law_next, q_law) -> li
     rows = []
     nxt = generation + 1
     if ecfg.exact and law_next is not None:
+        # A model's own law (sample + log_prob) is exactly what it drew: no ideal-process caveat.
+        label = (lambda e: e) if getattr(law_next, "exact_model_law", False) else _ideal
         for key, e in est.mc_divergences(law_next, ctx.target, ecfg.n_mc, gen).items():
-            rows.append(_row(ctx, nxt, f"accumulated_{key}", _ideal(e)))
+            rows.append(_row(ctx, nxt, f"accumulated_{key}", label(e)))
         if q_law is not None:
             for key, e in est.mc_divergences(law_next, q_law, ecfg.n_mc, gen).items():
-                rows.append(_row(ctx, generation, f"intra_{key}", _ideal(e)))
+                rows.append(_row(ctx, generation, f"intra_{key}", label(e)))
+        if q_law is not None and has_marginals(q_law) and label is _ideal:
             # Against q_i pushed to t0 — the ideal reverse process's output, which is what the
             # Girsanov bounds of PAPER.md §4 control (they ignore the t0 shrink).
             q_t0 = q_law.marginal(ctx.process, ctx.cfg.sampler.t0)
             for key, e in est.mc_divergences(law_next, q_t0, ecfg.n_mc, gen).items():
-                rows.append(_row(ctx, generation, f"intra_{key}_t0", _ideal(e)))
+                rows.append(_row(ctx, generation, f"intra_{key}_t0", label(e)))
     n_eval = min(ecfg.n_eval, len(samples))
     x = samples[rng.choice(len(samples), n_eval, replace=False)].astype(np.float64)
     real = ctx.target.sample(n_eval, gen).numpy()
@@ -402,6 +425,14 @@ def sampler_gap(ctx: ChainContext, generation: int, x: np.ndarray, law_next) -> 
     return Estimate(e.value, e.stderr, e.estimator, note)
 
 
+def has_marginals(law) -> bool:
+    """Whether ``law``'s forward marginals (and their scores) are known exactly: Gaussian
+    mixtures, finite-KDE laws and mixtures of them; not a plug-in model's own law."""
+    if isinstance(law, LawMixture):
+        return all(has_marginals(part) for part in law.laws)
+    return callable(getattr(law, "marginal", None))
+
+
 def _ideal(e: Estimate) -> Estimate:
     """Label an exact-density estimate as being of the ideal reverse process's law."""
     note = "law of the ideal reverse process (start-up and discretisation errors ignored)"
@@ -422,6 +453,8 @@ def measure_pathwise(ctx, generation, score, q_law, rows) -> list[dict]:
     pc = ctx.cfg.pathwise
     if q_law is None or not (pc.score_energy or pc.learned or pc.observability):
         return []
+    if not (has_marginals(q_law) and getattr(score, "has_score", True)):
+        return []  # a model without a score, or a q_i whose noised scores are unknown
     gen, _ = streams(ctx.seed, generation, "path")
     T, t0, i = ctx.process.T, ctx.cfg.sampler.t0, generation
     own_law = getattr(score, "output_law", None)
@@ -482,21 +515,42 @@ def generation_zero_rows(ctx: ChainContext) -> list[dict]:
 
 # ---- the chain -----------------------------------------------------------------------------
 def _law_history(ctx: ChainContext, upto: int) -> dict[int, object]:
-    """Exact laws of p̂_1..p̂_upto, rebuilt from completed cells (deterministic, cheap)."""
+    """Exact laws of p̂_1..p̂_upto, rebuilt from completed cells (deterministic): each
+    generation's model restored (:func:`_restore_model`) and asked for its output law. Models
+    whose law holds their training set (``law_memory = "last"``: the finite KDE) keep only
+    p̂_upto; models without an exact output law rebuild nothing."""
     laws: dict[int, object] = {}
-    if ctx.cfg.score.kind in ("analytic", "population_kde"):
-        for g in range(upto):
-            q = training_law(ctx, g, laws)
-            laws[g + 1] = output_law(ctx, fit_score(ctx, g, None, q)[0])
-    elif ctx.cfg.score.kind == "kde":
-        for g in range(max(0, upto - 1), upto):  # only p̂_upto is needed (and kept) from here
-            # On ctx.device, as fit_score puts them: a resumed chain evaluates p̂_upto's law
-            # where an uninterrupted one does (same numbers, GPU speed).
-            centres = torch.from_numpy(
-                load_npy(ctx.store.cell(ctx.alpha, ctx.seed, g, ctx.params) / "train.npy")
-            ).to(ctx.device)
-            laws[g + 1] = output_law(ctx, KDEScore(centres, ctx.cfg.score.bandwidth, ctx.process))
+    if upto == 0:
+        return laws
+    probe = registry.make_model(ctx.cfg.score)
+    if not registry.has_output_law(probe):
+        return laws
+    first = upto - 1 if getattr(probe, "law_memory", "all") == "last" else 0
+    for g in range(first, upto):
+        q = training_law(ctx, g, laws)
+        model = _restore_model(ctx, g, q)
+        laws[g + 1] = output_law(ctx, registry.ModelScore(model, ctx.event_shape))
     return laws
+
+
+def _restore_model(ctx: ChainContext, generation: int, q_law):
+    """Generation i's fitted model, from its cell: loaded from its checkpoint when the model
+    has ``load_state_dict`` and one was written, else fitted again on the cell's training set
+    with the same seed (the fits here are deterministic). On ctx.device, as the fit put it:
+    a resumed chain evaluates laws where an uninterrupted one does (same numbers)."""
+    cell = ctx.store.cell(ctx.alpha, ctx.seed, generation, ctx.params)
+    model = registry.make_model(ctx.cfg.score)
+    ckpt = cell / PLUGIN_CHECKPOINT
+    if callable(getattr(model, "load_state_dict", None)) and ckpt.exists():
+        from .scores.plugin_state import load_state
+
+        model.load_state_dict(load_state(ckpt))
+        return model
+    path = cell / "train.npy"
+    # (The analytic kinds read q_i's law, not the data: their laws rebuild without cells.)
+    x = torch.from_numpy(load_npy(path)) if path.exists() else None
+    _fit(ctx, model, generation, x, q_law)
+    return model
 
 
 def adopt_generation_zero(
@@ -560,6 +614,7 @@ class ChainRunner:
             self.latest = load_npy(last / "samples.npy")
         if self.start < self.G:
             self.laws = _law_history(self.ctx, self.start)
+        self.law_memory = getattr(registry.make_model(self.cfg.score), "law_memory", "all")
 
     @property
     def done(self) -> bool:
@@ -622,14 +677,20 @@ class ChainRunner:
         atomic_save_npy(cell / "train.npy", train.x)
         atomic_save_npy(cell / "provenance.npy", train.origin)
         atomic_save_npy(cell / "samples.npy", samples)
-        if state is not None:
+        if isinstance(state, dict):  # a plug-in's state_dict()
+            from .scores.plugin_state import save_state
+
+            save_state(cell / PLUGIN_CHECKPOINT, state,
+                       {"generation": i, "alpha": ctx.alpha, "score": cfg.score.kind,
+                        "factory": cfg.score.factory})
+        elif state is not None:
             from .scores.neural import save_model
 
             save_model(cell / "model.safetensors", state, {"generation": i, "alpha": ctx.alpha})
         timings = {"fit": fit_seconds, "sample": t_sample - t_fit, "measure": t_end - t_sample}
         write_cell_metrics(cell, {"rows": rows, "timings": timings})
         self.previous, self.latest = train, samples
-        if cfg.score.kind == "kde":
+        if self.law_memory == "last":
             self.laws.pop(i, None)  # finite-KDE laws hold the whole training set: keep p̂_{i+1}
         self.next = i + 1
         return fit_seconds + (t_end - t_fit)
