@@ -89,9 +89,14 @@ class ProcessConfig(_Strict):
 class ScoreConfig(_Strict):
     """Score model. analytic: exact score of q_i (oracle); kde: finite KDE on the training set;
     population_kde: the N → ∞ KDE (law stays a Gaussian mixture); mlp / unet: ε-prediction
-    networks trained by denoising score matching (EMA weights sample)."""
+    networks trained by denoising score matching (EMA weights sample). ``objective:
+    flow_matching`` (mlp / unet) trains a velocity field by conditional flow matching instead
+    (linear path, noise at flow time 0; ``coupling: ot`` pairs each batch by minibatch optimal
+    transport), sampled by the ODE (``sampler.kind: ode``) over its own time [0, 1]."""
 
     kind: Literal["analytic", "kde", "population_kde", "mlp", "unet"] = "kde"
+    objective: Literal["dsm", "flow_matching"] = "dsm"
+    coupling: Literal["independent", "ot"] = "independent"
     bandwidth: PosFloat = 0.6
     # networks
     hidden: PosInt = 128
@@ -119,13 +124,19 @@ class ScoreConfig(_Strict):
     def _check(self):
         if self.patience is not None and self.val_fraction == 0:
             raise ValueError("patience: early stopping needs a validation split (val_fraction > 0)")
+        if self.objective == "flow_matching" and self.kind not in ("mlp", "unet"):
+            raise ValueError("objective: flow_matching needs a network (kind: mlp or unet)")
+        if self.coupling == "ot" and self.objective != "flow_matching":
+            raise ValueError("coupling: ot is for objective: flow_matching")
         return self
 
 
 class SamplerConfig(_Strict):
-    """Reverse-time sampler from T to t0 with ``steps`` steps (paper: 500, t0 = 0.02)."""
+    """Reverse-time sampler from T to t0 with ``steps`` steps (paper: 500, t0 = 0.02).
+    ``ode``: the probability-flow ODE by Heun's method (deterministic given the start noise);
+    a flow-matching model integrates its own velocity over [0, 1] in ``steps`` Heun steps."""
 
-    kind: Literal["euler_maruyama", "ddpm"] = "euler_maruyama"
+    kind: Literal["euler_maruyama", "ddpm", "ode"] = "euler_maruyama"
     steps: PosInt = 500
     t0: Annotated[float, Field(ge=0.0)] = 0.02
     # DDPM's "clip_denoised" (Ho et al.'s sampler): each step's predicted x0 clamped to the
@@ -173,6 +184,9 @@ class EstimatorConfig(_Strict):
     ] = ["second_moment", "sliced_w2"]
     feature_dim: PosInt = 32
     feature_epochs: PosFloat | None = None
+    # flow_likelihood (networks sampled by sampler.kind: ode): the model's own ODE outputs
+    # whose change-of-variables log densities give D_i and I_i by importance sampling.
+    n_flow: PosInt = 1000
 
 
 class PathwiseConfig(_Strict):
