@@ -524,6 +524,87 @@ def environment() -> dict:
     }
 
 
+# ---- samplers and models side by side (ODE vs SDE vs flow matching) ---------------------------
+ARM_KEYS = ("score.objective", "sampler.kind")
+
+
+def _arm_of(row, cfg: dict | None) -> str:
+    base = {"score.objective": ((cfg or {}).get("score") or {}).get("objective", "dsm"),
+            "sampler.kind": ((cfg or {}).get("sampler") or {}).get("kind", "euler_maruyama")}
+    vals = {k: row[k] if k in row and pd.notna(row[k]) else base[k] for k in ARM_KEYS}
+    return f"{vals['score.objective']} + {vals['sampler.kind']}"
+
+
+def sampler_comparison(df: pd.DataFrame, cfg: dict | None = None) -> pd.DataFrame:
+    """Per arm (objective + sampler), α and generation i (seed means): KL(p̂_{i+1} ‖ p) by kNN
+    and by flow_likelihood (ODE arms), χ²(p̂_{i+1} ‖ p) by flow_likelihood, the score error
+    against p (score_energy_target), and their ratio KL(p̂_{i+1} ‖ p) / ε_p,i² — the fraction
+    of the score error visible in the output, the role η plays for the SDE (PAPER.md §3-4) —
+    with flow_likelihood's KL where present, else kNN's. Empty without such rows."""
+    want = {("accumulated_kl", "knn"): "D_kl_knn", ("accumulated_kl", "flow_likelihood"):
+            "D_kl_flow", ("accumulated_chi2", "flow_likelihood"): "D_chi2_flow",
+            ("score_energy_target", "monte_carlo"): "eps2_target",
+            ("score_energy_ideal", "monte_carlo"): "eps_star2",
+            ("score_energy_learned", "monte_carlo"): "eps_hat2"}
+    sub = df[[(m, e) in want for m, e in zip(df.metric, df.estimator, strict=True)]]
+    if sub.empty or not (sub.metric == "score_energy_target").any():
+        return pd.DataFrame()
+    sub = sub.assign(arm=[_arm_of(r, cfg) for _, r in sub.iterrows()],
+                     col=[want[(m, e)] for m, e in zip(sub.metric, sub.estimator, strict=True)])
+    # D of generation i+1 is compared with the score error of generation i.
+    shift = sub.col.str.startswith("D_")
+    sub = sub.assign(generation=sub.generation - shift.astype(int))
+    sub = sub[sub.generation >= 0]
+    wide = sub.pivot_table(index=["arm", "alpha", "generation"], columns="col", values="value",
+                           aggfunc="mean").reset_index()
+    se = sub.pivot_table(index=["arm", "alpha", "generation"], columns="col", values="stderr",
+                         aggfunc=lambda v: float(np.sqrt(np.mean(np.square(v))) / np.sqrt(len(v))))
+    se = se.reset_index()
+    for c in ("D_kl_knn", "D_kl_flow", "D_chi2_flow", "eps2_target", "eps_star2", "eps_hat2"):
+        if c not in wide:
+            wide[c], se[c] = np.nan, np.nan
+    num = wide.D_kl_flow.where(wide.D_kl_flow.notna(), wide.D_kl_knn)
+    num_se = se.D_kl_flow.where(wide.D_kl_flow.notna(), se.D_kl_knn)
+    wide["ratio"] = num / wide.eps2_target
+    wide["ratio_se"] = wide.ratio.abs() * np.sqrt((num_se / num) ** 2
+                                                  + (se.eps2_target / wide.eps2_target) ** 2)
+    wide["ratio_from"] = np.where(wide.D_kl_flow.notna(), "flow_likelihood", "knn")
+    cols = ["arm", "alpha", "generation", "D_kl_knn", "D_kl_flow", "D_chi2_flow", "eps_star2",
+            "eps_hat2", "eps2_target", "ratio", "ratio_se", "ratio_from"]
+    return wide[cols].sort_values(["alpha", "generation", "arm"]).reset_index(drop=True)
+
+
+def plot_sampler_comparison(table: pd.DataFrame, path) -> bool:
+    """One column per α: KL(p̂_{i+1} ‖ p) per arm (kNN solid, flow_likelihood dashed) and the
+    ratio KL / ε_p² per arm, against generation i."""
+    if table.empty:
+        return False
+    alphas = sorted(table.alpha.unique())
+    fig, axes = plt.subplots(2, len(alphas), figsize=(4.2 * len(alphas), 7), squeeze=False)
+    for c, a in enumerate(alphas):
+        t = table[table.alpha == a]
+        for k, (arm, g) in enumerate(t.groupby("arm")):
+            g = g.sort_values("generation")
+            col = f"C{k}"
+            axes[0][c].plot(g.generation + 1, g.D_kl_knn, "o-", color=col, ms=3,
+                            label=f"{arm} (kNN)")
+            if g.D_kl_flow.notna().any():
+                axes[0][c].plot(g.generation + 1, g.D_kl_flow, "s--", color=col, ms=3,
+                                label=f"{arm} (flow)")
+            axes[1][c].errorbar(g.generation, g.ratio, yerr=g.ratio_se, fmt="o-", color=col,
+                                ms=3, capsize=2, label=arm)
+        axes[0][c].set_title(f"KL(p̂_i ‖ p), α = {a:g}", fontsize=9)
+        axes[0][c].set_xlabel("generation i")
+        axes[1][c].set_title(f"KL(p̂_(i+1) ‖ p) / ε_p,i², α = {a:g}", fontsize=9)
+        axes[1][c].set_xlabel("generation i")
+        for ax in (axes[0][c], axes[1][c]):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
 # ---- the report ----------------------------------------------------------------------------
 def build_report(root) -> list:
     """Write DIR/figures/*.png, DIR/summary.{parquet,csv} and DIR/report.html; returns the
@@ -559,6 +640,9 @@ def build_report(root) -> list:
             figs["samples"].append(F / f"samples{suffix}.png")
         if plot_image_grids(store, cfg, F / f"grid{suffix}.png", params):
             figs["grids"].append(F / f"grid{suffix}.png")
+    cmp_table = sampler_comparison(df, cfg)
+    if plot_sampler_comparison(cmp_table, F / "ode_vs_sde.png"):
+        figs["ode"] = [F / "ode_vs_sde.png"]
     bt = evaluate_bounds(df, cfg)
     theory_figs = bound_figures(bt, df, cfg, F) if _has_chain_rows(df) else {}
     figs.update({k: [v] for k, v in theory_figs.items()})
@@ -651,6 +735,22 @@ def _theory_sections(cfg, df, bt, imgs) -> list[str]:
     return out
 
 
+def _sampler_section(df, cfg, imgs) -> str:
+    """ODE vs SDE vs flow matching side by side, when the run has score_energy_target rows."""
+    table = sampler_comparison(df, cfg)
+    if table.empty:
+        return ""
+    body = ("<p>Per arm (training objective + sampler): KL(p̂_(i+1) ‖ p) by kNN for every arm "
+            "and by flow_likelihood (the ODE models' own change-of-variables densities, exact "
+            "up to the integrator's error) for ODE arms; ε⋆² and ε̂² (generation 0, against "
+            "q_0 = p; ε̂² along the arm's own sampler paths), the score error against p at "
+            "every generation (eps2_target) and ratio = KL(p̂_(i+1) ‖ p) / ε_p,i², the share "
+            "of the score error that the sampler's output shows. Seed means.</p>"
+            + imgs.get("ode", "") + _table(table, 400))
+    return _section("ode-vs-sde", "Samplers and models side by side (ODE, SDE, flow matching)",
+                    body)
+
+
 def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
     imgs = {k: "".join(_img(p) for p in v) for k, v in figs.items()}
     theory = _theory_sections(cfg, df, bt if bt is not None else evaluate_bounds(df, cfg), imgs)
@@ -686,6 +786,7 @@ def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
         _section("bounds", "Bound rows stored by the run (bound_* metrics)",
                  imgs["bounds"] + _bounds_table(df)),
         *theory,
+        _sampler_section(df, cfg, imgs),
         _section("samples", "Samples per generation (PCA of p)",
                  imgs["samples"] or "<p>no samples</p>"),
         _section("grids", "Sample grids", imgs["grids"]) if imgs["grids"] else "",
