@@ -276,6 +276,15 @@ def test_flow_likelihood_rows_at_every_generation(tmp_path, objective):
     assert chi[~np.isfinite(chi.value)].note.str.len().gt(0).all()
     tgt = df[df.metric == "score_energy_target"]
     assert sorted(tgt.generation) == [0, 1, 2]
+    # The report's side-by-side table pairs D_{i+1} with generation i's score error.
+    from collapselab.report import sampler_comparison
+
+    table = sampler_comparison(df, cfg.model_dump(mode="json"))
+    assert list(table.arm.unique()) == [f"{objective} + ode"]
+    row = table[table.generation == 1].iloc[0]
+    d2 = fl[(fl.metric == "accumulated_kl") & (fl.generation == 2)].value.item()
+    e1 = tgt[tgt.generation == 1].value.item()
+    assert row.ratio_flow == pytest.approx(d2 / e1)
 
 
 def test_flow_matching_chain_resumes_identically(tmp_path):

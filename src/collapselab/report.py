@@ -538,9 +538,10 @@ def _arm_of(row, cfg: dict | None) -> str:
 def sampler_comparison(df: pd.DataFrame, cfg: dict | None = None) -> pd.DataFrame:
     """Per arm (objective + sampler), α and generation i (seed means): KL(p̂_{i+1} ‖ p) by kNN
     and by flow_likelihood (ODE arms), χ²(p̂_{i+1} ‖ p) by flow_likelihood, the score error
-    against p (score_energy_target), and their ratio KL(p̂_{i+1} ‖ p) / ε_p,i² — the fraction
+    against p (score_energy_target), and their ratios KL(p̂_{i+1} ‖ p) / ε_p,i² — the fraction
     of the score error visible in the output, the role η plays for the SDE (PAPER.md §3-4) —
-    with flow_likelihood's KL where present, else kNN's. Empty without such rows."""
+    with kNN's KL (every arm, one estimator's bias for all) and flow_likelihood's (ODE arms).
+    Empty without such rows."""
     want = {("accumulated_kl", "knn"): "D_kl_knn", ("accumulated_kl", "flow_likelihood"):
             "D_kl_flow", ("accumulated_chi2", "flow_likelihood"): "D_chi2_flow",
             ("score_energy_target", "monte_carlo"): "eps2_target",
@@ -563,14 +564,15 @@ def sampler_comparison(df: pd.DataFrame, cfg: dict | None = None) -> pd.DataFram
     for c in ("D_kl_knn", "D_kl_flow", "D_chi2_flow", "eps2_target", "eps_star2", "eps_hat2"):
         if c not in wide:
             wide[c], se[c] = np.nan, np.nan
-    num = wide.D_kl_flow.where(wide.D_kl_flow.notna(), wide.D_kl_knn)
-    num_se = se.D_kl_flow.where(wide.D_kl_flow.notna(), se.D_kl_knn)
-    wide["ratio"] = num / wide.eps2_target
-    wide["ratio_se"] = wide.ratio.abs() * np.sqrt((num_se / num) ** 2
-                                                  + (se.eps2_target / wide.eps2_target) ** 2)
-    wide["ratio_from"] = np.where(wide.D_kl_flow.notna(), "flow_likelihood", "knn")
+    for est_ in ("knn", "flow"):  # delta-method stderr of a ratio of independent estimates
+        num, num_se = wide[f"D_kl_{est_}"], se[f"D_kl_{est_}"]
+        r = num / wide.eps2_target
+        wide[f"ratio_{est_}"] = r
+        wide[f"ratio_{est_}_se"] = r.abs() * np.sqrt((num_se / num) ** 2
+                                                     + (se.eps2_target / wide.eps2_target) ** 2)
     cols = ["arm", "alpha", "generation", "D_kl_knn", "D_kl_flow", "D_chi2_flow", "eps_star2",
-            "eps_hat2", "eps2_target", "ratio", "ratio_se", "ratio_from"]
+            "eps_hat2", "eps2_target", "ratio_knn", "ratio_knn_se", "ratio_flow",
+            "ratio_flow_se"]
     return wide[cols].sort_values(["alpha", "generation", "arm"]).reset_index(drop=True)
 
 
@@ -591,8 +593,11 @@ def plot_sampler_comparison(table: pd.DataFrame, path) -> bool:
             if g.D_kl_flow.notna().any():
                 axes[0][c].plot(g.generation + 1, g.D_kl_flow, "s--", color=col, ms=3,
                                 label=f"{arm} (flow)")
-            axes[1][c].errorbar(g.generation, g.ratio, yerr=g.ratio_se, fmt="o-", color=col,
-                                ms=3, capsize=2, label=arm)
+            axes[1][c].errorbar(g.generation, g.ratio_knn, yerr=g.ratio_knn_se, fmt="o-",
+                                color=col, ms=3, capsize=2, label=f"{arm} (kNN)")
+            if g.ratio_flow.notna().any():
+                axes[1][c].errorbar(g.generation, g.ratio_flow, yerr=g.ratio_flow_se, fmt="s--",
+                                    color=col, ms=3, capsize=2, label=f"{arm} (flow)")
         axes[0][c].set_title(f"KL(p̂_i ‖ p), α = {a:g}", fontsize=9)
         axes[0][c].set_xlabel("generation i")
         axes[1][c].set_title(f"KL(p̂_(i+1) ‖ p) / ε_p,i², α = {a:g}", fontsize=9)
@@ -745,7 +750,8 @@ def _sampler_section(df, cfg, imgs) -> str:
             "up to the integrator's error) for ODE arms; ε⋆² and ε̂² (generation 0, against "
             "q_0 = p; ε̂² along the arm's own sampler paths), the score error against p at "
             "every generation (eps2_target) and ratio = KL(p̂_(i+1) ‖ p) / ε_p,i², the share "
-            "of the score error that the sampler's output shows. Seed means.</p>"
+            "of the score error that the sampler's output shows (with kNN's KL for every arm, "
+            "flow_likelihood's for ODE arms). Seed means; stderr by the delta method.</p>"
             + imgs.get("ode", "") + _table(table, 400))
     return _section("ode-vs-sde", "Samplers and models side by side (ODE, SDE, flow matching)",
                     body)
