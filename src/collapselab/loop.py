@@ -511,7 +511,8 @@ def measure_pathwise(ctx, generation, score, q_law, rows) -> list[dict]:
                 score, q_law, ctx.process, t0, T, pc.steps, pc.n_paths, gen, times=grid
             )
         out.append(_row(ctx, i, "score_energy_learned", e))
-        vals.update(eps_hat_sq=e.value, eps_hat_sq_stderr=e.stderr)
+        if ctx.cfg.sampler.kind != "ode":  # KL ≤ ½ ε̂² is Girsanov's: a statement on the SDE
+            vals.update(eps_hat_sq=e.value, eps_hat_sq_stderr=e.stderr)
     if pc.observability:
         obs = pw.measure_observability(score, q_law, ctx.process, t0, T, pc.steps, pc.n_paths, gen)
         out.append(_row(ctx, i, "observability", obs["eta"]))
