@@ -34,13 +34,14 @@ from .store import (
     RunStore,
     atomic_save_npy,
     atomic_write_bytes,
-    atomic_write_json,
     load_npy,
     read_json,
+    write_cell_metrics,
 )
 from .targets import EmpiricalTarget, GaussianMixture, mix_laws, paper_gmm_means, ring
 
-_STREAMS = {"real": 1, "policy": 2, "train": 3, "sample": 4, "eval": 5, "eval_real": 6, "path": 7}
+_STREAMS = {"real": 1, "policy": 2, "train": 3, "sample": 4, "eval": 5, "eval_real": 6, "path": 7,
+            "gap": 8}
 
 
 class NonFiniteSamples(FloatingPointError):
@@ -237,7 +238,7 @@ def draw_samples(ctx: ChainContext, score, n: int, generation: int) -> np.ndarra
     gen, _ = streams(ctx.seed, generation, "sample")
     sc = ctx.cfg.sampler
     x = torch.randn((n, *ctx.event_shape), generator=gen, dtype=torch.float32)
-    times = time_grid(ctx.process.T, sc.t0, sc.steps)
+    times = time_grid(ctx.process.T, sc.t0, sc.steps, schedule=sc.schedule, rho=sc.rho)
     # Chunks bound the memory of network forwards; each chunk's noise follows from the stream.
     chunk = n if not ctx.is_image else 512
     clip = {"clip": (-1.0, 1.0)} if sc.clip else {}  # image pixels live in [-1, 1]
@@ -363,6 +364,8 @@ def measure(ctx, generation, samples, train: TrainingSet, law_next, q_law) -> li
     x = samples[rng.choice(len(samples), n_eval, replace=False)].astype(np.float64)
     real = ctx.target.sample(n_eval, gen).numpy()
     tr = train.x[rng.choice(len(train), min(n_eval, len(train)), replace=False)].astype(np.float64)
+    if ecfg.exact and law_next is not None:
+        rows.append(_row(ctx, nxt, "sampler_gap_kl", sampler_gap(ctx, generation, x, law_next)))
     for kind in ecfg.sample_based:
         if kind == "knn":
             # p's density is known: the kNN entropy form is far less biased than two-sample kNN.
@@ -396,7 +399,8 @@ def measure(ctx, generation, samples, train: TrainingSet, law_next, q_law) -> li
 def model_flow(ctx: ChainContext, model):
     """The ODE that ``model`` is sampled by (``sampler.kind: ode``), as a
     :class:`~collapselab.likelihood.ODEFlow`; None for the SDE samplers. The probability-flow
-    grid is draw_samples' own."""
+    grid is draw_samples' own (the sampler's schedule); a flow-matching model's is uniform on
+    [0, 1]."""
     from .likelihood import pf_ode_flow, velocity_flow
 
     sc = ctx.cfg.sampler
@@ -404,7 +408,8 @@ def model_flow(ctx: ChainContext, model):
         return None
     if hasattr(model, "velocity"):
         return velocity_flow(model, sc.steps)
-    return pf_ode_flow(model, ctx.process, time_grid(ctx.process.T, sc.t0, sc.steps))
+    return pf_ode_flow(model, ctx.process,
+                       time_grid(ctx.process.T, sc.t0, sc.steps, schedule=sc.schedule, rho=sc.rho))
 
 
 def measure_flow(ctx: ChainContext, generation: int, model) -> list[dict]:
@@ -473,6 +478,22 @@ def measure_target_energy(ctx: ChainContext, generation: int, model) -> list[dic
                  Estimate(e.value, e.stderr, e.estimator, note))]
 
 
+def sampler_gap(ctx: ChainContext, generation: int, x: np.ndarray, law_next) -> Estimate:
+    """KL(law of the sampler's actual output ‖ law of the ideal reverse process at t0): the
+    start-up (N(0, I) instead of q_T) and discretisation errors that the exact-density D_{i+1}
+    and I_i leave out (PAPER.md §2). Estimated on the generation's samples ``x`` with the ideal
+    law's exact density (:func:`~collapselab.estimators.knn_kl_known_b_paired`)."""
+    gen, _ = streams(ctx.seed, generation, "gap")
+    sc = ctx.cfg.sampler
+    try:
+        e = est.knn_kl_known_b_paired(x, law_next, generator=gen)
+    except ValueError as exc:  # too few samples for kNN batches, or duplicate samples
+        return Estimate(float("nan"), float("nan"), "knn_paired", f"not estimated: {exc}")
+    note = (f"law of the {sc.kind} samples ({sc.steps} steps, {sc.schedule} grid) against the "
+            f"ideal reverse process's law; {e.note}")
+    return Estimate(e.value, e.stderr, e.estimator, note)
+
+
 def _ideal(e: Estimate) -> Estimate:
     """Label an exact-density estimate as being of the ideal reverse process's law."""
     note = "law of the ideal reverse process (start-up and discretisation errors ignored)"
@@ -481,40 +502,49 @@ def _ideal(e: Estimate) -> Estimate:
 
 def measure_pathwise(ctx, generation, score, q_law, rows) -> list[dict]:
     """ε⋆,i², ε̂_i², η_i of generation i's model against q_i, and the bound_* checks of
-    PAPER.md §4 against the measured I_i (rows already computed). Needs q_i's exact law."""
+    PAPER.md §4 against the measured I_i (rows already computed). Needs q_i's exact law.
+
+    ε̂² follows the model's own reverse paths from its own T-marginal when its law is known
+    (the start of the law the KL compares); then Prop 3.1 is an identity (de Bruijn) and
+    ``calibration_eps_hat`` compares KL(p̂_t0 ‖ q_t0) with KL(p̂_T ‖ q_T) + ½ ε̂²."""
     from . import pathwise as pw
     from . import theory
+    from .verdicts import render_check
 
     pc = ctx.cfg.pathwise
     if q_law is None or not (pc.score_energy or pc.learned or pc.observability):
         return []
     gen, _ = streams(ctx.seed, generation, "path")
     T, t0, i = ctx.process.T, ctx.cfg.sampler.t0, generation
+    own_law = getattr(score, "output_law", None)
+    exact_own = own_law is not None and own_law(T) is not None
     out, vals = [], {}
+    sc = ctx.cfg.sampler  # ε̂² and η on the sampler's grid (its schedule, pathwise.steps steps)
+    grid = time_grid(T, t0, pc.steps, schedule=sc.schedule, rho=sc.rho)
     if pc.score_energy:
         e = pw.score_energy_ideal(score, q_law, ctx.process, t0, T, pc.n_times, pc.n_mc, gen)
         out.append(_row(ctx, i, "score_energy_ideal", e))
         vals.update(eps_star_sq=e.value, eps_star_sq_stderr=e.stderr)
     if pc.learned:
-        # Geometric grid: the error integrand is sharpest near t0, where a uniform Euler grid
-        # under-resolves it (≈ 9% low at 100 steps on a Gaussian with a closed form).
-        grid = torch.exp(
-            torch.linspace(math.log(T), math.log(t0), pc.steps + 1, dtype=torch.float64)
-        )
-        if ctx.cfg.sampler.kind == "ode":
+        if ctx.cfg.sampler.kind == "ode":  # along the ODE's own paths (no Girsanov identity)
             from .likelihood import score_energy_ode
 
-            e = score_energy_ode(score, q_law, ctx.process, t0, T, pc.steps, pc.n_paths, gen,
-                                 times=grid)
+            e = score_energy_ode(score, q_law, ctx.process, t0, T, pc.steps,
+                                 max(pc.n_paths, pc.min_paths), gen, times=grid)
         else:
+            # The sampler's schedule: the error integrand is sharpest near t0, where a uniform
+            # Euler grid under-resolves it (calibration_eps_hat shows it when the law is known).
             e = pw.score_energy_learned(
-                score, q_law, ctx.process, t0, T, pc.steps, pc.n_paths, gen, times=grid
+                score, q_law, ctx.process, t0, T, pc.steps, max(pc.n_paths, pc.min_paths), gen,
+                start="model" if exact_own else "normal", times=grid, rel_tol=pc.rel_stderr,
+                max_paths=max(pc.max_paths, pc.n_paths, pc.min_paths),
             )
         out.append(_row(ctx, i, "score_energy_learned", e))
         if ctx.cfg.sampler.kind != "ode":  # KL ≤ ½ ε̂² is Girsanov's: a statement on the SDE
             vals.update(eps_hat_sq=e.value, eps_hat_sq_stderr=e.stderr)
     if pc.observability:
-        obs = pw.measure_observability(score, q_law, ctx.process, t0, T, pc.steps, pc.n_paths, gen)
+        obs = pw.measure_observability(score, q_law, ctx.process, t0, T, pc.steps, pc.n_paths, gen,
+                                       times=grid)
         out.append(_row(ctx, i, "observability", obs["eta"]))
         vals.update(eta=obs["eta"].value, eta_stderr=obs["eta"].stderr)
     if "eps_star_sq" not in vals:
@@ -525,9 +555,20 @@ def measure_pathwise(ctx, generation, score, q_law, rows) -> list[dict]:
         if r["generation"] == i and r["metric"] in ("intra_kl_t0", "intra_chi2_t0"):
             key = r["metric"][: -len("_t0")]
             vals[key], vals[key + "_stderr"] = r["value"], r["stderr"]
-    for chk in theory.check_single_generation(generation=i, i0=pc.i0, C=pc.C, c=pc.c, **vals):
-        row = _row(ctx, i, chk.name, Estimate(chk.bound, chk.bound_stderr, "theory", chk.reason))
+    if exact_own and "eps_hat_sq" in vals and "intra_kl" in vals:
+        # The identity's start term KL(p̂_T ‖ q_T), from the same exact-density estimator.
+        # It is small (the forward process contracts KL towards 0), so fewer draws suffice.
+        kl_T = est.mc_divergences(own_law(T), q_law.marginal(ctx.process, T),
+                                  min(ctx.cfg.estimators.n_mc, 2000), gen)["kl"]
+        out.append(_row(ctx, i, "intra_kl_T", kl_T))
+        vals.update(kl_T=kl_T.value, kl_T_stderr=kl_T.stderr)
+    checks = theory.check_single_generation(generation=i, i0=pc.i0, C=pc.C, c=pc.c,
+                                            exact_own_law=exact_own, **vals)
+    for chk in checks:
+        row = _row(ctx, i, chk.name,
+                   Estimate(chk.bound, chk.bound_stderr, "theory", render_check(chk)))
         row["held"], row["measured"] = chk.held, chk.measured
+        row["status"], row["cause"] = chk.status.value, chk.cause.value
         out.append(row)
     return out
 
@@ -577,7 +618,8 @@ def adopt_generation_zero(
     meta = read_json(src / "metrics.json")
     meta["rows"] = [{**r, "alpha": float(alpha)} for r in meta["rows"]]
     meta["shared_from_alpha"] = float(src_alpha)
-    atomic_write_json(dst / "metrics.json", meta)
+    meta.pop("files", None)
+    write_cell_metrics(dst, meta)
     return True
 
 
@@ -685,7 +727,7 @@ class ChainRunner:
 
             save_model(cell / "model.safetensors", state, {"generation": i, "alpha": ctx.alpha})
         timings = {"fit": fit_seconds, "sample": t_sample - t_fit, "measure": t_end - t_sample}
-        atomic_write_json(cell / "metrics.json", {"rows": rows, "timings": timings})
+        write_cell_metrics(cell, {"rows": rows, "timings": timings})
         self.previous, self.latest = train, samples
         if cfg.score.kind == "kde":
             self.laws.pop(i, None)  # finite-KDE laws hold the whole training set: keep p̂_{i+1}

@@ -85,6 +85,9 @@ class PathsConfig(_Strict):
     steps: PosInt = 100
     T: PosFloat = 4.0
     t0: PosFloat = 0.02
+    # The reverse-time grid of processes.time_grid, as the chains' sampler.schedule.
+    schedule: Literal["uniform", "geometric", "edm"] = "uniform"
+    rho: PosFloat = 7.0
     regressor: Literal["poly2", "linear", "knn", "kernel", "gbm", "auto"] = "poly2"
     folds: Annotated[int, Field(ge=2)] = 5
 
@@ -325,7 +328,8 @@ def measure_unit(cfg: ObservabilityConfig, target: str, mi: int, seed: int, base
         x = law.marginal(process, cfg.paths.T).sample(n, gen)
     else:
         x = torch.randn(n, d, dtype=torch.float64, generator=gen)
-    times = time_grid(cfg.paths.T, cfg.paths.t0, cfg.paths.steps)
+    times = time_grid(cfg.paths.T, cfg.paths.t0, cfg.paths.steps, schedule=cfg.paths.schedule,
+                      rho=cfg.paths.rho)
     Y, M, Q = ideal_paths(base, x, times, process, fns, gen)
     Yn = Y.numpy()
     reg = cfg.paths.regressor if is_gmm else cfg.digits.regressor

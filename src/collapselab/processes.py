@@ -81,6 +81,33 @@ class OU(VPProcess):
         return t
 
 
-def time_grid(T: float, t0: float, steps: int, dtype=torch.float64) -> Tensor:
-    """Uniform reverse-time grid T = t_0 > t_1 > ... > t_steps = t0 (steps + 1 points)."""
-    return torch.linspace(T, t0, steps + 1, dtype=dtype)
+SCHEDULES = ("uniform", "geometric", "edm")
+
+
+def time_grid(T: float, t0: float, steps: int, dtype=torch.float64, schedule: str = "uniform",
+              rho: float = 7.0) -> Tensor:
+    """Reverse-time grid T = t_0 > t_1 > ... > t_steps = t0 (steps + 1 points), a pure function
+    of (T, t0, steps, schedule, rho), shared by every sampler and path estimator.
+
+    ``uniform``: equal steps (DDPM's grid). ``geometric``: equal steps in log t,
+    t_k = T (t0/T)^{k/steps}, so Δt_k/t_k is constant — the reverse drift's stiffness near t0
+    grows like 1/var(t) ≈ 1/t for an OU-type process, and a step proportional to t keeps every
+    Euler step equally accurate (needs t0 > 0). ``edm``: Karras et al. 2022 (EDM, eq. 5)
+    applied to t, t_k = (T^{1/ρ} + k/steps (t0^{1/ρ} − T^{1/ρ}))^ρ: finest near t0 for ρ > 1,
+    uniform for ρ = 1, defined for t0 = 0.
+    """
+    if schedule == "uniform":
+        return torch.linspace(T, t0, steps + 1, dtype=dtype)
+    if schedule == "geometric":
+        if not t0 > 0:
+            raise ValueError("the geometric schedule needs t0 > 0")
+        g = torch.exp(torch.linspace(math.log(T), math.log(t0), steps + 1, dtype=torch.float64))
+    elif schedule == "edm":
+        if not rho > 0:
+            raise ValueError("rho must be > 0")
+        u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+        g = (T ** (1 / rho) + u * (t0 ** (1 / rho) - T ** (1 / rho))) ** rho
+    else:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    g[0], g[-1] = T, t0  # the end points exactly, whatever the rounding of exp/pow
+    return g.to(dtype)
