@@ -140,9 +140,14 @@ class ScoreConfig(_Strict):
     networks trained by denoising score matching (EMA weights sample); plugin: the model
     ``factory(**options)`` returns (``package.module:function`` or a name registered in the
     ``collapselab.models`` entry-point group; docs/plugins.md); diffusers: a diffusers UNet2DModel
-    with its DDPM scheduler (image targets; ``options`` are the adapter's arguments)."""
+    with its DDPM scheduler (image targets; ``options`` are the adapter's arguments). ``objective:
+    flow_matching`` (mlp / unet) trains a velocity field by conditional flow matching instead
+    (linear path, noise at flow time 0; ``coupling: ot`` pairs each batch by minibatch optimal
+    transport), sampled by the ODE (``sampler.kind: ode``) over its own time [0, 1]."""
 
     kind: Literal["analytic", "kde", "population_kde", "mlp", "unet", "plugin", "diffusers"] = "kde"
+    objective: Literal["dsm", "flow_matching"] = "dsm"
+    coupling: Literal["independent", "ot"] = "independent"
     # Its square enters the kernels' variances: a bound far above any data scale keeps it finite.
     bandwidth: Annotated[float, Field(gt=0.0, le=1e6, allow_inf_nan=False)] = 0.6
     factory: str | None = None
@@ -193,13 +198,19 @@ class ScoreConfig(_Strict):
             raise ValueError("factory: only allowed with kind: plugin")
         if self.kind not in ("plugin", "diffusers") and self.options:
             raise ValueError("options: only allowed with kind: plugin or diffusers")
+        if self.objective == "flow_matching" and self.kind not in ("mlp", "unet"):
+            raise ValueError("objective: flow_matching needs a network (kind: mlp or unet)")
+        if self.coupling == "ot" and self.objective != "flow_matching":
+            raise ValueError("coupling: ot is for objective: flow_matching")
         return self
 
 
 class SamplerConfig(_Strict):
-    """Reverse-time sampler from T to t0 with ``steps`` steps (paper: 500, t0 = 0.02)."""
+    """Reverse-time sampler from T to t0 with ``steps`` steps (paper: 500, t0 = 0.02).
+    ``ode``: the probability-flow ODE by Heun's method (deterministic given the start noise);
+    a flow-matching model integrates its own velocity over [0, 1] in ``steps`` Heun steps."""
 
-    kind: Literal["euler_maruyama", "ddpm"] = "euler_maruyama"
+    kind: Literal["euler_maruyama", "ddpm", "ode"] = "euler_maruyama"
     steps: PosInt = 500
     t0: NonNegFloat = 0.02
     # The reverse-time grid (processes.time_grid): geometric and edm are finest near t0, where
@@ -251,6 +262,9 @@ class EstimatorConfig(_Strict):
     ] = ["second_moment", "sliced_w2"]
     feature_dim: PosInt = 32
     feature_epochs: PosFloat | None = None
+    # flow_likelihood (networks sampled by sampler.kind: ode): the model's own ODE outputs
+    # whose change-of-variables log densities give D_i and I_i by importance sampling.
+    n_flow: PosInt = 1000
 
 
 class PathwiseConfig(_Strict):

@@ -12,6 +12,7 @@ for every α of a seed and different α share common random numbers.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from .config import Config
 from .estimate import Estimate
 from .policies import TrainingSet, build_training_set, training_law_weights
 from .processes import OU, VPProcess, time_grid
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, heun
 from .scores import registry
 from .store import (
     RunStore,
@@ -220,6 +221,8 @@ def fit_scores_batched(
     from .scores.neural import fit_neural_batched
 
     first = ctxs[0]
+    if first.cfg.score.objective != "dsm":  # the batched trainer is DSM's: fit one by one
+        return [fit_score(c, generation, t, None) for c, t in zip(ctxs, trains, strict=True)]
     inputs = [_neural_inputs(c, generation) for c in ctxs]
     return fit_neural_batched(
         first.cfg.score,
@@ -245,6 +248,14 @@ def draw_samples(ctx: ChainContext, score, n: int, generation: int) -> np.ndarra
     # Chunks bound the memory of network forwards; each chunk's noise follows from the stream.
     chunk = n if not ctx.is_image else 512
     clip = {"clip": (-1.0, 1.0)} if sc.clip else {}  # image pixels live in [-1, 1]
+    if sc.kind == "ode" and hasattr(score, "velocity"):  # flow matching: its own time [0, 1]
+        from .likelihood import velocity_flow
+
+        flow = velocity_flow(score, sc.steps)
+        with torch.no_grad():
+            out = [heun(flow.field, x[i : i + chunk].to(ctx.device), flow.times)
+                   for i in range(0, n, chunk)]
+        return torch.cat(out).float().cpu().numpy()
     out = [
         SAMPLERS[sc.kind](
             score, x[i : i + chunk].to(ctx.device), times, ctx.process, generator=gen, **clip
@@ -409,6 +420,88 @@ def measure(ctx, generation, samples, train: TrainingSet, law_next, q_law) -> li
     return rows
 
 
+def model_flow(ctx: ChainContext, model):
+    """The ODE that ``model`` is sampled by (``sampler.kind: ode``), as a
+    :class:`~collapselab.likelihood.ODEFlow`; None for the SDE samplers. The probability-flow
+    grid is draw_samples' own (the sampler's schedule); a flow-matching model's is uniform on
+    [0, 1]."""
+    from .likelihood import pf_ode_flow, velocity_flow
+
+    sc = ctx.cfg.sampler
+    if sc.kind != "ode":
+        return None
+    if hasattr(model, "velocity"):
+        return velocity_flow(model, sc.steps)
+    return pf_ode_flow(model, ctx.process,
+                       time_grid(ctx.process.T, sc.t0, sc.steps, schedule=sc.schedule, rho=sc.rho))
+
+
+def measure_flow(ctx: ChainContext, generation: int, model) -> list[dict]:
+    """D_{i+1} and I_i (χ², KL) of a network sampled by an ODE, by importance sampling with the
+    model's change-of-variables log density (estimator ``flow_likelihood``,
+    :func:`collapselab.likelihood.flow_divergences`): ``estimators.n_flow`` of the model's own
+    ODE outputs, against p and against q_i = Σ_g w_g p̂_g (p̂_0 = p; p̂_g, g ≥ 1, by the reverse
+    ODE likelihood of generation g−1's saved model). Gaussian-mixture targets."""
+    from .likelihood import flow_divergences
+    from .scores.neural import load_model
+
+    cfg, ecfg = ctx.cfg, ctx.cfg.estimators
+    if ctx.is_image or not ecfg.exact or cfg.score.kind not in ("mlp", "unet"):
+        return []
+    flow = model_flow(ctx, model)
+    if flow is None or flow.euler_last:  # t0 = 0: the reverse ODE cannot start at the data
+        return []
+    weights = training_law_weights(cfg.loop.policy, generation, ctx.alpha,
+                                   cfg.loop.augmentation_lambda)
+    parts = []
+    for g, w in weights.items():
+        if w <= 0:
+            continue
+        if g == 0:
+            parts.append((w, ctx.target.log_prob))
+            continue
+        prev = ctx.store.cell(ctx.alpha, ctx.seed, g - 1, ctx.params) / "model.safetensors"
+        prev_flow = model_flow(ctx, load_model(prev, cfg.score, ctx.process, ctx.device))
+        parts.append((w, lambda x, f=prev_flow: f.log_prob(x)[0].cpu()))
+
+    def log_q(x):
+        terms = [math.log(w) + lp(x).double() for w, lp in parts]
+        return torch.logsumexp(torch.stack(terms), dim=0)
+
+    gen, _ = streams(ctx.seed, generation, "eval")
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    laws = {"accumulated": ctx.target.log_prob}
+    if not (len(parts) == 1 and 0 in weights and weights[0] >= 1.0):
+        laws["intra"] = log_q
+    est_ = flow_divergences(flow, laws, ecfg.n_flow, gen, dim=math.prod(ctx.event_shape))
+    est_.setdefault("intra_chi2", est_["accumulated_chi2"])  # q_0 = p
+    est_.setdefault("intra_kl", est_["accumulated_kl"])
+    nxt = generation + 1
+    return [_row(ctx, nxt, "accumulated_chi2", est_["accumulated_chi2"]),
+            _row(ctx, nxt, "accumulated_kl", est_["accumulated_kl"]),
+            _row(ctx, generation, "intra_chi2", est_["intra_chi2"]),
+            _row(ctx, generation, "intra_kl", est_["intra_kl"])]
+
+
+def measure_target_energy(ctx: ChainContext, generation: int, model) -> list[dict]:
+    """``score_energy_target``: ∫ β E_{p_t}‖ŝ_i − ∇log p_t‖² dt, the (implied) score error of
+    generation i's network against the *target* p rather than q_i (PAPER.md §3's ε⋆² with q_i
+    replaced by p; equal to ε⋆,0² at generation 0). Defined at every generation of a neural
+    chain on a Gaussian-mixture target, where ε⋆,i² needs q_i's exact law and is not."""
+    from . import pathwise as pw
+
+    pc = ctx.cfg.pathwise
+    if ctx.is_image or not pc.score_energy or ctx.cfg.score.kind not in ("mlp", "unet"):
+        return []
+    gen, _ = streams(ctx.seed, generation, "path")
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    e = pw.score_energy_ideal(model, ctx.target, ctx.process, ctx.cfg.sampler.t0,
+                              ctx.process.T, pc.n_times, pc.n_mc, gen)
+    note = f"against the target p (not q_i); {e.note}"
+    return [_row(ctx, generation, "score_energy_target",
+                 Estimate(e.value, e.stderr, e.estimator, note))]
+
+
 def sampler_gap(ctx: ChainContext, generation: int, x: np.ndarray, law_next) -> Estimate:
     """KL(law of the sampler's actual output ‖ law of the ideal reverse process at t0): the
     start-up (N(0, I) instead of q_T) and discretisation errors that the exact-density D_{i+1}
@@ -467,15 +560,22 @@ def measure_pathwise(ctx, generation, score, q_law, rows) -> list[dict]:
         out.append(_row(ctx, i, "score_energy_ideal", e))
         vals.update(eps_star_sq=e.value, eps_star_sq_stderr=e.stderr)
     if pc.learned:
-        # The sampler's schedule: the error integrand is sharpest near t0, where a uniform
-        # Euler grid under-resolves it (calibration_eps_hat shows it when the law is known).
-        e = pw.score_energy_learned(
-            score, q_law, ctx.process, t0, T, pc.steps, max(pc.n_paths, pc.min_paths), gen,
-            start="model" if exact_own else "normal", times=grid, rel_tol=pc.rel_stderr,
-            max_paths=max(pc.max_paths, pc.n_paths, pc.min_paths),
-        )
+        if ctx.cfg.sampler.kind == "ode":  # along the ODE's own paths (no Girsanov identity)
+            from .likelihood import score_energy_ode
+
+            e = score_energy_ode(score, q_law, ctx.process, t0, T, pc.steps,
+                                 max(pc.n_paths, pc.min_paths), gen, times=grid)
+        else:
+            # The sampler's schedule: the error integrand is sharpest near t0, where a uniform
+            # Euler grid under-resolves it (calibration_eps_hat shows it when the law is known).
+            e = pw.score_energy_learned(
+                score, q_law, ctx.process, t0, T, pc.steps, max(pc.n_paths, pc.min_paths), gen,
+                start="model" if exact_own else "normal", times=grid, rel_tol=pc.rel_stderr,
+                max_paths=max(pc.max_paths, pc.n_paths, pc.min_paths),
+            )
         out.append(_row(ctx, i, "score_energy_learned", e))
-        vals.update(eps_hat_sq=e.value, eps_hat_sq_stderr=e.stderr)
+        if ctx.cfg.sampler.kind != "ode":  # KL ≤ ½ ε̂² is Girsanov's: a statement on the SDE
+            vals.update(eps_hat_sq=e.value, eps_hat_sq_stderr=e.stderr)
     if pc.observability:
         obs = pw.measure_observability(score, q_law, ctx.process, t0, T, pc.steps, pc.n_paths, gen,
                                        times=grid)
@@ -671,6 +771,7 @@ class ChainRunner:
         self.laws[i + 1] = law_next
         rows = measure(ctx, i, samples, train, law_next, q_law)
         rows += measure_pathwise(ctx, i, score, q_law, rows)
+        rows += measure_flow(ctx, i, score) + measure_target_energy(ctx, i, score)
         if i == 0:
             rows = generation_zero_rows(ctx) + rows
         t_end = time.perf_counter()

@@ -687,6 +687,92 @@ def plot_final(table: pd.DataFrame, path) -> bool:
     return True
 
 
+# ---- samplers and models side by side (ODE vs SDE vs flow matching) ---------------------------
+ARM_KEYS = ("score.objective", "sampler.kind")
+
+
+def _arm_of(row, cfg: dict | None) -> str:
+    base = {"score.objective": ((cfg or {}).get("score") or {}).get("objective", "dsm"),
+            "sampler.kind": ((cfg or {}).get("sampler") or {}).get("kind", "euler_maruyama")}
+    vals = {k: row[k] if k in row and pd.notna(row[k]) else base[k] for k in ARM_KEYS}
+    return f"{vals['score.objective']} + {vals['sampler.kind']}"
+
+
+def sampler_comparison(df: pd.DataFrame, cfg: dict | None = None) -> pd.DataFrame:
+    """Per arm (objective + sampler), α and generation i (seed means): KL(p̂_{i+1} ‖ p) by kNN
+    and by flow_likelihood (ODE arms), χ²(p̂_{i+1} ‖ p) by flow_likelihood, the score error
+    against p (score_energy_target), and their ratios KL(p̂_{i+1} ‖ p) / ε_p,i² — the fraction
+    of the score error visible in the output, the role η plays for the SDE (PAPER.md §3-4) —
+    with kNN's KL (every arm, one estimator's bias for all) and flow_likelihood's (ODE arms).
+    Empty without such rows."""
+    want = {("accumulated_kl", "knn"): "D_kl_knn", ("accumulated_kl", "flow_likelihood"):
+            "D_kl_flow", ("accumulated_chi2", "flow_likelihood"): "D_chi2_flow",
+            ("score_energy_target", "monte_carlo"): "eps2_target",
+            ("score_energy_ideal", "monte_carlo"): "eps_star2",
+            ("score_energy_learned", "monte_carlo"): "eps_hat2"}
+    sub = df[[(m, e) in want for m, e in zip(df.metric, df.estimator, strict=True)]]
+    if sub.empty or not (sub.metric == "score_energy_target").any():
+        return pd.DataFrame()
+    sub = sub.assign(arm=[_arm_of(r, cfg) for _, r in sub.iterrows()],
+                     col=[want[(m, e)] for m, e in zip(sub.metric, sub.estimator, strict=True)])
+    # D of generation i+1 is compared with the score error of generation i.
+    shift = sub.col.str.startswith("D_")
+    sub = sub.assign(generation=sub.generation - shift.astype(int))
+    sub = sub[sub.generation >= 0]
+    wide = sub.pivot_table(index=["arm", "alpha", "generation"], columns="col", values="value",
+                           aggfunc="mean").reset_index()
+    se = sub.pivot_table(index=["arm", "alpha", "generation"], columns="col", values="stderr",
+                         aggfunc=lambda v: float(np.sqrt(np.mean(np.square(v))) / np.sqrt(len(v))))
+    se = se.reset_index()
+    for c in ("D_kl_knn", "D_kl_flow", "D_chi2_flow", "eps2_target", "eps_star2", "eps_hat2"):
+        if c not in wide:
+            wide[c], se[c] = np.nan, np.nan
+    for est_ in ("knn", "flow"):  # delta-method stderr of a ratio of independent estimates
+        num, num_se = wide[f"D_kl_{est_}"], se[f"D_kl_{est_}"]
+        r = num / wide.eps2_target
+        wide[f"ratio_{est_}"] = r
+        wide[f"ratio_{est_}_se"] = r.abs() * np.sqrt((num_se / num) ** 2
+                                                     + (se.eps2_target / wide.eps2_target) ** 2)
+    cols = ["arm", "alpha", "generation", "D_kl_knn", "D_kl_flow", "D_chi2_flow", "eps_star2",
+            "eps_hat2", "eps2_target", "ratio_knn", "ratio_knn_se", "ratio_flow",
+            "ratio_flow_se"]
+    return wide[cols].sort_values(["alpha", "generation", "arm"]).reset_index(drop=True)
+
+
+def plot_sampler_comparison(table: pd.DataFrame, path) -> bool:
+    """One column per α: KL(p̂_{i+1} ‖ p) per arm (kNN solid, flow_likelihood dashed) and the
+    ratio KL / ε_p² per arm, against generation i."""
+    if table.empty:
+        return False
+    alphas = sorted(table.alpha.unique())
+    fig, axes = plt.subplots(2, len(alphas), figsize=(4.2 * len(alphas), 7), squeeze=False)
+    for c, a in enumerate(alphas):
+        t = table[table.alpha == a]
+        for k, (arm, g) in enumerate(t.groupby("arm")):
+            g = g.sort_values("generation")
+            col = f"C{k}"
+            axes[0][c].plot(g.generation + 1, g.D_kl_knn, "o-", color=col, ms=3,
+                            label=f"{arm} (kNN)")
+            if g.D_kl_flow.notna().any():
+                axes[0][c].plot(g.generation + 1, g.D_kl_flow, "s--", color=col, ms=3,
+                                label=f"{arm} (flow)")
+            axes[1][c].errorbar(g.generation, g.ratio_knn, yerr=g.ratio_knn_se, fmt="o-",
+                                color=col, ms=3, capsize=2, label=f"{arm} (kNN)")
+            if g.ratio_flow.notna().any():
+                axes[1][c].errorbar(g.generation, g.ratio_flow, yerr=g.ratio_flow_se, fmt="s--",
+                                    color=col, ms=3, capsize=2, label=f"{arm} (flow)")
+        axes[0][c].set_title(f"KL(p̂_i ‖ p), α = {a:g}", fontsize=9)
+        axes[0][c].set_xlabel("generation i")
+        axes[1][c].set_title(f"KL(p̂_(i+1) ‖ p) / ε_p,i², α = {a:g}", fontsize=9)
+        axes[1][c].set_xlabel("generation i")
+        for ax in (axes[0][c], axes[1][c]):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
 # ---- the report ----------------------------------------------------------------------------
 def build_report(root, progress=None) -> list:
     """Write DIR/figures/*.png, DIR/summary.{parquet,csv} and DIR/report.html; returns the
@@ -738,6 +824,9 @@ def build_report(root, progress=None) -> list:
             figs["samples"].append(F / f"samples{suffix}.png")
         if plot_image_grids(store, cfg, F / f"grid{suffix}.png", params):
             figs["grids"].append(F / f"grid{suffix}.png")
+    cmp_table = sampler_comparison(df, cfg)
+    if plot_sampler_comparison(cmp_table, F / "ode_vs_sde.png"):
+        figs["ode"] = [F / "ode_vs_sde.png"]
     say("bound checks")
     bt = evaluate_bounds(df, cfg)
     theory_figs = bound_figures(bt, df, cfg, F) if _has_chain_rows(df) else {}
@@ -978,6 +1067,22 @@ def _bounds_section(df: pd.DataFrame, img: str) -> tuple[str, str]:
     return body, appendix
 
 
+def _sampler_section(df, cfg, imgs) -> tuple[str, str, str] | None:
+    """ODE vs SDE vs flow matching side by side, when the run has score_energy_target rows."""
+    table = sampler_comparison(df, cfg)
+    if table.empty:
+        return None
+    body = ("<p>Per arm (training objective + sampler): KL(p̂_(i+1) ‖ p) by kNN for every arm "
+            "and by flow_likelihood (the ODE models' own change-of-variables densities, exact "
+            "up to the integrator's error) for ODE arms; ε⋆² and ε̂² (generation 0, against "
+            "q_0 = p; ε̂² along the arm's own sampler paths), the score error against p at "
+            "every generation (eps2_target) and ratio = KL(p̂_(i+1) ‖ p) / ε_p,i², the share "
+            "of the score error that the sampler's output shows (with kNN's KL for every arm, "
+            "flow_likelihood's for ODE arms). Seed means; stderr by the delta method.</p>"
+            + imgs.get("ode", "") + _table(table, 400))
+    return ("ode-vs-sde", "Samplers and models side by side (ODE, SDE, flow matching)", body)
+
+
 def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
     imgs = {k: "".join(_img(p) for p in v) for k, v in figs.items()}
     bt = bt if bt is not None else evaluate_bounds(df, cfg)
@@ -1040,6 +1145,9 @@ def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
         sections.append(("bounds", "Bound rows stored by the run (bound_* metrics)",
                          bounds_body))
     sections += theory
+    ode = _sampler_section(df, cfg, imgs)
+    if ode is not None:
+        sections.append(ode)
     sections.append(("samples", "Samples per generation",
                      f"<div class='row'>{imgs['samples']}</div>" if imgs["samples"]
                      else "<p>no samples</p>"))

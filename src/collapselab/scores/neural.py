@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .ensemble import train_dsm_ensemble
+from .flow import FlowField, train_flow_matching
 from .mlp import MLPNet, NeuralScore
 from .training import (
     TrainConfig,
@@ -110,7 +111,11 @@ def fit_neural(
 ) -> tuple[NeuralScore, TrainResult]:
     """Train generation i's network on its training set with :func:`~.training.train_dsm`;
     the score samples with EMA weights. With ``score.train_backend`` other than "torch" an MLP
-    trains through that backend with one chain (:func:`fit_neural_batched`)."""
+    trains through that backend with one chain (:func:`fit_neural_batched`); with
+    ``score.objective: flow_matching`` the network is a velocity field (:func:`fit_flow`)."""
+    if getattr(score_cfg, "objective", "dsm") == "flow_matching":
+        return fit_flow(score_cfg, process, data, generation=generation, seed=seed, t_min=t_min,
+                        device=device, init_state=init_state)
     if score_cfg.kind == "mlp" and train_backend(score_cfg) != "torch":
         return fit_neural_batched(score_cfg, process, [data], generation=generation,
                                   seeds=[seed], t_min=t_min, device=device,
@@ -177,6 +182,27 @@ def fit_neural_batched(
                 exc.chain = k
                 raise
     return [(NeuralScore(r.ema_net, process), r) for r in results]
+
+
+def fit_flow(score_cfg, process, data: Tensor, *, generation: int, seed: int, t_min: float,
+             device="cpu", init_state: dict | None = None) -> tuple[FlowField, TrainResult]:
+    """:func:`fit_neural` for ``objective: flow_matching``: the same network, initial weights,
+    warm start and optimiser settings, trained by conditional flow matching
+    (:func:`~.flow.train_flow_matching`); the EMA velocity field is the model."""
+    net = build_network(score_cfg, tuple(data.shape[1:]), seed)
+    cfg = train_config(score_cfg, generation, seed, t_min)
+    result = train_flow_matching(net, data, cfg, coupling=score_cfg.coupling,
+                                 init_state=init_state, device=device)
+    return FlowField(result.ema_net, process), result
+
+
+def load_model(path: Path, score_cfg, process, device="cpu"):
+    """A saved generation's model (EMA weights) as the loop uses it: a NeuralScore, or a
+    FlowField for ``objective: flow_matching``."""
+    net = load_checkpoint(path, device=device).ema_net
+    if getattr(score_cfg, "objective", "dsm") == "flow_matching":
+        return FlowField(net, process)
+    return NeuralScore(net, process)
 
 
 def save_model(path: Path, result: TrainResult, meta: dict | None = None) -> None:
