@@ -143,6 +143,13 @@ def test_a_sampler_step_is_the_closed_form_update(sampler):
     if sampler == "euler_maruyama":
         b, dt = float(PROCESS.beta(t)), t - t_next
         want = x + (0.5 * b * x + b * s) * dt + (b * dt) ** 0.5 * z
+    elif sampler == "ode":  # Heun on dx/dt = −½β(x + s): Euler predictor, trapezoid corrector
+        h = t_next - t
+        d = -0.5 * float(PROCESS.beta(t)) * (x + s)
+        x_pred = x + h * d
+        d_next = -0.5 * float(PROCESS.beta(t_next)) * (
+            x_pred + gaussian_score(x_pred, t_next, M, S * S))
+        want = x + 0.5 * h * (d + d_next)
     else:
         abar, abar_n = float(PROCESS.scale(t)) ** 2, float(PROCESS.scale(t_next)) ** 2
         alpha = abar / abar_n

@@ -125,9 +125,15 @@ def test_score_only_plugin_is_sampled_by_our_sampler_like_the_builtin_kde(tmp_pa
         b = np.load(tmp_path / "kde" / store.cell(0.5, 0, g).relative_to(store.root) /
                     "samples.npy")
         assert np.abs(a - b).max() < 1e-3
-    for metric in ("score_energy_ideal", "score_energy_learned"):
-        x, y = (d[(d.metric == metric) & (d.generation == 0)].iloc[0] for d in (got, ref))
-        assert abs(x.value - y.value) < 1e-4 * abs(y.value) and x.stderr > 0
+    x, y = (d[(d.metric == "score_energy_ideal") & (d.generation == 0)].iloc[0]
+            for d in (got, ref))
+    assert abs(x.value - y.value) < 1e-4 * abs(y.value) and x.stderr > 0
+    # ε̂²'s paths start from the model's own T-marginal where its law is known (the built-in
+    # KDE) and from N(0, I) for a score-only plug-in: two estimates of nearly the same path
+    # energy (the two starts differ by e^{-T} in law), compared within their errors.
+    x, y = (d[(d.metric == "score_energy_learned") & (d.generation == 0)].iloc[0]
+            for d in (got, ref))
+    assert x.stderr > 0 and abs(x.value - y.value) < 4 * math.hypot(x.stderr, y.stderr)
     # No exact output law: D_i by the sample-based estimator only.
     assert set(got[got.metric == "accumulated_kl"].estimator) == {"exact", "knn"}
 

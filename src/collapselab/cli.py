@@ -170,6 +170,7 @@ def run(source, extra, out, overrides, workers, executor, address, cpus_per_chai
         verify_run_dir,
     )
     from .observability import experiment_of, run_observability_command
+    from .scores.registry import check_model
     from .store import run_lock
 
     overrides = list(overrides) + _bare_overrides(extra)
@@ -208,6 +209,7 @@ def run(source, extra, out, overrides, workers, executor, address, cpus_per_chai
         build_target(cfg)
     check_device(cfg, executor, address)
     root = Path(out) if out else default_out(cfg)
+    check_model(cfg)  # a plug-in that cannot be found: refused before the lock makes the dir
     check_cell_names(cfg)
     check_out(root)
     # The run directory's lock, held until the command ends (report included): a second run

@@ -29,6 +29,7 @@ from .processes import OU
 from .scores.registry import ModelLaw
 from .store import RunStore, atomic_save_npy, atomic_write_json, atomic_write_text, write_summary
 from .targets import LawMixture, mix_laws
+from .verdicts import render_check
 
 
 def _has_marginals(law) -> bool:
@@ -152,8 +153,9 @@ class Monitor:
         for chk in theory.check_single_generation(generation=i, i0=self.i0, C=self.C, c=self.c,
                                                   **vals):
             row = self._row(i, chk.name, Estimate(chk.bound, chk.bound_stderr, "theory",
-                                                  chk.reason))
+                                                  render_check(chk)))
             row["held"], row["measured"] = chk.held, chk.measured
+            row["status"], row["cause"] = chk.status.value, chk.cause.value
             out.append(row)
         return out
 
