@@ -37,7 +37,7 @@ Backends:
 
 Gradients. ``kde_score`` is differentiable in ``y`` through a streamed backward
 (``∂s/∂y = (a²/v²) Cov_w(c) − I/v``), about one chunked pass, O(block) memory; the fused CPU
-SDPA backward measured ~300× slower than its forward on this project's machine, so it is not
+SDPA backward is far slower than its forward, so it is not
 used. Gradients in the centres go through plain autograd of the chunked stream, whose saved
 tensors total n×N: fine for tests and small problems only.
 
@@ -222,7 +222,7 @@ def _stream(
     the backward pass). Works in q's dtype and is differentiable (in-place arithmetic only when
     no gradient is recorded). Exponents below ``_EXP_FLOOR`` are clamped there: the weights
     they stand for are < e^{−80} relative to the largest, far below rounding, and clamping
-    keeps subnormal numbers (~10× slower on x86) out of the exp and the matmuls.
+    keeps subnormal numbers (slow on x86) out of the exp and the matmuls.
     """
     n, n_centres = q.shape[0], keys.shape[0]
     query_block, centre_block = _chunk_sizes(n, n_centres, chunk)
@@ -294,7 +294,7 @@ def _weighted_mean(
 
 
 class _KDEScore(torch.autograd.Function):
-    """kde_score with a streamed backward in ``y`` (the fused CPU SDPA backward is ~300× slower
+    """kde_score with a streamed backward in ``y`` (the fused CPU SDPA backward is far slower
     than its forward; this one costs about one chunked forward pass and O(block) memory).
 
     ∂s_i/∂y_i = (a²/v²) Cov_{w_i}(c) − I/v (docs/paper.md §5 score differentiated in y), so the

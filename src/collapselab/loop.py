@@ -59,7 +59,7 @@ class NonFiniteSamples(FloatingPointError):
 def _empirical_target(dataset: str, root: str | None, classes: tuple[int, ...] | None,
                       downsample: int | None, limit: int | None, where: str) -> EmpiricalTarget:
     """Loaded once per process and data location (``where``): the CLI's check and every chain
-    of an in-process run share it (~1 s per load for the image presets). Read-only."""
+    of an in-process run share it (loading an image data set is not free). Read-only."""
     from .datasets import load_dataset
 
     kw = dict(root=root, classes=classes, downsample=downsample)
@@ -109,8 +109,8 @@ def deterministic_cuda() -> None:
     """Make CUDA work in this process bit-reproducible, as a resumed chain must compute what
     an uninterrupted one does: cuDNN's deterministic algorithms without autotuning, PyTorch's
     deterministic kernels where they exist (a warning where one does not), and cuBLAS's fixed
-    workspace (read when cuBLAS starts, so set before the first product). Process-wide. On an
-    H200, two identical U-Net chains differed by 1% in their metrics without it; MLP chains
+    workspace (read when cuBLAS starts, so set before the first product). Process-wide. On a
+    GPU, two identical U-Net chains differ in their metrics without it; MLP chains
     were already identical."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.deterministic = True
