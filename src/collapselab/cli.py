@@ -1,4 +1,4 @@
-"""The ``collapselab`` command: parses, validates, calls the library (DESIGN.md "Contracts").
+"""The ``collapselab`` command: parses, validates, calls the library (documented in README.md).
 
 Exit codes: 0 success, 2 invalid input (one line naming the field), 1 failure during a run.
 """
@@ -401,7 +401,7 @@ def _where_to_look(root: Path, report: bool = True) -> None:
 @click.option("--target-mean", type=float, default=0.0, show_default=True,
               help="distance ‖μ‖ of that target's mean from the origin")
 def plan(eps2, from_dir, tol, horizon, d0, c, t0, dim, target_std, target_mean):
-    """Smallest fresh-data fraction α keeping the predicted drift below --tol (PAPER.md §4).
+    """Smallest fresh-data fraction α keeping the predicted drift below --tol (docs/paper.md §4).
 
     A prediction under a stated constant c, not a bound."""
     from .errors import CollapselabError

@@ -268,10 +268,10 @@ class EstimatorConfig(_Strict):
 
 
 class PathwiseConfig(_Strict):
-    """Path quantities per generation (PAPER.md §3), when q_i's law is known exactly:
+    """Path quantities per generation (docs/paper.md §3), when q_i's law is known exactly:
     ε⋆² by quadrature over ``n_times`` points (``n_mc`` draws each), ε̂² along at least
     ``max(n_paths, min_paths)`` learned trajectories (more until ``rel_stderr`` is met), η
-    (costly: ``n_paths`` ideal trajectories + a regression) and the bound_* rows of PAPER.md §4
+    (costly: ``n_paths`` ideal trajectories + a regression) and the bound_* rows of docs/paper.md §4
     with the unknown constants C, c and the transient i0."""
 
     score_energy: bool = True

@@ -1,4 +1,4 @@
-"""The KDE score as an attention operation (PAPER.md §5, "KDE score, exactly").
+"""The KDE score as an attention operation (docs/paper.md §5, "KDE score, exactly").
 
 A Gaussian KDE with centres ``c_j`` (N×d) and bandwidth ``h``, pushed through the forward
 process to time ``t``, is the Gaussian mixture ``(1/N) Σ_j N(a·c_j, v I)``. For the paper's
@@ -20,7 +20,7 @@ keys do not depend on ``(a, v)``: one :class:`KDEKeys` per centre set serves eve
 Centres are stored relative to their mean ``m`` (``y`` is shifted by ``a·m``), which is exact
 and shrinks the float32 cancellation in ``q·k``. The values are the keys themselves (the last
 output column is discarded): ``scaled_dot_product_attention`` on CPU keeps its fused, streaming
-flash kernel only when values have the width of queries and keys (PAPER.md §5); otherwise it
+flash kernel only when values have the width of queries and keys (docs/paper.md §5); otherwise it
 falls back to a path that materialises the n×N weight matrix.
 
 Backends:
@@ -37,7 +37,7 @@ Backends:
 
 Gradients. ``kde_score`` is differentiable in ``y`` through a streamed backward
 (``∂s/∂y = (a²/v²) Cov_w(c) − I/v``), about one chunked pass, O(block) memory; the fused CPU
-SDPA backward measured ~300× slower than its forward on this project's machine, so it is not
+SDPA backward is far slower than its forward, so it is not
 used. Gradients in the centres go through plain autograd of the chunked stream, whose saved
 tensors total n×N: fine for tests and small problems only.
 
@@ -71,7 +71,7 @@ _EXP_FLOOR = {torch.float64: -700.0, torch.float32: -80.0}
 def ou_scale_var(t: float, bandwidth: float) -> tuple[float, float]:
     """Mean scale and variance of a KDE component under the OU forward process at time ``t``.
 
-    PAPER.md §2 and §5: ``X_t | X_0 = c ~ N(c e^{−t/2}, (1 − e^{−t}) I)``, so a KDE component
+    docs/paper.md §2 and §5: ``X_t | X_0 = c ~ N(c e^{−t/2}, (1 − e^{−t}) I)``, so a KDE component
     ``N(c, h² I)`` becomes ``N(a c, v I)`` with ``a = e^{−t/2}``, ``v = h² e^{−t} + 1 − e^{−t}``.
     """
     if t < 0:
@@ -222,7 +222,7 @@ def _stream(
     the backward pass). Works in q's dtype and is differentiable (in-place arithmetic only when
     no gradient is recorded). Exponents below ``_EXP_FLOOR`` are clamped there: the weights
     they stand for are < e^{−80} relative to the largest, far below rounding, and clamping
-    keeps subnormal numbers (~10× slower on x86) out of the exp and the matmuls.
+    keeps subnormal numbers (slow on x86) out of the exp and the matmuls.
     """
     n, n_centres = q.shape[0], keys.shape[0]
     query_block, centre_block = _chunk_sizes(n, n_centres, chunk)
@@ -294,10 +294,10 @@ def _weighted_mean(
 
 
 class _KDEScore(torch.autograd.Function):
-    """kde_score with a streamed backward in ``y`` (the fused CPU SDPA backward is ~300× slower
+    """kde_score with a streamed backward in ``y`` (the fused CPU SDPA backward is far slower
     than its forward; this one costs about one chunked forward pass and O(block) memory).
 
-    ∂s_i/∂y_i = (a²/v²) Cov_{w_i}(c) − I/v (PAPER.md §5 score differentiated in y), so the
+    ∂s_i/∂y_i = (a²/v²) Cov_{w_i}(c) − I/v (docs/paper.md §5 score differentiated in y), so the
     vector–Jacobian product is ``(a²/v²) Σ_j w_ij ((c_j − μ_i)·g_i) c_j − g_i/v``.
     """
 
@@ -344,7 +344,7 @@ def kde_score(
 ) -> Tensor:
     """Score of the noised KDE ``(1/N) Σ_j N(a c_j, v I)`` at the rows of ``y``.
 
-    PAPER.md §5: ``s(y) = (a · Σ_j w_j c_j − y) / v`` with
+    docs/paper.md §5: ``s(y) = (a · Σ_j w_j c_j − y) / v`` with
     ``w = softmax_j(−‖y − a c_j‖² / (2v))``; for the OU process at time t with bandwidth h,
     ``a = e^{−t/2}`` and ``v = h² e^{−t} + 1 − e^{−t}`` (see :func:`ou_scale_var`).
 
@@ -390,7 +390,7 @@ def kde_log_prob(
 ) -> Tensor:
     """Exact log density of the noised KDE: ``log (1/N) Σ_j N(y; a c_j, v I)``.
 
-    PAPER.md §5 (the finite-KDE law at time t is this Gaussian mixture). Computed as
+    docs/paper.md §5 (the finite-KDE law at time t is this Gaussian mixture). Computed as
     ``logsumexp_j(q·k_j / v) − ‖y − a m‖²/(2v) − log N − (d/2) log(2π v)`` with the folded
     queries/keys of the module docstring, streamed over blocks of ``chunk`` centres
     (logsumexp merge), in ``y``'s dtype (pass float64 for exact divergences).

@@ -187,7 +187,7 @@ def flow_divergences(flow: ODEFlow, log_bs: dict[str, Callable[[Tensor], Tensor]
                      dtype=torch.float64, exact=None, n_probes: int = 2) -> dict[str, Estimate]:
     """χ²(p̂ ‖ b) and KL(p̂ ‖ b) for the ODE model's law p̂ against each law b of ``log_bs``
     (name → log density), by importance sampling on n of the model's own ODE outputs with their
-    change-of-variables log densities (D_i, I_i and their KL twins, PAPER.md §3; estimator
+    change-of-variables log densities (D_i, I_i and their KL twins, docs/paper.md §3; estimator
     ``flow_likelihood``). Returns {"<name>_chi2": ..., "<name>_kl": ...}.
 
     KL = mean(log p̂ − log b), stderr = std/√n, which includes the Hutchinson noise of log p̂
@@ -225,7 +225,7 @@ def score_energy_ode(score, law, process, t0: float, T: float, steps: int = 100,
                      times: Tensor | None = None) -> Estimate:
     """ε̂² along the learned *probability-flow ODE* paths: ∫_{t0}^{T} β(t) E‖ŝ(x_t, t) −
     ∇log q_t(x_t)‖² dt with x_t the ODE trajectories of ``score`` from N(0, I) at T (Heun on
-    ``times``, default a geometric grid), left-point sums as the SDE's ε̂² (PAPER.md §3). The
+    ``times``, default a geometric grid), left-point sums as the SDE's ε̂² (docs/paper.md §3). The
     Girsanov bound KL ≤ ½ ε̂² is a statement about the SDE: for the ODE this is the same
     energy measured along the deterministic sampler's marginals, not a bound."""
     from .samplers import heun

@@ -1,4 +1,4 @@
-"""One recursive chain (α, seed): generations 0..G−1, resumable (PAPER.md §1).
+"""One recursive chain (α, seed): generations 0..G−1, resumable (docs/paper.md §1).
 
 Generation i builds q_i's training set (policies), fits a score model on it (scores), samples
 the reverse SDE (samplers) to get p̂_{i+1}, and measures D_{i+1} = χ²(p̂_{i+1} ‖ p) and
@@ -59,7 +59,7 @@ class NonFiniteSamples(FloatingPointError):
 def _empirical_target(dataset: str, root: str | None, classes: tuple[int, ...] | None,
                       downsample: int | None, limit: int | None, where: str) -> EmpiricalTarget:
     """Loaded once per process and data location (``where``): the CLI's check and every chain
-    of an in-process run share it (~1 s per load for the image presets). Read-only."""
+    of an in-process run share it (loading an image data set is not free). Read-only."""
     from .datasets import load_dataset
 
     kw = dict(root=root, classes=classes, downsample=downsample)
@@ -109,8 +109,8 @@ def deterministic_cuda() -> None:
     """Make CUDA work in this process bit-reproducible, as a resumed chain must compute what
     an uninterrupted one does: cuDNN's deterministic algorithms without autotuning, PyTorch's
     deterministic kernels where they exist (a warning where one does not), and cuBLAS's fixed
-    workspace (read when cuBLAS starts, so set before the first product). Process-wide. On an
-    H200, two identical U-Net chains differed by 1% in their metrics without it; MLP chains
+    workspace (read when cuBLAS starts, so set before the first product). Process-wide. On a
+    GPU, two identical U-Net chains differ in their metrics without it; MLP chains
     were already identical."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.deterministic = True
@@ -315,7 +315,7 @@ def _row(ctx: ChainContext, generation: int, metric: str, e: Estimate) -> dict:
 
 
 def measure_images(ctx, generation, samples, train: TrainingSet) -> list[dict]:
-    """Image runs: D_{i+1} and I_i in the feature space of a classifier (PAPER.md §5: the
+    """Image runs: D_{i+1} and I_i in the feature space of a classifier (docs/paper.md §5: the
     Gaussian χ² proxy; KL, Fréchet distance, KID, precision/recall, density/coverage too).
     D compares with p's held-out split, I with the training set of q_i."""
     from . import feature_metrics as fm
@@ -380,7 +380,7 @@ def measure(ctx, generation, samples, train: TrainingSet, law_next, q_law) -> li
                 rows.append(_row(ctx, generation, f"intra_{key}", label(e)))
         if q_law is not None and has_marginals(q_law) and label is _ideal:
             # Against q_i pushed to t0 — the ideal reverse process's output, which is what the
-            # Girsanov bounds of PAPER.md §4 control (they ignore the t0 shrink).
+            # Girsanov bounds of docs/paper.md §4 control (they ignore the t0 shrink).
             q_t0 = q_law.marginal(ctx.process, ctx.cfg.sampler.t0)
             for key, e in est.mc_divergences(law_next, q_t0, ecfg.n_mc, gen).items():
                 rows.append(_row(ctx, generation, f"intra_{key}_t0", label(e)))
@@ -485,7 +485,7 @@ def measure_flow(ctx: ChainContext, generation: int, model) -> list[dict]:
 
 def measure_target_energy(ctx: ChainContext, generation: int, model) -> list[dict]:
     """``score_energy_target``: ∫ β E_{p_t}‖ŝ_i − ∇log p_t‖² dt, the (implied) score error of
-    generation i's network against the *target* p rather than q_i (PAPER.md §3's ε⋆² with q_i
+    generation i's network against the *target* p rather than q_i (docs/paper.md §3's ε⋆² with q_i
     replaced by p; equal to ε⋆,0² at generation 0). Defined at every generation of a neural
     chain on a Gaussian-mixture target, where ε⋆,i² needs q_i's exact law and is not."""
     from . import pathwise as pw
@@ -505,7 +505,7 @@ def measure_target_energy(ctx: ChainContext, generation: int, model) -> list[dic
 def sampler_gap(ctx: ChainContext, generation: int, x: np.ndarray, law_next) -> Estimate:
     """KL(law of the sampler's actual output ‖ law of the ideal reverse process at t0): the
     start-up (N(0, I) instead of q_T) and discretisation errors that the exact-density D_{i+1}
-    and I_i leave out (PAPER.md §2). Estimated on the generation's samples ``x`` with the ideal
+    and I_i leave out (docs/paper.md §2). Estimated on the generation's samples ``x`` with the ideal
     law's exact density (:func:`~collapselab.estimators.knn_kl_known_b_paired`)."""
     gen, _ = streams(ctx.seed, generation, "gap")
     sc = ctx.cfg.sampler
@@ -534,7 +534,7 @@ def _ideal(e: Estimate) -> Estimate:
 
 def measure_pathwise(ctx, generation, score, q_law, rows) -> list[dict]:
     """ε⋆,i², ε̂_i², η_i of generation i's model against q_i, and the bound_* checks of
-    PAPER.md §4 against the measured I_i (rows already computed). Needs q_i's exact law.
+    docs/paper.md §4 against the measured I_i (rows already computed). Needs q_i's exact law.
 
     ε̂² follows the model's own reverse paths from its own T-marginal when its law is known
     (the start of the law the KL compares); then Prop 3.1 is an identity (de Bruijn) and
@@ -608,7 +608,7 @@ def measure_pathwise(ctx, generation, score, q_law, rows) -> list[dict]:
 
 
 def generation_zero_rows(ctx: ChainContext) -> list[dict]:
-    """Row 0: p̂_0 = p by convention, so D_0 = 0 exactly (PAPER.md §1)."""
+    """Row 0: p̂_0 = p by convention, so D_0 = 0 exactly (docs/paper.md §1)."""
     zero = Estimate(0.0, 0.0, "exact", "p̂_0 = p by convention")
     return [_row(ctx, 0, "accumulated_chi2", zero), _row(ctx, 0, "accumulated_kl", zero)]
 

@@ -3,8 +3,8 @@
 Give the target p (a law: ``sample(n, generator)``, ``log_prob(x)``, ``dim``) and, after each
 generation i of your loop, the draws of p̂_{i+1} (and when you have them: the model's law, its
 training set, its score). :class:`Monitor` computes the rows the loop computes — D_{i+1} =
-χ²(p̂_{i+1}‖p) and I_i = χ²(p̂_{i+1}‖q_i) with their KL twins (PAPER.md §3), ε⋆,i² and the
-single-generation bound checks of PAPER.md §4 — and appends them to a run directory of the
+χ²(p̂_{i+1}‖p) and I_i = χ²(p̂_{i+1}‖q_i) with their KL twins (docs/paper.md §3), ε⋆,i² and the
+single-generation bound checks of docs/paper.md §4 — and appends them to a run directory of the
 usual layout, which ``collapselab report DIR`` renders.
 
 Estimators, as in the loop: exact-density Monte Carlo when the model's law is given (it must
@@ -48,7 +48,7 @@ class Monitor:
         over [t0, T], and the bounds compare with q_i pushed to t0.
     n_mc, n_eval: exact-density draws and sample-based evaluation points per estimate.
     n_times, n_mc_path: quadrature nodes and draws per node of ε⋆².
-    i0, C, c: the bound checks' transient and constants (PAPER.md §4).
+    i0, C, c: the bound checks' transient and constants (docs/paper.md §4).
     """
 
     def __init__(self, out, target, *, alpha: float, seed: int = 0, process=None,
@@ -137,7 +137,7 @@ class Monitor:
 
     def _pathwise(self, i, score, q, rows, pw, theory) -> list[dict]:
         """ε⋆,i² (Simpson quadrature over [t0, T]) and the bound checks against the measured
-        I_i of q_i pushed to t0 (PAPER.md §4), when a score and q_i's noised scores exist."""
+        I_i of q_i pushed to t0 (docs/paper.md §4), when a score and q_i's noised scores exist."""
         if score is None or q is None or not _has_marginals(q):
             return []
         gen, _ = self._generator(i, 7)

@@ -1,4 +1,4 @@
-"""The observability experiment (PAPER.md §3, §5; the paper's Fig. 2): η for injected errors.
+"""The observability experiment (docs/paper.md §3, §5; the paper's Fig. 2): η for injected errors.
 
 ``collapselab run observability`` measures the observability coefficient
 
@@ -9,7 +9,7 @@ magnitudes c and seeds, on base processes treated as the *ideal* reverse process
 
 - ``gmm``: a centred two-component Gaussian mixture in d dimensions (means ±sep·e₁, isotropic
   std): nearly isotropic. Its exact score is the ideal score.
-- ``paper_gmm``: the paper's GMM layout (PAPER.md §5: origin + (±4, ±4, 0, …), std 0.6), strongly
+- ``paper_gmm``: the paper's GMM layout (docs/paper.md §5: origin + (±4, ±4, 0, …), std 0.6), very
   anisotropic. Its exact score is the ideal score.
 - ``digits``: sklearn's 8×8 digits flattened to 64 dimensions, scaled to [−1, 1]; the base is an
   MLP ε-network trained briefly by denoising score matching. The *base model* is the ideal
@@ -21,7 +21,7 @@ Error kinds (magnitude c, e₁ of unit mean-square size for a unit-variance stat
 Frobenius norm √d drawn per seed; ``time_oscillating`` e₁ = √2 cos(2πft)·u with u = (1, …, 1):
 a *fast-oscillating* time-only error, the case where η ≈ 0. A constant or smooth ξ(t)
 (``time_constant``) is **observable** (η ≈ 0.5 on a Gaussian: a drift offset moves the output
-mean), see :mod:`collapselab.pathwise`; PAPER.md's "time-only ⇒ η ≈ 0" holds only for ξ that
+mean), see :mod:`collapselab.pathwise`; docs/paper.md's "time-only ⇒ η ≈ 0" holds only for ξ that
 oscillates faster than the response kernel varies.
 
 Method. For each (target, magnitude, seed) the ideal reverse SDE is simulated with
@@ -273,7 +273,7 @@ def ideal_paths(base, x: torch.Tensor, times: torch.Tensor, process,
     """Simulate the ideal reverse SDE with score ``base`` from x at times[0] to times[-1] and
     accumulate, for every error e_k (``errors``: name → (y, t) ↦ e_k(y, t)), the Girsanov
     martingale M_k = −Σ √β e_k(Y_t, t)·ΔB̄ and the path energy Q_k = Σ β‖e_k‖²Δt along the
-    same Brownian increments (PAPER.md §3). Returns (Y_t0, {name: M}, {name: Q}) in float64."""
+    same Brownian increments (docs/paper.md §3). Returns (Y_t0, {name: M}, {name: Q}) in float64."""
     from .samplers import euler_maruyama
 
     n = x.shape[0]

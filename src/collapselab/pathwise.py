@@ -1,4 +1,4 @@
-"""Pathwise quantities of one generation (PAPER.md §3): ε⋆², ε̂², the Girsanov martingale M_T
+"""Pathwise quantities of one generation (docs/paper.md §3): ε⋆², ε̂², the Girsanov martingale M_T
 and the observability coefficient η.
 
 Conventions (all functions):
@@ -19,7 +19,7 @@ Conventions (all functions):
   EM chain these are *exact* discrete Girsanov quantities: ½ Σ β_k‖e_k‖²Δt_k is the KL between
   the learned and the ideal EM chains.
 
-Observability of time-only errors (derivation; PAPER.md §3 says η ≈ 0). For e = ξ(t),
+Observability of time-only errors (derivation; docs/paper.md §3 says η ≈ 0). For e = ξ(t),
 M_T = −∫ √β ξ(t)·dB̄_t is a Gaussian linear functional of the reverse noise, and Y_t0 depends
 on the same noise: for q = N(μ, s²I) under OU, Y_t0 = Φ(t0, T)Y_T + ∫ Φ(t0, t) dB̄_t + const
 with Φ(t0, t) = exp(∫_{t0}^{t} (½ − 1/σ_u²) du), σ_u² = e^{−u}s² + 1 − e^{−u}. Hence
@@ -98,7 +98,7 @@ def _affine_energy(law_t: GaussianMixture, W: Tensor, b: Tensor) -> float:
 
 
 def error_function(score, law: GaussianMixture, process) -> Callable[[Tensor, float], Tensor]:
-    """e(y, t) = ŝ(y, t) − ∇log q_t(y) (PAPER.md §3), evaluated in float64."""
+    """e(y, t) = ŝ(y, t) − ∇log q_t(y) (docs/paper.md §3), evaluated in float64."""
     exact = exact_score(law, process)
 
     def e(y: Tensor, t) -> Tensor:
@@ -198,7 +198,7 @@ def score_energy_ideal(
     grid: str = "log",
     exact: str | bool = "auto",
 ) -> Estimate:
-    """ε⋆² = ∫_{t0}^{T} β(t) E_{q_t}‖ŝ(y, t) − ∇log q_t(y)‖² dt (PAPER.md §3; β ≡ 1 for OU).
+    """ε⋆² = ∫_{t0}^{T} β(t) E_{q_t}‖ŝ(y, t) − ∇log q_t(y)‖² dt (docs/paper.md §3; β ≡ 1 for OU).
 
     The ideal reverse process has marginals q_t, so a marginal expectation suffices: at each
     quadrature node, n_mc fresh draws of q_t give the mean of β‖e‖² and its stderr, which is
@@ -253,7 +253,7 @@ def dsm_constant(
     quadrature: str = "simpson",
     grid: str = "log",
 ) -> Estimate:
-    """C with L_DSM(ŝ) = ε⋆² + C (PAPER.md §3), for the training law q = ``law``.
+    """C with L_DSM(ŝ) = ε⋆² + C (docs/paper.md §3), for the training law q = ``law``.
 
     Weighting convention (the score-matching form, same β weight as ε⋆²):
 
@@ -381,7 +381,7 @@ def score_energy_learned(
     rel_tol: float | None = None,
     max_paths: int | None = None,
 ) -> Estimate:
-    """ε̂² = ∫_{t0}^{T} β(t) E‖e(Ŷ_t, t)‖² dt along the *learned* reverse process (PAPER.md §3-4,
+    """ε̂² = ∫_{t0}^{T} β(t) E‖e(Ŷ_t, t)‖² dt along the *learned* reverse path (docs/paper.md §3-4,
     Prop 3.1: KL(p̂ ‖ q_t0) ≤ KL(p̂_T ‖ q_T) + ½ ε̂², with equality for a score exact for its
     own law).
 
@@ -453,7 +453,7 @@ def girsanov_martingale(
     times: Tensor | None = None,
     return_energy: bool = False,
 ):
-    """(Y_t0, M_T) along *ideal* reverse trajectories (PAPER.md §3): Y solves the reverse SDE
+    """(Y_t0, M_T) along *ideal* reverse trajectories (docs/paper.md §3): Y solves the reverse SDE
     with the exact score ∇log q_t (Euler–Maruyama of :mod:`collapselab.samplers`) and
 
         M_T = −∫_{t0}^{T} √β(t) e(Y_t, t) · dB̄_t,    e = ŝ − ∇log q_t,
@@ -593,7 +593,7 @@ def observability(
     n_folds: int = 5,
     clip: bool = False,
 ) -> ObservabilityEstimate:
-    """η = Var(E[M_T | Y_t0]) / ε⋆² (PAPER.md §3) from ideal paths (Y_t0, M_T).
+    """η = Var(E[M_T | Y_t0]) / ε⋆² (docs/paper.md §3) from ideal paths (Y_t0, M_T).
 
     Method (cross-fitting): the paths are split into ``n_folds`` folds; for each fold a
     regressor of M on Y is chosen and fitted on the other folds only and predicts the held-out

@@ -1,4 +1,4 @@
-"""How generation i's training set is built (PAPER.md §1), with per-point provenance.
+"""How generation i's training set is built (docs/paper.md §1), with per-point provenance.
 
 Provenance code of a point: 0 = real (a draw from p); g ≥ 1 = synthetic, drawn from p̂_g (the
 output of the model trained at generation g − 1).

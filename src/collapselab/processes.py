@@ -1,4 +1,4 @@
-"""Forward noising processes (PAPER.md §2).
+"""Forward noising processes (docs/paper.md §2).
 
 Every process here is a variance-preserving SDE ``dX = -½ β(t) X dt + √β(t) dB`` on [0, T].
 Its marginal given X_0 = x is N(scale(t)·x, var(t)·I) with ``scale = exp(-½ B(t))`` and
@@ -49,7 +49,7 @@ class VPProcess:
         return math.exp(-0.5 * self.integral(t))
 
     def var(self, t):
-        """Variance of the marginal: 1 − exp(−B(t)) (PAPER.md §2: 1 − e^{−t} for OU)."""
+        """Variance of the marginal: 1 − exp(−B(t)) (docs/paper.md §2: 1 − e^{−t} for OU)."""
         if isinstance(t, Tensor):
             return -torch.expm1(-self.integral(t))
         return -math.expm1(-self.integral(t))
@@ -61,7 +61,7 @@ class VPProcess:
         return self.scale(t).reshape(shape) * x0 + self.var(t).sqrt().reshape(shape) * eps
 
     def reverse_drift(self, y: Tensor, t, score: Tensor) -> Tensor:
-        """Drift of the reverse SDE in reverse time: ½ β y + β s (PAPER.md §2)."""
+        """Drift of the reverse SDE in reverse time: ½ β y + β s (docs/paper.md §2)."""
         b = self.beta(t)
         return 0.5 * b * y + b * score
 

@@ -702,7 +702,7 @@ def sampler_comparison(df: pd.DataFrame, cfg: dict | None = None) -> pd.DataFram
     """Per arm (objective + sampler), α and generation i (seed means): KL(p̂_{i+1} ‖ p) by kNN
     and by flow_likelihood (ODE arms), χ²(p̂_{i+1} ‖ p) by flow_likelihood, the score error
     against p (score_energy_target), and their ratios KL(p̂_{i+1} ‖ p) / ε_p,i² — the fraction
-    of the score error visible in the output, the role η plays for the SDE (PAPER.md §3-4) —
+    of the score error visible in the output, the role η plays for the SDE (docs/paper.md §3-4) —
     with kNN's KL (every arm, one estimator's bias for all) and flow_likelihood's (ODE arms).
     Empty without such rows."""
     want = {("accumulated_kl", "knn"): "D_kl_knn", ("accumulated_kl", "flow_likelihood"):
@@ -950,7 +950,7 @@ def _dl(pairs) -> str:
 
 
 def _theory_sections(cfg, df, bt, imgs) -> list[tuple[str, str, str]]:
-    """Report sections of the bounds layer (PAPER.md §4), each only when its rows exist:
+    """Report sections of the bounds layer (docs/paper.md §4), each only when its rows exist:
     (id, title, body)."""
     if not _has_chain_rows(df):
         return []
@@ -1473,7 +1473,7 @@ def _regime_rows(group, base, alpha) -> list[dict]:
 def evaluate_bounds(df: pd.DataFrame, cfg: dict | None = None, *, i0: int | None = None,
                     C: float | None = None, c: float | None = None,
                     n_sigma: float = 2.0) -> pd.DataFrame:
-    """Re-evaluate every bound of PAPER.md §4 on a results table (one row per check).
+    """Re-evaluate every bound of docs/paper.md §4 on a results table (one row per check).
 
     Per (swept keys, α, seed, generation): the single-generation bounds
     (:func:`theory.check_single_generation`) from score_energy_ideal / score_energy_learned /

@@ -22,7 +22,7 @@ def _randn_like(x: Tensor, generator) -> Tensor:
 
 @torch.no_grad()
 def euler_maruyama(score, x: Tensor, times: Tensor, process, generator=None, callback=None):
-    """Euler–Maruyama on the reverse SDE dY = [½β Y + β s(Y,t)] dt + √β dB̄ (PAPER.md §2).
+    """Euler–Maruyama on the reverse SDE dY = [½β Y + β s(Y,t)] dt + √β dB̄ (docs/paper.md §2).
 
     Runs from times[0] (= T, x drawn from N(0, I) by the caller) to times[-1] (= t0) and
     returns Y_{t0}. The paper's GMM experiment: 500 steps, T = 4, t0 = 0.02.
@@ -106,7 +106,7 @@ def probability_flow_field(score, process):
     """The probability-flow ODE of the VP SDE (Song et al. 2021): dx/dt = −½β(t)[x + s(x, t)].
 
     Its solution has the forward marginals q_t at every t when s is the exact score, so the map
-    from N(0, I) at T to t0 transports (nearly) q_T to q_t0 deterministically (PAPER.md §2)."""
+    from N(0, I) at T to t0 transports (nearly) q_T to q_t0 deterministically (docs/paper.md §2)."""
 
     def field(x: Tensor, t) -> Tensor:
         return (-0.5 * float(process.beta(float(t)))) * (x + score(x, t))

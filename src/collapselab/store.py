@@ -1,4 +1,4 @@
-"""The run directory (DESIGN.md "Contracts"): atomic writes, cells, completion, results table.
+"""The run directory (its tables: docs/api.md): atomic writes, cells, completion, results table.
 
     DIR/config.yaml
     DIR/results.parquet                      one row per measurement

@@ -1,4 +1,4 @@
-"""Analytic target laws: Gaussian mixtures and 2-D toys (PAPER.md §1, §5).
+"""Analytic target laws: Gaussian mixtures and 2-D toys (docs/paper.md §1, §5).
 
 Everything is float64 torch: these laws are the ground truth every estimate is compared with.
 """
@@ -116,7 +116,7 @@ class GaussianMixture:
         return GaussianMixture(self.weights, scale * self.means, scale**2 * self.covs + var * eye)
 
     def marginal(self, process, t: float) -> GaussianMixture:
-        """q_t: this law pushed through the forward process to time t (PAPER.md §2)."""
+        """q_t: this law pushed through the forward process to time t (docs/paper.md §2)."""
         return self.noised(process.scale(t), process.var(t))
 
     def convolve(self, h: float) -> GaussianMixture:
@@ -124,7 +124,7 @@ class GaussianMixture:
         return self.noised(1.0, h * h)
 
     def mix(self, other: GaussianMixture, alpha: float) -> GaussianMixture:
-        """α·self + (1 − α)·other (the training law q_i = α p + (1−α) p̂_i, PAPER.md §1)."""
+        """α·self + (1 − α)·other (the training law q_i = α p + (1−α) p̂_i, docs/paper.md §1)."""
         if other.dim != self.dim:
             raise ValueError("cannot mix laws of different dimensions")
         if alpha >= 1.0:
@@ -182,7 +182,7 @@ def ring(n_components: int = 8, radius: float = 4.0, std: float = 0.5) -> Gaussi
 
 
 def paper_gmm_means(dim: int = 10, spread: float = 4.0) -> Tensor:
-    """The layout this project chose for the paper's 5-component GMM (PAPER.md §5: means are
+    """The layout this project chose for the paper's 5-component GMM (docs/paper.md §5: means are
     not given): one component at the origin and four at (±spread, ±spread, 0, …, 0)."""
     if dim < 2:
         raise ValueError("the paper layout needs dim >= 2")

@@ -1,10 +1,10 @@
 """The paper's bounds, recursions and regimes as pure functions of measured numbers.
 
-Every function here implements one result of arXiv 2602.16601 as restated in PAPER.md §4; its
+Every function here implements one result of arXiv 2602.16601 as restated in docs/paper.md §4; its
 docstring names the item. Nothing here runs a model: inputs are measured (or chosen) numbers —
 score energies ε⋆², ε̂², observability η, fresh-data fraction α, divergences D_i, I_i.
 
-Notation (PAPER.md §3):
+Notation (docs/paper.md §3):
     D_i   = χ²(p̂_i ‖ p)          accumulated divergence of generation i (D_0 = 0)
     I_i   = χ²(p̂_{i+1} ‖ q_i)    intra-generation divergence, q_i = α p + (1 − α) p̂_i
     ε⋆,i² ideal-path score energy of generation i, ε̂_i² its learned-path twin
@@ -96,7 +96,7 @@ def _fmt(x: float) -> str:
 
 
 def kl_upper_bound(eps_hat_sq):
-    """Upper bound on KL(p̂_{i+1} ‖ q_i): ½ ε̂_i² (PAPER.md §4, single generation, Girsanov +
+    """Upper bound on KL(p̂_{i+1} ‖ q_i): ½ ε̂_i² (Prop 3.1, single generation, Girsanov +
     data processing along the *learned* reverse path).
 
     ``eps_hat_sq`` is the learned-path score energy ε̂_i² (scalar or array).
@@ -105,7 +105,7 @@ def kl_upper_bound(eps_hat_sq):
 
 
 def chi2_lower_bound(eta, eps_sq, C=0.0):
-    """Lower bound on I_i = χ²(p̂_{i+1} ‖ q_i): ¼ η_i ε⋆,i² − C ε⋆,i⁴ (PAPER.md §4, single
+    """Lower bound on I_i = χ²(p̂_{i+1} ‖ q_i): ¼ η_i ε⋆,i² − C ε⋆,i⁴ (docs/paper.md §4, single
     generation, valid for i ≥ i₀ in the perturbative regime ε⋆,i² ≤ 1).
 
     ``C`` is the paper's moment constant (not given numerically); C = 0 gives the leading-order
@@ -116,7 +116,7 @@ def chi2_lower_bound(eta, eps_sq, C=0.0):
 
 
 def clean_regime(eta, eps_sq, C=0.0):
-    """Whether ε⋆,i² ≤ min(1, η_i / (8C)) — the clean regime of PAPER.md §4 in which
+    """Whether ε⋆,i² ≤ min(1, η_i / (8C)) — the clean regime of docs/paper.md §4 in which
     ¼ η ε² − C ε⁴ ≥ η ε²/8 (because C ε² ≤ η/8 there). With C = 0 it is just ε⋆² ≤ 1.
 
     ``nan`` inputs give ``False`` (the premise cannot be confirmed).
@@ -129,14 +129,14 @@ def clean_regime(eta, eps_sq, C=0.0):
 
 
 def chi2_lower_bound_clean(eta, eps_sq):
-    """Clean-regime lower bound χ²(p̂_{i+1} ‖ q_i) ≥ η_i ε⋆,i² / 8 (PAPER.md §4, single
+    """Clean-regime lower bound χ²(p̂_{i+1} ‖ q_i) ≥ η_i ε⋆,i² / 8 (docs/paper.md §4, single
     generation). Valid only where :func:`clean_regime` holds (and i ≥ i₀).
     """
     return _out(_arr(eta) * _arr(eps_sq) / 8.0)
 
 
 def intra_upper_bound(eps_sq, c=0.0):
-    """Upper half of the two-sided bound: I_i ≤ 4 ε⋆,i² + c ε⋆,i⁴ (PAPER.md §4, single
+    """Upper half of the two-sided bound: I_i ≤ 4 ε⋆,i² + c ε⋆,i⁴ (docs/paper.md §4, single
     generation). ``c`` is the paper's moment constant; c = 0 gives the leading order 4 ε⋆².
     """
     e = _arr(eps_sq)
@@ -144,7 +144,7 @@ def intra_upper_bound(eps_sq, c=0.0):
 
 
 def two_sided_intra_bounds(eta, eps_sq, C=0.0, c=0.0):
-    """Two-sided bound ¼ η ε⋆² − C ε⋆⁴ ≤ I_i ≤ 4 ε⋆² + c ε⋆⁴ (PAPER.md §4, single generation),
+    """Two-sided bound ¼ η ε⋆² − C ε⋆⁴ ≤ I_i ≤ 4 ε⋆² + c ε⋆⁴ (docs/paper.md §4, single generation),
     returned as ``(lower, upper)``. It shows I_i ≍ ε⋆,i² whenever η has a positive floor.
     """
     return chi2_lower_bound(eta, eps_sq, C), intra_upper_bound(eps_sq, c)
@@ -152,7 +152,7 @@ def two_sided_intra_bounds(eta, eps_sq, C=0.0, c=0.0):
 
 def perturbative(eps_sq):
     """Whether ε⋆,i² ≤ 1, the perturbative regime in which every single-generation bound of
-    PAPER.md §4 is claimed. ``nan`` gives ``False``.
+    docs/paper.md §4 is claimed. ``nan`` gives ``False``.
     """
     return _out(np.asarray(_arr(eps_sq) <= 1.0))
 
@@ -161,7 +161,7 @@ def perturbative(eps_sq):
 
 
 class Status(StrEnum):
-    """Verdict code of one bound check (PAPER.md §4). The English lives with the renderers."""
+    """Verdict code of one bound check (docs/paper.md §4). The English lives with the renderers."""
 
     HELD = "held"  # on the bound's side, within noise
     FAILED = "failed"  # on the wrong side beyond noise
@@ -204,7 +204,7 @@ class Cause(StrEnum):
 
 @dataclass(frozen=True)
 class BoundCheck:
-    """One bound held against one measurement (a PAPER.md §4 single-generation result).
+    """One bound held against one measurement (a docs/paper.md §4 single-generation result).
 
     name: metric name, e.g. ``bound_kl_upper``.
     bound: the bound's value; measured / stderr: the measured quantity and one standard error.
@@ -251,7 +251,7 @@ def check_bound(
     fail_cause: Cause = Cause.VIOLATED,
     detail: dict | None = None,
 ) -> BoundCheck:
-    """Decide whether a PAPER.md §4 bound held for one measurement, allowing for noise.
+    """Decide whether a docs/paper.md §4 bound held for one measurement, allowing for noise.
 
     Order of the decision (first that applies wins):
 
@@ -382,7 +382,7 @@ def check_single_generation(
     c: float = 0.0,
     n_sigma: float = 2.0,
 ) -> list[BoundCheck]:
-    """Check every single-generation bound of PAPER.md §4 that the given measurements allow.
+    """Check every single-generation bound of docs/paper.md §4 that the given measurements allow.
 
     Returns, in this order and only when their inputs are given:
 
@@ -467,14 +467,14 @@ def check_single_generation(
 
 def contraction_factor(alpha):
     """(1 − α)²: the exact factor by which mixing in a fraction α of fresh data contracts χ² to
-    the target, χ²(α p + (1−α) r ‖ p) = (1−α)² χ²(r ‖ p) (PAPER.md §4, exact contraction).
+    the target, χ²(α p + (1−α) r ‖ p) = (1−α)² χ²(r ‖ p) (docs/paper.md §4, exact contraction).
     """
     a = _check_alpha(alpha)
     return _out((1.0 - a) ** 2)
 
 
 def mixture_chi2(alpha, chi2_r):
-    """χ²(α p + (1−α) r ‖ p) = (1−α)² χ²(r ‖ p) (PAPER.md §4, exact contraction); with r = p̂_i
+    """χ²(α p + (1−α) r ‖ p) = (1−α)² χ²(r ‖ p) (docs/paper.md §4, exact contraction); with r = p̂_i
     it gives χ²(q_i ‖ p) = (1−α)² D_i.
 
     χ²(r‖p) = ∞ stays ∞ for α < 1; at α = 1 the mixture *is* p, so the result is 0 even then.
@@ -489,7 +489,7 @@ def mixture_chi2(alpha, chi2_r):
 
 def recursion_lower_bound(alpha, intra):
     """Right-hand side (α/2) I_i of the recursion D_{i+1} + (1−α)² D_i ≥ (α/2) I_i
-    (PAPER.md §4, recursion). At α = 0 the bound is 0 even for I_i = ∞.
+    (docs/paper.md §4, recursion). At α = 0 the bound is 0 even for I_i = ∞.
     """
     a = _check_alpha(alpha)
     i = _arr(intra)
@@ -499,7 +499,7 @@ def recursion_lower_bound(alpha, intra):
 
 
 def check_recursion(alpha: float, D, I) -> np.ndarray:
-    """Per-generation slack of the recursion D_{i+1} + (1−α)² D_i ≥ (α/2) I_i (PAPER.md §4).
+    """Per-generation slack of the recursion D_{i+1} + (1−α)² D_i ≥ (α/2) I_i (docs/paper.md §4).
 
     D: D_0 … D_N (length N+1). I: I_0 … I_{N−1} (length N), or length N+1 with the last entry
     (which would need generation N+1) ignored.
@@ -522,7 +522,7 @@ def check_recursion(alpha: float, D, I) -> np.ndarray:
 
 
 def persistence_floor(alpha, eta_f, eps_f):
-    """limsup D_i ≥ α η_f ε_f / (16 (1 + (1−α)²)) (PAPER.md §4, persistence), given an eventual
+    """limsup D_i ≥ α η_f ε_f / (16 (1 + (1−α)²)) (docs/paper.md §4, persistence), given an eventual
     floor ε⋆,i² ≥ ε_f on the *squared* score energy and η_i ≥ η_f on the observability.
     """
     a = _check_alpha(alpha)
@@ -530,7 +530,7 @@ def persistence_floor(alpha, eta_f, eps_f):
 
 
 def discount_matrix(alpha: float, N: int) -> np.ndarray:
-    """Weights of the discounted decomposition (PAPER.md §4; the heat-map of the paper's Fig. 5).
+    """Weights of the discounted decomposition (docs/paper.md §4; the heat-map of Fig. 5).
 
     Returns W of shape (N, N), float64, lower triangular:
         W[n, i] = (1−α)^{2(n−i)} for i ≤ n,  0 for i > n.
@@ -550,7 +550,7 @@ def discount_matrix(alpha: float, N: int) -> np.ndarray:
 
 
 def memory_length(alpha, threshold: float = math.exp(-1.0)):
-    """Memory of the recursion in generations (PAPER.md §4: "memory of about 1/α generations").
+    """Memory of the recursion in generations (docs/paper.md §4: "memory of about 1/α generations").
 
     Defined as the lag m at which an error's weight (1−α)^{2m} falls to ``threshold`` (1/e by
     default): m = ln(threshold) / (2 ln(1−α)). For small α this is ≈ 1/(2α) — the paper's
@@ -568,7 +568,7 @@ def memory_length(alpha, threshold: float = math.exp(-1.0)):
 
 def predicted_divergence(alpha: float, eps_sq_seq, D_i0: float = 0.0, i0: int = 0,
                          C_bias: float = 0.0) -> np.ndarray:
-    """Additive discounted decomposition (PAPER.md §4):
+    """Additive discounted decomposition (docs/paper.md §4):
 
         D_{N+1} ≈ Σ_{i=i₀}^{N} (1−α)^{2(N−i)} ε⋆,i² + (1−α)^{2(N+1−i₀)} D_{i₀} + C_bias.
 
@@ -596,7 +596,7 @@ def predicted_divergence(alpha: float, eps_sq_seq, D_i0: float = 0.0, i0: int = 
 
 def steady_state(alpha, eps_sq):
     """Saturation level of the discounted sum with a constant error ε²: ε² / (1 − (1−α)²) =
-    ε² / (α(2−α)) (PAPER.md §4, discounted decomposition). α = 0 → ∞ for ε² > 0 (no discount);
+    ε² / (α(2−α)) (docs/paper.md §4, discounted decomposition). α = 0 → ∞ for ε² > 0 (no discount);
     α = 0 with ε² = 0 → 0 (nothing accumulates beyond the starting D).
     """
     a = _check_alpha(alpha)
@@ -712,7 +712,7 @@ def classify_regime(
     min_length: int = 6,
     n_sigma: float = 2.0,
 ) -> Regime:
-    """Classify a chain into the regimes of PAPER.md §4 ("Regimes" and "Persistence") by
+    """Classify a chain into the regimes of docs/paper.md §4 ("Regimes" and "Persistence") by
     whether the series D saturates — not by comparing it with a plateau that assumes a unit
     constant in front of ε² (the single-step bounds allow any constant between ¼η and 4).
 
@@ -891,7 +891,7 @@ def _worst_D(alpha: float, eps_sq: float, D0: float, horizon: int | None) -> flo
 def _plan_additive(eps_sq: float, tolerance: float, horizon: int | None,
                D0: float = 0.0) -> PlanResult:
     """Smallest α ∈ [0, 1] keeping the predicted D ≤ ``tolerance`` at every generation 1 … horizon
-    (PAPER.md §4, discounted decomposition with a constant per-generation innovation ε²; the
+    (docs/paper.md §4, discounted decomposition with a constant per-generation innovation ε²; the
     caller passes c·ε²).
 
     Prediction: P_n = (1−α)^{2n} D0 + ε² Σ_{k<n} (1−α)^{2k}, the additive decomposition started
@@ -965,7 +965,7 @@ def _plan_additive(eps_sq: float, tolerance: float, horizon: int | None,
 @dataclass(frozen=True)
 class GaussianSmoothing:
     """Target N(μ, s² I_d) and stopping time t0 of the OU reverse process, for the drift that
-    stopping at t0 adds in every generation even with exact scores (PAPER.md §5: the ideal
+    stopping at t0 adds in every generation even with exact scores (docs/paper.md §5: the ideal
     reverse process stopped at t0 outputs its training law pushed to t0 — shrunk by
     a = e^{−t0/2}, with variance 1 − e^{−t0} added).
 
@@ -1016,7 +1016,7 @@ def _smoothing_log_gram(g: GaussianSmoothing, N: int) -> np.ndarray:
 def smoothing_drift(alpha: float, g: GaussianSmoothing, N: int) -> np.ndarray:
     """χ²(p̂_n ‖ p) for n = 1 … N of the chain whose every model is exact (ε⋆² = 0) but stops
     at t0: p̂_{n+1} = S(α p + (1−α) p̂_n), p̂_0 = p, S = the OU push to t0, for the Gaussian
-    target p = N(μ, s² I) of ``g`` (closed form, PAPER.md §4 contraction + §5 t0 step).
+    target p = N(μ, s² I) of ``g`` (closed form, docs/paper.md §4 contraction + §5 t0 step).
 
     S is linear on laws, so p̂_n = Σ_{k=1}^{n} w_k S^k p with w_k = α(1−α)^{k−1} (k < n) and
     w_n = (1−α)^{n−1}; each S^k p = N(a^k μ, v_k I) is Gaussian and
@@ -1107,7 +1107,7 @@ def plan_alpha(eps_sq: float, tolerance: float, horizon: int | None, D0: float =
                c: float = 1.0, smoothing: Sequence[GaussianSmoothing] | None = None
                ) -> PlanResult:
     """Smallest α ∈ [0, 1] keeping the *predicted* D ≤ ``tolerance`` at every generation
-    1 … horizon (PAPER.md §4, discounted decomposition). A prediction under a stated constant,
+    1 … horizon (docs/paper.md §4, discounted decomposition). A prediction under a stated constant,
     not a bound: the recursion D_{i+1} = (1−α)² D_i + c·ε² is assumed with the constant ``c``
     (1 = the additive picture; the single-step upper bound I ≤ 4 ε⋆² allows up to 4).
 

@@ -1,4 +1,4 @@
-"""English for the verdict and cause codes of :mod:`collapselab.theory` (PAPER.md §4 checks).
+"""English for the verdict and cause codes of :mod:`collapselab.theory` (docs/paper.md §4 checks).
 
 The theory layer decides (status and cause codes plus numbers); this module only words them,
 so the loop's stored notes, the report and the CLI say the same thing and nothing downstream

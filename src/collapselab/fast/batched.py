@@ -297,7 +297,7 @@ def _forward_backward_2d(ws: list[Tensor], bs: list[Tensor], gws: list[Tensor],
     The CPU path. ``prod`` (:mod:`collapselab.fast.gemm`) makes the products: the native GEMM into
     the buffers, oneDNN's (fresh outputs; they want dense transposed inputs for the weight
     gradients, which the native SiLU pass writes), or ``torch.mm(out=)`` into buffers that
-    live for the whole run, per chain ~15% faster than ``bmm`` over a batch of one. (With the
+    live for the whole run, per chain faster than ``bmm`` over a batch of one. (With the
     native GEMM and output layer the shard runs the same arithmetic as one C call per chain,
     ``Kernels.mlp_plan``.) The bias is added after the product (``addmm`` first copies
     the broadcast bias into the output, one more pass). ``wts`` are the transposed weights
@@ -533,13 +533,13 @@ class _Shard:
         x.add_(self.eps.view(self.inp_x.shape) * process.var(t).sqrt_().view(shape))
         # The same elementwise ops as sinusoidal_embedding: bit-identical features.
         # cos/sin into a contiguous buffer, then one copy: written straight into the strided
-        # columns of inp they take ~4x longer (measured).
+        # columns of inp they take several times longer.
         args = t[:, :, None] * model.freqs
         self.inp_cos.copy_(torch.cos(args, out=self.trig))
         self.inp_sin.copy_(torch.sin(args, out=self.trig))
         # Chains one at a time (chunk = 1 by default): a chain's activations (~2 MB at width
-        # 128, batch 512) stay in L2, where the SiLU and bias passes are 1.3-1.5x cheaper
-        # than over all K chains' (measured; see benchmarks/results/).
+        # 128, batch 512) stay in L2, where the SiLU and bias passes are cheaper
+        # than over all K chains' (see benchmarks/results/).
         if self.plans is not None and fb is _forward_backward:
             for run in self.plans:
                 run()
@@ -686,8 +686,8 @@ def train_dsm_batched(nets: BatchedMLP | Sequence[MLPNet], datas: Sequence[Tenso
         chain's activations then stay in cache, measured faster; K on accelerators). Sampling,
         clipping, Adam and the EMA always run over the whole shard at once.
     compile: run the forward/backward through ``torch.compile`` (falls back to eager with a
-        warning where compilation fails). It costs tens of seconds once per process and shape
-        and saves ~10-20% per step on CPU: worth it for long runs or many generations only.
+        warning where compilation fails). It costs a compilation once per process and shape
+        and saves a part of each step on CPU: worth it for long runs or many generations only.
     native: on CPU in float32 (chunk = 1), use the kernels of :mod:`collapselab.fast.native`
         (fused SiLU/bias passes, the narrow output layer, the optimizer pass and, through
         :mod:`collapselab.fast.gemm`, the GEMM) where they compile and pass their self-test (else,

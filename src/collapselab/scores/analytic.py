@@ -1,4 +1,4 @@
-"""Exact scores of Gaussian-mixture laws: the oracle and the population KDE (PAPER.md §5)."""
+"""Exact scores of Gaussian-mixture laws: the oracle and the population KDE (docs/paper.md §5)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class AnalyticScore:
 class LawScore:
     """Exact score ∇log q_t of any law with ``marginal(process, t)`` returning a law that has
     ``score`` (GaussianMixture, finite-KDE laws, mixtures of them): the reference ∇log q_{i,t}
-    the pathwise quantities compare a model with (PAPER.md §3)."""
+    the pathwise quantities compare a model with (docs/paper.md §3)."""
 
     def __init__(self, law, process):
         self.law, self.process = law, process

@@ -5,7 +5,7 @@ samplers) or a tensor of shape (n,). The result has the shape of ``x``.
 
 Models whose output law is known exactly (analytic, KDE, population KDE) also expose
 ``output_law(process, t0)``: the law of the ideal reverse process stopped at t0, i.e. the
-model's target pushed through the forward process to t0 (PAPER.md §5: stopping early shrinks
+model's target pushed through the forward process to t0 (docs/paper.md §5: stopping early shrinks
 by scale(t0) and adds variance var(t0)). Others return None.
 """
 

@@ -1,4 +1,4 @@
-"""Finite Gaussian KDE score: centres = the training set, bandwidth h (PAPER.md §5).
+"""Finite Gaussian KDE score: centres = the training set, bandwidth h (docs/paper.md §5).
 
 The KDE (1/N) Σ_j N(c_j, h² I) pushed through the forward process to time t is the mixture
 (1/N) Σ_j N(a c_j, v I) with a = scale(t), v = a² h² + var(t); its exact score is an

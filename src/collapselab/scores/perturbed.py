@@ -1,8 +1,8 @@
-"""Scores with an injected error of a chosen magnitude (PAPER.md §3, §5: observability η).
+"""Scores with an injected error of a chosen magnitude (docs/paper.md §3, §5: observability η).
 
 ``PerturbedScore(base, error, magnitude)`` is the score ŝ(y, t) = base(y, t) + magnitude·e(y, t).
 When ``base`` is the exact score of the training law q (e.g. :class:`AnalyticScore`), the score
-error of PAPER.md §3 is exactly e_i(y, t) = ŝ − ∇log q_t = magnitude·e(y, t), so ε⋆², ε̂², the
+error of docs/paper.md §3 is exactly e_i(y, t) = ŝ − ∇log q_t = magnitude·e(y, t), so ε⋆², ε̂², the
 Girsanov martingale M_T and η of :mod:`collapselab.pathwise` are known functions of ``error``.
 
 Error kinds (each a callable ``(y, t) -> tensor`` with the shape of y, exposing the exact error):
@@ -186,11 +186,11 @@ def affine_parts(error, t: float, d: int) -> tuple[Tensor, Tensor] | None:
 
 
 class PerturbedScore:
-    """ŝ(y, t) = base(y, t) + magnitude·e(y, t): a score with an injected error (PAPER.md §3).
+    """ŝ(y, t) = base(y, t) + magnitude·e(y, t): a score with an injected error (docs/paper.md §3).
 
     ``error`` is a :class:`ScoreError` or any callable ``(y, t) -> tensor``. With magnitude 0
     the base score is returned unchanged. ``error_fn(y, t)`` is the injected error
-    magnitude·e(y, t) — the exact score error e_i of PAPER.md §3 when ``base`` is exact.
+    magnitude·e(y, t) — the exact score error e_i of docs/paper.md §3 when ``base`` is exact.
     """
 
     def __init__(self, base, error, magnitude: float = 1.0):

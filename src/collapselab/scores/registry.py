@@ -39,7 +39,7 @@ FIT_EXTRAS = ("generation", "device", "law", "t_min", "init_state")
 # ---- the built-in kinds as models of the contract --------------------------------------------
 class AnalyticModel:
     """The oracle (``bandwidth=0``) or the population KDE of q_i: the exact score of
-    q_i * N(0, h² I) pushed through the forward process (PAPER.md §5). Needs q_i's law."""
+    q_i * N(0, h² I) pushed through the forward process (docs/paper.md §5). Needs q_i's law."""
 
     def __init__(self, bandwidth: float = 0.0):
         self.bandwidth = float(bandwidth)
@@ -60,7 +60,7 @@ class AnalyticModel:
 
 
 class KDEModel:
-    """The finite Gaussian KDE of the training set (the paper's GMM score model, PAPER.md §5).
+    """The finite Gaussian KDE of the training set (the paper's GMM score model, docs/paper.md §5).
     Its law holds the whole training set, so the loop keeps only the latest one."""
 
     law_memory = "last"

@@ -1,4 +1,4 @@
-"""ε-prediction U-Net for image experiments (PAPER.md §5: residual blocks, GroupNorm, SiLU,
+"""ε-prediction U-Net for image experiments (docs/paper.md §5: residual blocks, GroupNorm, SiLU,
 sinusoidal time embedding, dropout 0.1).
 
 DDPM-style architecture (Ho et al. 2020) sized for small images. Down-sampling is a stride-2
