@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -114,6 +114,21 @@ class ScoreConfig(_Strict):
     patience: PosInt | None = None
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     warm_start: bool = False
+    # CUDA speed-ups of the U-Net's DSM step (scores/gpu_fast.py): true = all, or a list of
+    # bf16 / channels_last / compile / cuda_graphs. Ignored on CPU.
+    gpu_fast: bool | list[str] = False
+
+    @field_validator("gpu_fast", mode="before")
+    @classmethod
+    def _gpu_fast(cls, value):
+        allowed = ["bf16", "channels_last", "compile", "cuda_graphs"]
+        ok = isinstance(value, bool) or (
+            isinstance(value, list) and all(v in allowed for v in value)
+        )
+        if not ok:
+            got = f" (got {value!r})" if isinstance(value, list) else ""  # scalars: added
+            raise ValueError(f"must be true, false or a list of {allowed}{got}")
+        return value
 
     @model_validator(mode="after")
     def _check(self):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batched import train_dsm_batched
+from .gpu_fast import parse_gpu_fast
 from .mlp import MLPNet, NeuralScore
 from .training import TrainConfig, TrainResult, load_checkpoint, save_checkpoint, train_dsm
 from .unet import UNet
@@ -83,7 +84,8 @@ def fit_neural(
                                   init_states=[init_state])[0]
     net = build_network(score_cfg, tuple(data.shape[1:]), seed)
     cfg = train_config(score_cfg, generation, seed, t_min)
-    result = train_dsm(net, data, process, cfg, init_state=init_state, device=device)
+    result = train_dsm(net, data, process, cfg, init_state=init_state, device=device,
+                       fast=parse_gpu_fast(getattr(score_cfg, "gpu_fast", False)))
     return NeuralScore(result.ema_net, process), result
 
 
