@@ -89,6 +89,10 @@ def fast_forward(
     def forward(x: Tensor, t: Tensor) -> Tensor:
         if fast.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        if fast.cuda_graphs:
+            # A new training step: the previous step's graph outputs (loss, activations) are
+            # consumed by then, so the replay may overwrite them.
+            torch.compiler.cudagraph_mark_step_begin()
         amp = (torch.autocast(device.type, dtype=torch.bfloat16) if fast.bf16
                else contextlib.nullcontext())
         with amp:
