@@ -82,3 +82,24 @@ def test_bad_value_exits_2_with_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "score.gpu_fast" in lines[0] and "bf16" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_forced_compile_and_graph_mode_match_eager_on_cpu():
+    """torch.compile (inductor on CPU; reduce-overhead records no CUDA graph there) gives the
+    eager loss and gradients to float32 rounding: the compiled step trains the same network."""
+    net = small_unet().eval()  # eval: dropout off, so eager and compiled draw nothing
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.rand(8, generator=torch.Generator().manual_seed(2))
+    ref_net = copy.deepcopy(net)
+    ref = ref_net(x, t).square().mean()
+    ref.backward()
+    fwd = fast_forward(net, GpuFast(compile=True, cuda_graphs=True), torch.device("cpu"),
+                       force=True)
+    for _ in range(2):  # the second call replays what the first compiled
+        net.zero_grad()
+        loss = fwd(x, t).square().mean()
+        loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for p, q in zip(net.parameters(), ref_net.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
