@@ -54,6 +54,7 @@ at the paper's sharpest point (t = 0.02, h = 0.1), ≈ 1e-6 for t ≳ 1; float64
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -279,9 +280,7 @@ def _weighted_mean(
 ) -> Tensor:
     """``Σ_j softmax_j(q·k_j / v) k_j`` through the chosen backend (sdpa falls back)."""
     if mode == "triton":
-        from collapselab.kde_triton import kde_attention
-
-        return kde_attention(q, keys.keys, inv_var).to(q.dtype)
+        return _kde_triton().kde_attention(q, keys.keys, inv_var).to(q.dtype)
     if mode == "sdpa":
         step = chunk or q.shape[0]
         parts = []
@@ -340,11 +339,21 @@ def _triton_runs(y: Tensor) -> bool:
     CUDA tensor (or Triton's interpreter for CPU tensors)."""
     if y.dtype == torch.float64:
         return False
-    try:
-        from collapselab.kde_triton import interpreting
-    except ImportError:  # Triton not installed (an optional extra)
+    module = _kde_triton()
+    if module is None:
         return False
-    return y.is_cuda or (y.device.type == "cpu" and interpreting())
+    return y.is_cuda or (y.device.type == "cpu" and module.interpreting())
+
+
+@functools.cache
+def _kde_triton():
+    """The Triton kernel's module, or None when Triton is not installed (an optional extra);
+    looked up once, not at every score evaluation."""
+    try:
+        from collapselab import kde_triton
+    except ImportError:
+        return None
+    return kde_triton
 
 
 def _resolve_backend(backend: str, y: Tensor) -> str:
