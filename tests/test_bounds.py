@@ -16,7 +16,8 @@ from collapselab.report import build_report, evaluate_bounds, write_bounds
 TINY = ["loop.generations=3", "loop.n_train=200", "sampler.steps=20", "estimators.n_mc=2000",
         "estimators.n_eval=200", "estimators.sample_based=[]", "estimators.extra=[]",
         "sweep.alphas=[0.1, 0.9]", "sweep.seeds=[0]", "score.kind=population_kde",
-        "pathwise.n_paths=200", "pathwise.n_mc=200", "pathwise.n_times=7", "pathwise.steps=20",
+        "pathwise.n_paths=200", "pathwise.min_paths=200", "pathwise.n_mc=200",
+        "pathwise.n_times=7", "pathwise.steps=20",
         "pathwise.observability=false"]
 ETA = 0.5  # η rows added by hand: the loop's η (an expensive regression) is tested elsewhere
 
@@ -48,12 +49,19 @@ def test_bounds_writes_the_table_and_figures(run_dir):
     assert {"alpha", "seed", "generation", "check", "bound", "measured", "measured_metric",
             "slack", "held", "status", "cause", "reason"} <= set(bt.columns)
     sg = bt[bt.kind == "single_generation"]
-    assert set(sg.check) == {"bound_kl_upper", "bound_chi2_lower", "bound_chi2_lower_clean",
-                             "bound_intra_upper"}
+    assert set(sg.check) == {"bound_kl_upper", "calibration_eps_hat", "bound_chi2_lower",
+                             "bound_chi2_lower_clean", "bound_intra_upper"}
     # Girsanov bounds are checked against q_i pushed to t0 (the paper's idealisation).
     assert set(sg.measured_metric) == {"intra_kl_t0", "intra_chi2_t0"}
     assert set(bt.status) <= {"held", "FAILED", "no claim", "compared", "stable", "saturating",
-                              "collapsing", "undetermined"}
+                              "collapsing", "undetermined", "identity", "consistent",
+                              "inconsistent"}
+    # population KDE is exact for its own law: Prop 3.1 is an identity, not a test
+    kl = sg[sg.check == "bound_kl_upper"]
+    assert (kl.status == "identity").all() and kl.held.isna().all()
+    assert (kl.cause == "exact_own_law").all()
+    cal = sg[sg.check == "calibration_eps_hat"]
+    assert set(cal.status) <= {"consistent", "inconsistent"} and len(cal) == len(kl)
     for name in ("bound_checks", "recursion", "prediction", "discount_heatmap",
                  "observability_generations"):
         assert (run_dir / "figures" / f"{name}.png").exists(), name
@@ -93,7 +101,8 @@ def test_failures_are_explained(run_dir, tmp_path):
     shutil.copytree(run_dir, bad)
     df = pd.read_parquet(bad / "results.parquet")
     sel = (df.alpha == 0.9) & (df.generation == 1)
-    df.loc[sel & (df.metric == "intra_kl_t0"), "value"] = 50.0  # far above ½ ε̂²
+    df.loc[sel & (df.metric == "intra_kl_t0"), "value"] = 50.0  # far above KL_T + ½ ε̂²
+    df.loc[sel & (df.metric == "intra_chi2_t0"), ["value", "stderr"]] = [0.0, 0.0]  # < ¼ηε⋆²
     df.loc[(df.alpha == 0.9) & (df.generation == 2) & (df.metric == "score_energy_ideal"),
            "value"] = 3.0  # outside the perturbative regime
     df.loc[(df.alpha == 0.1) & (df.generation == 1) & (df.metric == "intra_chi2_t0"),
@@ -103,15 +112,26 @@ def test_failures_are_explained(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "bound checks" in out and "regime alpha=0.1" in out
-    assert "FAILED: bound_kl_upper at alpha=0.9 seed=0 generation=1" in out
-    assert "likely cause" in out and "start-up and discretisation" in out
+    assert "FAILED: bound_chi2_lower at alpha=0.9 seed=0 generation=1" in out
+    assert "likely cause" in out and "−C ε⋆⁴ correction is unknown" in out
+    assert "inconsistent: calibration_eps_hat at alpha=0.9 seed=0 generation=1" in out
+    assert "Euler" not in out
     assert "outside the perturbative regime" in out
     assert "transient" in out
     assert "heavy tail" in out
     bt = pd.read_parquet(bad / "bounds.parquet")
     kl = bt[(bt.check == "bound_kl_upper") & (bt.alpha == 0.9) & (bt.generation == 1)].iloc[0]
-    assert kl.status == "FAILED" and kl.slack < 0
-    assert kl.cause == "start-up / discretisation error"
+    assert kl.status == "identity" and pd.isna(kl.held)
+    cal = bt[(bt.check == "calibration_eps_hat") & (bt.alpha == 0.9) & (bt.generation == 1)]
+    assert cal.iloc[0].status == "inconsistent" and cal.iloc[0].cause == "eps_hat_low"
+    low = bt[(bt.check == "bound_chi2_lower") & (bt.alpha == 0.9) & (bt.generation == 1)].iloc[0]
+    assert low.status == "FAILED" and low.slack < 0 and low.cause == "leading_order_C"
+    # the chi2 upper bound at generation 2 (ε⋆² = 3): no claim, named by its code
+    up = bt[(bt.check == "bound_intra_upper") & (bt.alpha == 0.9) & (bt.generation == 2)].iloc[0]
+    assert up.status == "no claim" and up.cause == "not_perturbative"
+    # Prop 3.1 has no perturbative premise: its row at ε⋆² = 3 is still the identity
+    kl2 = bt[(bt.check == "bound_kl_upper") & (bt.alpha == 0.9) & (bt.generation == 2)].iloc[0]
+    assert kl2.status == "identity"
     head = out.splitlines()[0]
     assert "FAILED" in head and "Main reason for the failures" in head
 

@@ -138,14 +138,31 @@ def test_ray_executor_matches_local(cfg, reference, tmp_path):
 
 def test_summary_is_a_t_interval_over_seeds_that_counts_nonfinite_values():
     rows = []
-    for seed, v in enumerate([1.0, 2.0, 4.0, math.inf]):
+    # A metric with a negative value (e.g. a kNN KL estimate): the plain t-interval.
+    for seed, v in enumerate([-1.0, 2.0, 4.0, math.inf]):
         rows.append(dict(alpha=0.5, seed=seed, generation=1, metric="m", estimator="e",
                          value=v, stderr=0.0, note="", **{"score.bandwidth": 0.3}))
     s = summarize(pd.DataFrame(rows)).iloc[0]
-    fin = np.array([1.0, 2.0, 4.0])
+    fin = np.array([-1.0, 2.0, 4.0])
     half = stats.t.ppf(0.975, 2) * fin.std(ddof=1) / math.sqrt(3)
     assert s["score.bandwidth"] == 0.3 and s.n == 3 and s.n_nonfinite == 1
-    assert s["mean"] == pytest.approx(fin.mean())
+    assert s["mean"] == pytest.approx(fin.mean()) and s.interval == "t"
     assert (s.ci_low, s.ci_high) == pytest.approx((fin.mean() - half, fin.mean() + half))
     one = summarize(pd.DataFrame(rows[:1])).iloc[0]
-    assert one.n == 1 and math.isnan(one.ci_low)
+    assert one.interval == "none" and one.n == 1 and math.isnan(one.ci_low)
+
+
+def test_summary_of_a_nonnegative_metric_never_reaches_below_zero():
+    """Two seeds of a KL (0.01 and 1.0): the plain t-interval would be 0.505 ± 6.29; the
+    log-scale interval is mean · exp(± t s / (mean √n)), positive, with the same t and s."""
+    rows = [dict(alpha=0.5, seed=s, generation=1, metric="kl", estimator="e", value=v,
+                 stderr=0.0, note="") for s, v in enumerate([0.01, 1.0])]
+    rows += [dict(alpha=0.5, seed=s, generation=0, metric="kl", estimator="e", value=0.0,
+                  stderr=0.0, note="") for s in range(2)]
+    summ = summarize(pd.DataFrame(rows)).set_index("generation")
+    s = summ.loc[1]
+    f = np.exp(stats.t.ppf(0.975, 1) * np.std([0.01, 1.0], ddof=1) / (0.505 * math.sqrt(2)))
+    assert s.interval == "log-t" and s["mean"] == pytest.approx(0.505)
+    assert (s.ci_low, s.ci_high) == pytest.approx((0.505 / f, 0.505 * f))
+    assert 0 < s.ci_low < 0.01 and s.ci_high > 1.0
+    assert (summ.loc[0, "ci_low"], summ.loc[0, "ci_high"]) == (0.0, 0.0)  # every seed is 0

@@ -180,7 +180,8 @@ def test_mlp_chain_with_warm_start_resumes_identically(tmp_path):
 def test_pathwise_rows_match_closed_forms_on_a_gaussian_population_kde(tmp_path):
     """p = N(0, s²) in 2-D, population KDE of bandwidth h: the model score is exact for
     N(0, s² + h²), so with V_h(t) = a²(s²+h²) + 1 − a², V(t) = a²s² + 1 − a² (a² = e^{−t}):
-    ε⋆² = ∫ d a⁴h⁴ / (V_h² V) dt and ε̂² = ∫ d a⁴h⁴ / (V_h V²) dt, and KL(p̂ ‖ q_t0) ≤ ½ ε̂²."""
+    ε⋆² = ∫ d a⁴h⁴ / (V_h² V) dt, ε̂² = ∫ d a⁴h⁴ / (V_h V²) dt (along p̂'s own paths) and
+    KL(p̂_t0 ‖ q_t0) = KL(p̂_T ‖ q_T) + ½ ε̂² (de Bruijn)."""
     from scipy.integrate import quad
 
     s2, h = 0.25, 0.3
@@ -219,9 +220,21 @@ def test_pathwise_rows_match_closed_forms_on_a_gaussian_population_kde(tmp_path)
     assert abs(e_star.value - star) < 4 * e_star.stderr + 1e-3 * star
     # Euler–Maruyama on a geometric 100-step grid: 4 stderr plus a 2% discretisation allowance.
     assert abs(e_hat.value - hat) < 4 * e_hat.stderr + 0.02 * hat
+    # The model is exact for its own law: Prop 3.1 is the de Bruijn identity
+    # KL(p̂_t0 ‖ q_t0) = KL(p̂_T ‖ q_T) + ½ ε̂² (closed forms for these Gaussians), so the bound
+    # row is labelled an identity and the calibration row compares the two sides.
+    def kl(t):
+        r = vh(t) / v(t)
+        return 0.5 * 2 * (r - 1 - math.log(r))
+
+    assert kl(0.02) - kl(4.0) == pytest.approx(0.5 * hat, rel=1e-6)
     kl_bound = row("bound_kl_upper")
-    assert kl_bound.held is True or kl_bound.held == True  # noqa: E712 (pandas object column)
-    assert row("intra_kl_t0").value <= 0.5 * hat
+    assert kl_bound.status == "identity" and kl_bound.cause == "exact_own_law"
+    assert kl_bound.held is None or pd.isna(kl_bound.held)
+    assert row("intra_kl_T").value == pytest.approx(kl(4.0), abs=4 * row("intra_kl_T").stderr)
+    cal = row("calibration_eps_hat")
+    assert cal.status == "consistent", cal.note
+    assert cal.measured == pytest.approx(row("intra_kl_t0").value)
 
 
 def test_cuda_chains_switch_on_deterministic_kernels(monkeypatch, tmp_path):

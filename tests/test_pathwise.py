@@ -247,3 +247,65 @@ def test_eta_ordering_aligned_random_timeonly(gen):
     assert a.value - r > 4 * math.hypot(a.stderr, r_se), msg
     assert r - t.value > 4 * math.hypot(r_se, t.stderr), msg
     assert abs(t.value) <= 4 * t.stderr + 2e-3, msg
+
+
+# ---- ε̂² from the model's own T-marginal: the de Bruijn identity and a skew-aware stderr ----
+def test_learned_energy_from_own_marginal_satisfies_de_bruijn():
+    """For a score exact for its own law p̂ (here a Gaussian), KL(p̂_t0 ‖ q_t0) =
+    KL(p̂_T ‖ q_T) + ½ ε̂² with ε̂² along p̂'s reverse paths started from p̂_T (closed-form KLs)."""
+    from collapselab.pathwise import gaussian_kl
+
+    T, t0 = 4.0, 0.02
+    q = GaussianMixture.isotropic(torch.tensor([[0.0]], dtype=torch.float64), 0.5)
+    ph = GaussianMixture.isotropic(torch.tensor([[0.6]], dtype=torch.float64), 0.7)
+    model = AnalyticScore(ph, P)
+
+    def kl(t):
+        a, b = ph.marginal(P, t), q.marginal(P, t)
+        return gaussian_kl(a.means[0], a.covs[0], b.means[0], b.covs[0])
+
+    grid = torch.exp(torch.linspace(math.log(T), math.log(t0), 201, dtype=torch.float64))
+    g = torch.Generator().manual_seed(3)
+    e = score_energy_learned(model, q, P, t0, T, 200, 2000, g, start="model", times=grid)
+    assert "start=model T-marginal" in e.note and "BCa" in e.note
+    # ½ ε̂² = KL_t0 − KL_T (= 0.3895 − 0.0006 here) within 4 of its standard errors
+    assert abs(0.5 * e.value - (kl(t0) - kl(T))) <= 4 * 0.5 * e.stderr
+    # a uniform grid of 20 steps under-resolves t near t0 and reads low by far more
+    low = score_energy_learned(model, q, P, t0, T, 20, 2000, g, start="model")
+    assert 0.5 * low.value < kl(t0) - kl(T) - 4 * 0.5 * low.stderr
+
+
+def test_learned_energy_adaptive_path_count_and_bad_start():
+    T, t0 = 4.0, 0.02
+    q = GaussianMixture.isotropic(torch.tensor([[0.0]], dtype=torch.float64), 0.5)
+    ph = GaussianMixture.isotropic(torch.tensor([[0.3]], dtype=torch.float64), 0.6)
+    model = AnalyticScore(ph, P)
+    g = torch.Generator().manual_seed(4)
+    e = score_energy_learned(model, q, P, t0, T, 20, 50, g, start="model", rel_tol=0.05,
+                             max_paths=2000)
+    n = int(e.note.split()[0])
+    assert n % 50 == 0 and (e.stderr <= 0.05 * e.value or n + 50 > 2000), e.note
+    assert "relative stderr" in e.note
+    with pytest.raises(ValueError, match="output_law"):
+        score_energy_learned(PerturbedScore(model, time_constant([1.0]), 0.1), q, P, t0, T, 5, 10,
+                             g, start="model")
+
+
+def test_skewed_mean_bca_stderr_covers_a_lognormal_mean():
+    """Lognormal(0, 1.5) (skewness ≈ 33): mean ± 2 BCa stderr covers e^{1.125} in ≥ 90% of 200
+    repetitions of n = 300 (the nominal 95% would be ~0.95; the symmetric s/√n falls short)."""
+    import numpy as np
+
+    from collapselab.pathwise import skewed_mean
+
+    rng = np.random.default_rng(1)
+    truth = math.exp(1.5**2 / 2)
+    hits = 0
+    for _ in range(200):
+        y = rng.lognormal(0.0, 1.5, 300)
+        m, se, skew = skewed_mean(y, None, 500)
+        assert m == pytest.approx(y.mean()) and skew > 2
+        hits += abs(m - truth) <= 2 * se
+    assert hits / 200 >= 0.90
+    m, se, _ = skewed_mean(np.array([1.0, 1.0, 1.0]))
+    assert (m, se) == (1.0, 0.0)

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from collapselab import theory as th
+from collapselab.theory import Cause as K
+from collapselab.theory import Status as S
+from collapselab.verdicts import render_check
 
 INF, NAN = math.inf, math.nan
 
@@ -78,14 +81,19 @@ def test_perturbative():
 
 def test_check_bound_upper_held_and_violated():
     c = th.check_bound("bound_kl_upper", 0.15, 0.10, 0.01, "upper")
-    assert c.held is True and "below the bound" in c.reason
+    assert c.held is True and c.status is S.HELD and c.cause is K.NONE
+    assert c.gap == pytest.approx(-0.05)
     # measured 0.16 − 2 · 0.01 = 0.14 ≤ 0.15: consistent within noise
     c = th.check_bound("b", 0.15, 0.16, 0.01, "upper")
-    assert c.held is True and "within 2 standard errors" in c.reason
+    assert c.held is True and c.gap == pytest.approx(0.01) and c.sigma == pytest.approx(0.01)
+    assert "within 2 standard errors" in render_check(c)
     # measured 0.20: gap 0.05 = 5 standard errors > 2
     c = th.check_bound("b", 0.15, 0.20, 0.01, "upper")
-    assert c.held is False and "violated by 0.05 (5.0 standard errors)" in c.reason
+    assert c.held is False and c.status is S.FAILED and c.cause is K.VIOLATED
+    assert "violated by 0.05 (5.0 standard errors)" in render_check(c)
     assert (c.name, c.bound, c.measured, c.stderr, c.direction) == ("b", 0.15, 0.2, 0.01, "upper")
+    c = th.check_bound("b", 0.15, 0.20, 0.01, "upper", fail_cause=K.LEADING_ORDER_c)
+    assert c.cause is K.LEADING_ORDER_c and "c ε⋆⁴" in render_check(c)
 
 
 def test_check_bound_lower_and_bound_stderr():
@@ -95,29 +103,38 @@ def test_check_bound_lower_and_bound_stderr():
     assert th.check_bound("b", 0.05, 0.041, 0.003, "lower", bound_stderr=0.004).held is True
     assert th.check_bound("b", 0.05, 0.039, 0.003, "lower", bound_stderr=0.004).held is False
     c = th.check_bound("b", 0.05, 0.04, NAN, "lower")
-    assert c.held is False and "no standard error" in c.reason
+    assert c.held is False and not c.stderr_known and "no standard error" in render_check(c)
 
 
 def test_check_bound_premises_and_unusable_numbers():
     c = th.check_bound("b", 0.1, 0.05, eps_sq=1.5)
-    assert c.held is None and "perturbative" in c.reason and "1.5" in c.reason
+    assert c.held is None and c.cause is K.NOT_PERTURBATIVE and c.status is S.NO_CLAIM
+    assert "perturbative" in render_check(c) and "1.5" in render_check(c)
     c = th.check_bound("b", 0.1, 0.05, generation=2, i0=3)
-    assert c.held is None and "transient" in c.reason
+    assert c.held is None and c.cause is K.TRANSIENT and "transient" in render_check(c)
     assert th.check_bound("b", 0.1, 0.05, generation=3, i0=3).held is True
-    c = th.check_bound("b", 0.1, 0.05, premises=[(False, "the clean regime")])
-    assert c.held is None and "premise not met: the clean regime" in c.reason
+    c = th.check_bound("b", 0.1, 0.05, premises=[(False, K.NOT_CLEAN)])
+    assert c.held is None and c.cause is K.NOT_CLEAN and "clean regime" in render_check(c)
     c = th.check_bound("b", 0.1, NAN)
-    assert c.held is None and "NaN" in c.reason
-    assert th.check_bound("b", NAN, 0.1).held is None
-    assert th.check_bound("b", 0.1, 0.1, eps_sq=NAN).held is None
-    assert th.check_bound("b", INF, 0.1, direction="upper").held is None
+    assert c.held is None and c.cause is K.MEASURED_NAN and "NaN" in render_check(c)
+    assert th.check_bound("b", NAN, 0.1).cause is K.BOUND_NAN
+    assert th.check_bound("b", 0.1, 0.1, eps_sq=NAN).cause is K.EPS_UNKNOWN
+    assert th.check_bound("b", INF, 0.1, direction="upper").cause is K.BOUND_INFINITE
     c = th.check_bound("b", 0.1, INF, direction="upper")
-    assert c.held is None and "infinite" in c.reason
-    assert th.check_bound("b", 0.1, INF, direction="lower").held is True
+    assert c.held is None and c.cause is K.MEASURED_INFINITE and "infinite" in render_check(c)
+    c = th.check_bound("b", 0.1, INF, direction="lower")
+    assert c.held is True and c.cause is K.MEASURED_INFINITE_OK
     with pytest.raises(ValueError):
         th.check_bound("b", 0.1, 0.1, direction="sideways")
     with pytest.raises(ValueError):
         th.check_bound("b", 0.1, 0.1, stderr=-1.0)
+
+
+def test_every_code_has_words():
+    # The renderers cover every code the theory layer can return (no English matching).
+    from collapselab.verdicts import CAUSE_TAG, STATUS_TEXT
+
+    assert set(CAUSE_TAG) == set(K) and set(STATUS_TEXT) == set(S)
 
 
 def test_check_single_generation_names_values_and_premises():
@@ -142,6 +159,50 @@ def test_check_single_generation_names_values_and_premises():
     # before the transient nothing is claimed
     checks = th.check_single_generation(eps_star_sq=0.2, intra_chi2=5.0, generation=0, i0=1)
     assert [c.held for c in checks] == [None]
+
+
+def test_kl_upper_has_no_perturbative_or_transient_premise():
+    # Prop 3.1 needs only the score/regularity assumptions: a claim at ε⋆² > 1 and i < i0
+    # (the paper-gmm-cpu generation-0 case: KL_t0 1.485 ≤ ½ ε̂² = 1.52).
+    checks = th.check_single_generation(eps_star_sq=3.0, eps_hat_sq=3.04, intra_kl=1.485,
+                                        intra_chi2=2.0, generation=0, i0=1)
+    by = {c.name: c for c in checks}
+    assert by["bound_kl_upper"].held is True and by["bound_kl_upper"].status is S.HELD
+    assert by["bound_intra_upper"].held is None
+    assert by["bound_intra_upper"].cause is K.TRANSIENT
+    (c,) = th.check_single_generation(eps_star_sq=3.0, eps_hat_sq=1.0, intra_kl=2.0)
+    assert c.held is False and c.cause is K.EPS_HAT_ESTIMATE
+    # a gap within the start term KL(p̂_T ‖ q_T) names the start as the likely cause
+    (c,) = th.check_single_generation(eps_star_sq=3.0, eps_hat_sq=1.0, intra_kl=0.7, kl_T=0.3)
+    assert c.held is False and c.cause is K.START_TERM
+    (c,) = th.check_single_generation(eps_star_sq=3.0, eps_hat_sq=1.0, intra_kl=2.0,
+                                      against_t0=False)
+    assert c.cause is K.NOT_T0 and "t0" in render_check(c)
+
+
+def test_kl_upper_is_an_identity_for_exact_own_law_and_calibrates_eps_hat():
+    # KL_t0 = KL_T + ½ ε̂²: 0.02 + 0.5 · 0.4 = 0.22
+    kw = dict(eps_star_sq=0.3, eps_hat_sq=0.4, eps_hat_sq_stderr=0.02, intra_kl_stderr=0.005,
+              kl_T=0.02, kl_T_stderr=0.001, exact_own_law=True)
+    ident, cal = th.check_single_generation(intra_kl=0.225, **kw)
+    assert ident.name == "bound_kl_upper" and ident.held is None
+    assert ident.status is S.IDENTITY and ident.cause is K.EXACT_OWN_LAW
+    assert "identity" in render_check(ident)
+    assert cal.name == "calibration_eps_hat" and cal.held is None
+    assert cal.bound == pytest.approx(0.22) and cal.measured == pytest.approx(0.225)
+    # se = sqrt(0.005² + 0.001² + 0.01²) = 0.01122; |0.005| ≤ 2 se → consistent
+    assert cal.sigma == pytest.approx(math.sqrt(0.005**2 + 0.001**2 + 0.01**2))
+    assert cal.status is S.CONSISTENT
+    _, cal = th.check_single_generation(intra_kl=0.30, **kw)  # ½ ε̂² reads low
+    assert cal.status is S.INCONSISTENT and cal.cause is K.EPS_HAT_LOW
+    _, cal = th.check_single_generation(intra_kl=0.15, **kw)
+    assert cal.status is S.INCONSISTENT and cal.cause is K.EPS_HAT_HIGH
+    assert "high" in render_check(cal)
+    _, cal = th.check_single_generation(intra_kl=NAN, **kw)
+    assert cal.status is S.NO_CLAIM and cal.cause is K.MEASURED_NAN
+    # without KL_T there is no calibration row
+    kw.pop("kl_T")
+    assert [c.name for c in th.check_single_generation(intra_kl=0.2, **kw)] == ["bound_kl_upper"]
 
 
 def test_check_single_generation_propagates_bound_stderr():
@@ -343,12 +404,54 @@ def test_regime_slow_decay_with_discount_is_stable_but_mentions_persistence():
     assert reg.label == "stable" and "persistence" in reg.evidence
 
 
-def test_regime_growing_errors_and_rise_past_plateau_collapse():
+def test_regime_growing_errors_and_linear_rise_collapse():
     eps = 0.01 * (GENS + 1.0)
     assert th.classify_regime(0.5, _chain(0.5, eps), eps).label == "collapsing"
-    # D_i = 0.01 i with α = 0.5 and measured ε² = 0.01: plateau 0.0133, last D = 0.2 → collapse
+    # D_i = 0.01 i with α = 0.5: innovations D_(i+1) − ¼ D_i = 0.01 + 0.0075 i grow → collapse
     reg = th.classify_regime(0.5, 0.01 * np.arange(21.0), np.full(20, 0.01))
-    assert reg.label == "collapsing" and "plateau" in reg.evidence
+    assert reg.label == "collapsing" and "grows" in reg.evidence
+
+
+def _recursion_by_hand(alpha, c, eps, n):
+    """D_(i+1) = (1−α)² D_i + c·ε², D_0 = 0, written out without predicted_divergence."""
+    D = [0.0]
+    for _ in range(n):
+        D.append((1.0 - alpha) * (1.0 - alpha) * D[-1] + c * eps)
+    return np.array(D)
+
+
+@pytest.mark.parametrize("c", [0.5, 2.0, 4.0])
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 0.9])
+def test_regime_saturates_whatever_the_constant(alpha, c):
+    # The measured bug: α = 0.5, c = 2 converges to 2·0.01/0.75 = 0.02667 and was called
+    # collapsing by comparison with the unit-constant plateau 0.01/0.75 = 0.01333.
+    D = _recursion_by_hand(alpha, c, 0.01, 20)
+    reg = th.classify_regime(alpha, D, np.full(20, 0.01))
+    assert reg.label == "saturating", reg.evidence
+    limit = c * 0.01 / (1.0 - (1.0 - alpha) ** 2)
+    assert reg.plateau == pytest.approx(limit, rel=1e-9)
+    assert reg.innovation_constant == pytest.approx(c, rel=1e-9)
+    if alpha == 0.5 and c == 2.0:
+        assert reg.plateau == pytest.approx(0.026667, abs=1e-6)
+    # without ε⋆² the same label and plateau; no constant can be fitted
+    reg = th.classify_regime(alpha, D)
+    assert reg.label == "saturating" and math.isnan(reg.innovation_constant)
+
+
+@pytest.mark.parametrize("c", [0.5, 2.0, 4.0])
+def test_regime_noisy_chains_with_constant(c):
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        D = _recursion_by_hand(0.5, c, 0.01, 20) * (1 + 0.05 * rng.standard_normal(21))
+        eps = 0.01 * (1 + 0.05 * rng.standard_normal(20))
+        reg = th.classify_regime(0.5, D, eps)
+        assert reg.label == "saturating", reg.evidence
+        # c within 5 standard errors of the truth (noise 5% per value)
+        assert abs(reg.innovation_constant - c) < 5 * reg.innovation_constant_stderr + 1e-12
+        # α = 0 with the same innovation floor: D = c·ε²·i grows without bound
+        D0 = np.concatenate([[0.0], np.cumsum(np.full(20, c * 0.01))])
+        D0 = D0 * (1 + 0.05 * rng.standard_normal(21))
+        assert th.classify_regime(0.0, D0, eps).label == "collapsing"
 
 
 def test_regime_infinite_d_collapses():
@@ -375,9 +478,9 @@ def test_regime_undetermined():
     D = _chain(0.5, np.full(10, 0.01))
     D[6:] = NAN
     assert th.classify_regime(0.5, D).label == "undetermined"
-    # α = 0 and errors that decay at a rate the linear fit cannot judge (some are ≤ 0)
-    eps = np.linspace(0.01, -0.001, 20)
-    reg = th.classify_regime(0.0, _chain(0.0, np.full(20, 0.01)), eps)
+    # α = 0 and increments that decay at a rate the linear fit cannot judge (some are ≤ 0)
+    inc = np.linspace(0.01, -0.001, 20)
+    reg = th.classify_regime(0.0, np.concatenate([[0.0], np.cumsum(inc)]))
     assert reg.label == "undetermined" and "rate" in reg.evidence
     with pytest.raises(ValueError):
         th.classify_regime(1.5, np.zeros(10))
@@ -453,4 +556,101 @@ def test_theory_is_pure():
     tree = ast.parse(Path(th.__file__).read_text(encoding="utf-8"))
     mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert mods <= {"__future__", "math", "collections.abc", "dataclasses", "typing", "numpy"}
+    assert mods <= {"__future__", "functools", "math", "collections.abc", "dataclasses", "enum",
+                    "typing",
+                    "numpy"}
+
+
+# --------------------------------------------------------------------------- t0 smoothing drift
+
+
+def _smoothing_chain_by_quadrature(alpha, t0, mu, s2, N):
+    """χ²(p̂_n ‖ p), n = 1 … N, in d = 1 by quadrature: the components of p̂_n are carried
+    through p̂_{n+1} = S(α p + (1−α) p̂_n) one by one (independent of the Gram-matrix sums)."""
+    from scipy import integrate
+    from scipy.special import logsumexp
+    from scipy.stats import norm
+
+    a = math.exp(-t0 / 2)
+    comps, out = [(1.0, mu, s2)], []
+    for _ in range(N):
+        mixed = [(alpha, mu, s2)] + [((1 - alpha) * w, m, v) for w, m, v in comps]
+        comps = [(w, a * m, a * a * v + 1 - a * a) for w, m, v in mixed if w > 0]
+
+        def f(x, comps=comps):
+            lg = logsumexp([math.log(w) + norm.logpdf(x, m, math.sqrt(v)) for w, m, v in comps])
+            return math.exp(2 * lg - norm.logpdf(x, mu, math.sqrt(s2)))
+
+        out.append(integrate.quad(f, -40, 40, limit=400, points=[0.0, mu])[0] - 1.0)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("alpha, t0, mu, s2", [(0.3, 0.3, 2.0, 0.5), (0.0, 0.2, 1.0, 0.8),
+                                               (0.7, 0.1, 3.0, 1.5), (1.0, 0.05, 4.0, 0.25)])
+def test_smoothing_drift_matches_quadrature(alpha, t0, mu, s2):
+    g = th.GaussianSmoothing(t0=t0, dim=1, mean_sq=mu * mu, var=s2)
+    np.testing.assert_allclose(th.smoothing_drift(alpha, g, 6),
+                               _smoothing_chain_by_quadrature(alpha, t0, mu, s2, 6),
+                               rtol=1e-7, atol=1e-10)
+
+
+def test_smoothing_drift_dimension_kl_and_limits():
+    # d coordinates of an isotropic Gaussian with mean on one axis: log(1 + χ²) adds up over
+    # coordinates for a single Gaussian (α = 1: p̂ = S p each generation).
+    g1 = th.GaussianSmoothing(0.1, 1, 4.0, 0.5)
+    g0 = th.GaussianSmoothing(0.1, 1, 0.0, 0.5)
+    g3 = th.GaussianSmoothing(0.1, 3, 4.0, 0.5)
+    one, zero = th.smoothing_drift(1.0, g1, 1)[0], th.smoothing_drift(1.0, g0, 1)[0]
+    assert th.smoothing_drift(1.0, g3, 1)[0] == pytest.approx((1 + one) * (1 + zero) ** 2 - 1)
+    # the standard normal is stationary: no drift at all
+    assert np.all(th.smoothing_drift(0.3, th.GaussianSmoothing(0.02, 4), 50) == 0.0)
+    # KL(S p ‖ p) in closed form against quadrature
+    from scipy import integrate
+    from scipy.stats import norm
+
+    a = math.exp(-0.05)
+    v = a * a * 0.5 + 1 - a * a
+    kl = integrate.quad(lambda x: norm.pdf(x, 2 * a, math.sqrt(v))
+                        * (norm.logpdf(x, 2 * a, math.sqrt(v)) - norm.logpdf(x, 2, math.sqrt(0.5))),
+                        -30, 30)[0]
+    assert th.smoothing_kl_step(g1) == pytest.approx(kl, rel=1e-9)
+    # narrow target (s² = 0.25): S^k p gets wider than twice p once a^{2k} ≤ 2/3, i.e.
+    # k ≥ ln(1.5)/t0 = 20.3 at t0 = 0.02 — then χ² is infinite for every α < 1
+    D = th.smoothing_drift(0.5, th.GaussianSmoothing(0.02, 2, 16.0, 0.25), 25)
+    assert np.all(np.isfinite(D[:20])) and np.all(np.isinf(D[20:]))
+    assert np.all(np.isfinite(th.smoothing_drift(1.0, th.GaussianSmoothing(0.02, 2, 16.0, 0.25),
+                                                 25)))
+    # mixture: weighted mean of the components' chains (a bound by joint convexity)
+    parts = [th.GaussianSmoothing(0.1, 1, 4.0, 0.5, 3.0), th.GaussianSmoothing(0.1, 1, 0.0, 0.5)]
+    np.testing.assert_allclose(th.smoothing_drift_mixture(0.4, parts, 5),
+                               0.75 * th.smoothing_drift(0.4, parts[0], 5)
+                               + 0.25 * th.smoothing_drift(0.4, parts[1], 5))
+    with pytest.raises(ValueError):
+        th.GaussianSmoothing(0.0, 1)
+    with pytest.raises(ValueError):
+        th.GaussianSmoothing(0.1, 0)
+
+
+def test_plan_alpha_constant_and_smoothing():
+    # c scales the innovation: plan(ε², c) = plan(c ε², 1); c = 4 needs more fresh data
+    assert th.plan_alpha(0.01, 0.1, None, c=4.0).alpha == pytest.approx(
+        th.plan_alpha(0.04, 0.1, None).alpha)
+    assert th.plan_alpha(0.01, 0.1, 8, c=4.0).c == 4.0
+    with pytest.raises(ValueError):
+        th.plan_alpha(0.01, 0.1, None, c=0.0)
+    # ε² = 0: only the t0 smoothing drifts. Horizon 5 by hand: the worst predicted D over
+    # n ≤ 5 at the planned α equals the tolerance, and it is the smoothing drift itself.
+    sm = [th.GaussianSmoothing(0.1, 2, 9.0, 0.5)]
+    res = th.plan_alpha(0.0, 0.3, 5, smoothing=sm)
+    assert res.feasible and 0 < res.alpha < 1
+    worst = float(np.max(th.smoothing_drift(res.alpha, sm[0], 5)))
+    assert res.worst_D == pytest.approx(worst) and res.smoothing_D == pytest.approx(worst)
+    assert worst == pytest.approx(0.3, rel=1e-5)
+    # slightly less fresh data breaks the tolerance
+    assert float(np.max(th.smoothing_drift(res.alpha - 1e-3, sm[0], 5))) > 0.3
+    # adding a per-generation error can only raise the required α
+    assert th.plan_alpha(0.02, 0.3, 5, smoothing=sm).alpha > res.alpha
+    # a tolerance below one step of smoothing is infeasible even at α = 1
+    step = float(th.smoothing_drift(1.0, sm[0], 1)[0])
+    bad = th.plan_alpha(0.0, 0.5 * step, 5, smoothing=sm)
+    assert not bad.feasible and bad.alpha == 1.0 and "infeasible" in bad.reason

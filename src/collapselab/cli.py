@@ -5,8 +5,8 @@ Exit codes: 0 success, 2 invalid input (one line naming the field), 1 failure du
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -40,16 +40,95 @@ def main():
 
 
 def _setup_logging(path: Path) -> None:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("collapselab")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
+    from .api import setup_run_log  # the same run.log as the Python API
+
+    setup_run_log(path)
 
 
-@main.command()
+@contextlib.contextmanager
+def _config_warnings():
+    """Show the config loaders' warnings (a key given twice in the YAML, a repeated --set) as
+    one line each on stderr, once each, when the block ends (before its error, if any)."""
+    import warnings
+
+    from .config import ConfigWarning
+
+    shown: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, ConfigWarning) and str(w.message) not in shown:
+                    shown.append(str(w.message))
+                    click.echo(f"warning: {w.message}", err=True)
+
+
+def _open_for_reading(directory, command: str, *, results: bool) -> None:
+    """Before ``report`` / ``bounds`` read a run directory: its config.yaml (and results.parquet,
+    where needed or present) must be readable — one line otherwise. Holds the directory's lock
+    shared while the command runs, so that a run does not start meanwhile; when a run holds it,
+    says so and goes on (every file is replaced atomically, so what is read is whole)."""
+    import yaml
+
+    from .errors import CollapselabError
+    from .store import RunDirBusy, run_lock
+
+    root = Path(directory)
+    try:
+        cfg = yaml.safe_load((root / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        cfg = None
+    if not isinstance(cfg, dict):
+        raise CollapselabError(f"{root / 'config.yaml'} is damaged (not a YAML mapping of "
+                               "keys); re-create the run with `collapselab run`")
+    res = root / "results.parquet"
+    if results or res.exists():
+        import pandas as pd
+
+        try:
+            pd.read_parquet(res)
+        except Exception:  # any reader error: the file is not a whole parquet table
+            raise CollapselabError(f"{res} is damaged (not a parquet table); rebuild it from "
+                                   "the cells by re-running `collapselab run` with the same "
+                                   "--out") from None
+    try:
+        click.get_current_context().with_resource(run_lock(root, command, shared=True))
+    except RunDirBusy:
+        from .store import lock_holder
+
+        who = lock_holder(root) or "another process"
+        click.echo(f"warning: {who} is writing {root}; this shows the generations completed "
+                   "so far", err=True)
+    except OSError:
+        pass  # a read-only run directory: nothing can write it meanwhile
+
+
+def _examples(*lines: str) -> str:
+    """A command's help epilog: its examples, one per line (not re-wrapped)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _bare_overrides(extra) -> list[str]:
+    """Hydra-style ``key=value`` arguments after the source (same as ``--set key=value``)."""
+    from .errors import ConfigError
+
+    for text in extra:
+        if "=" not in text or text.startswith("-"):
+            raise ConfigError("KEY=VALUE", f"expected an override key.path=value after the "
+                                           f"config, got '{text}'")
+    return list(extra)
+
+
+@main.command(epilog=_examples(
+    "collapselab run quickstart",
+    "collapselab run quickstart sweep.alphas=[0.2,0.8] sweep.seeds=[0,1,2,3,4] --out runs/q5",
+    "collapselab run my.yaml --set score.bandwidth=0.4 --workers 2"))
 @click.argument("source")
-@click.option("--out", "out", type=click.Path(file_okay=False), help="run directory")
+@click.argument("extra", nargs=-1, metavar="[KEY.PATH=VALUE]...")
+@click.option("--out", "out", type=click.Path(file_okay=False),
+              help="run directory  [default: runs/<name>, the config's name]")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="override any config key (YAML value; lists too)")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
@@ -69,30 +148,49 @@ def _setup_logging(path: Path) -> None:
                    "device is cuda, else 0)")
 @click.option("--quiet", is_flag=True, help="no progress display")
 @click.option("--no-report", is_flag=True, help="skip figures and report.html")
-def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus_per_chain,
-        quiet, no_report):
-    """Run (or resume) an experiment: a preset name or a YAML file."""
+def run(source, extra, out, overrides, workers, executor, address, cpus_per_chain,
+        gpus_per_chain, quiet, no_report):
+    """Run (or resume) an experiment: a preset name or a YAML file, with overrides given as
+    bare KEY.PATH=VALUE arguments or --set (YAML values; lists too). Re-running the same
+    command on the same --out resumes."""
     import importlib.util
 
-    from .config import load_config
+    from .config import load_config, repeated_overrides
     from .errors import ConfigError
     from .executors import (
         ChainFailed,
         Resources,
         chains,
+        check_cell_names,
+        check_device,
+        check_out,
         default_out,
         prepare_run_dir,
         run_experiment,
+        verify_run_dir,
     )
     from .observability import experiment_of, run_observability_command
+    from .store import run_lock
 
-    if experiment_of(source, list(overrides)) is not None:  # e.g. `experiment: observability`
+    overrides = list(overrides) + _bare_overrides(extra)
+    for line in repeated_overrides(list(overrides)):
+        click.echo(f"warning: {line}", err=True)
+    with _config_warnings():
+        observability = experiment_of(source, list(overrides)) is not None
+        if not observability:
+            cfg = load_config(source, list(overrides))  # validated before anything is written
+    if observability:  # e.g. `experiment: observability`
         if executor != "local" or address is not None or gpus_per_chain is not None:
             raise ConfigError("--executor", "the observability experiment runs locally only")
+        from .observability import load_observability_config
+
+        obs_cfg = load_observability_config(source, list(overrides))  # validated first
+        out = out if out is not None else str(Path("runs") / obs_cfg.name)
+        check_out(Path(out))
+        click.get_current_context().with_resource(run_lock(Path(out)))  # one run per directory
         run_observability_command(source, list(overrides), out, quiet=quiet,
                                   no_report=no_report, echo=click.echo, fail=_fail)
         return
-    cfg = load_config(source, list(overrides))  # validation happens before anything is written
     if executor != "ray":
         for name, value in (("--address", address), ("--gpus-per-chain", gpus_per_chain)):
             if value is not None:
@@ -108,22 +206,48 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
         from .loop import build_target
 
         build_target(cfg)
+    check_device(cfg, executor, address)
+    root = Path(out) if out else default_out(cfg)
+    check_cell_names(cfg)
+    check_out(root)
+    # The run directory's lock, held until the command ends (report included): a second run
+    # on the same --out is refused, naming this one, instead of mixing two configurations.
+    try:
+        click.get_current_context().with_resource(run_lock(root))
+    except OSError as exc:
+        raise ConfigError("--out", f"{root}: {exc.strerror or exc}") from None
     if workers is None and executor == "local":
-        # One chain per core, one torch thread each: in-process runs use every core's thread
-        # for one chain, which oversubscribes badly as soon as anything else runs.
-        workers = max(1, min(os.cpu_count() or 1, len(chains(cfg))))
-    store = prepare_run_dir(cfg, Path(out) if out else default_out(cfg))
+        from .api import default_workers  # one chain per core (the Python API's default too)
+
+        workers = default_workers(cfg, executor)
+    store = prepare_run_dir(cfg, root)
     _setup_logging(store.log_path)
     logging.getLogger("collapselab").info(
         "run %s: executor=%s workers=%s address=%s resources=%s", cfg.name, executor, workers,
         address, resources)
+    verify_run_dir(cfg, store)  # before the progress counts: damaged cells are not done
     todo = chains(cfg)
     G = cfg.loop.generations
     progress = [min(store.completed(c.alpha, c.seed, c.param_dict), G) for c in todo]
+    if not quiet and sum(progress):
+        full = sum(p >= G for p in progress)
+        click.echo(f"resuming {store.root}: {sum(progress)} of {len(todo) * G} generations "
+                   f"already done ({full} of {len(todo)} chains complete); computing the rest")
     kwargs = dict(executor=executor, workers=workers, address=address, resources=resources)
+    interactive = sys.stdout.isatty()
     try:
         if quiet:
             df = run_experiment(cfg, store, **kwargs)
+        elif not interactive:
+            # nohup, a batch scheduler, a pipe: one plain line per finished generation.
+            done = [sum(progress)]
+
+            def line(chain, g, secs):
+                done[0] += 1
+                click.echo(f"[{done[0]}/{len(todo) * G}] {chain.label()} generation {g} done "
+                           f"({secs:.1f} s)")
+
+            df = run_experiment(cfg, store, on_generation=line, **kwargs)
         else:
             from rich.progress import (
                 BarColumn,
@@ -151,49 +275,207 @@ def run(source, out, overrides, workers, executor, address, cpus_per_chain, gpus
     except ChainFailed as exc:
         _fail(str(exc), 1)
     if not no_report:
-        from .report import build_report
-
-        build_report(store.root)
+        _build_report_with_progress(store.root, quiet, interactive)
     if not quiet:
-        from .report import final_table
+        from .report import final_table, value_with_interval
 
         table = final_table(df)
         click.echo(f"run directory: {store.root}")
         for _, r in table.iterrows():
-            extra = "".join(f"{k}={r[k]} " for k in table.columns if "." in k)
-            click.echo(f"  {extra}alpha={r.alpha:g}: {r.metric}[{r.estimator}] at generation "
-                       f"{int(r.generation)} = {r['mean']:.4g} ± {r.half:.2g} (95%, {r.n} seeds)")
+            swept = "".join(f"{k}={r[k]} " for k in table.columns if "." in k)
+            click.echo(f"  {swept}alpha={r.alpha:g}: {r.metric}[{r.estimator}] at generation "
+                       f"{int(r.generation)} = {value_with_interval(r)}")
+        _where_to_look(store.root, report=not no_report)
 
 
-@main.command()
-@click.option("--eps2", type=float, required=True,
-              help="per-generation score error ε² (measured ε⋆², e.g. from a pilot run)")
+def _pilot_eps2(root: Path) -> tuple[float, float, int, object]:
+    """ε⋆² of a pilot run: the mean of its score_energy_ideal rows, the stderr of that mean
+    (spread across rows: generations and seeds, which also holds each row's own noise), the
+    number of rows, and the run's configuration."""
+    import pandas as pd
+
+    from .config import load_config
+    from .errors import CollapselabError
+
+    if not (root / "config.yaml").exists() or not (root / "results.parquet").exists():
+        raise CollapselabError(f"--from: {root} is not a run directory (no config.yaml and "
+                               "results.parquet; create one with `collapselab run`)")
+    df = pd.read_parquet(root / "results.parquet", columns=["metric", "value", "stderr"])
+    v = df[df.metric == "score_energy_ideal"]
+    v = v[np.isfinite(v.value.to_numpy(float))]
+    if v.empty:
+        raise CollapselabError(f"--from: {root} has no finite score_energy_ideal rows "
+                               "(run it with pathwise.score_energy: true)")
+    x = v.value.to_numpy(float)
+    if len(x) > 1:
+        se = float(x.std(ddof=1) / np.sqrt(len(x)))
+    else:
+        se = float(v.stderr.iloc[0])
+    return float(x.mean()), se, len(x), load_config(root / "config.yaml")
+
+
+def _smoothing_parts(cfg, t0_flag, dim, target_std, target_mean):
+    """The target's Gaussian parts for the t0-smoothing drift: from a pilot run's target (its
+    components, isotropic variance tr Σ/d each) or the flags' N(μ, s² I). Returns (parts,
+    description) or (None, why not)."""
+    from .theory import GaussianSmoothing
+
+    if cfg is None:
+        return ([GaussianSmoothing(t0_flag, dim, target_mean**2, target_std**2)],
+                f"Gaussian target N(μ, s² I) with ‖μ‖ = {target_mean:g}, s = {target_std:g}, "
+                f"d = {dim}, t0 = {t0_flag:g} (OU)")
+    import torch
+
+    from .loop import build_process, build_target
+    from .targets import GaussianMixture
+
+    target = build_target(cfg)
+    if not isinstance(target, GaussianMixture):
+        return None, "not computed: the pilot run's target is not a Gaussian mixture"
+    proc = build_process(cfg)
+    t0 = float(proc.integral(cfg.sampler.t0))  # OU time with the same shrink e^{−∫β/2}
+    d = target.dim
+    parts = [GaussianSmoothing(t0, d, float((m * m).sum()), float(torch.trace(C)) / d, float(w))
+             for m, C, w in zip(target.means, target.covs, target.weights, strict=True)]
+    k = len(parts)
+    how = ("" if k == 1 else f"; a bound over its {k} components by joint convexity of χ²")
+    return parts, f"the pilot run's target ({cfg.target.kind}, d = {d}), t0 = " \
+                  f"{cfg.sampler.t0:g}{how}"
+
+
+def _build_report_with_progress(root: Path, quiet: bool, interactive: bool) -> None:
+    """build_report with its steps shown: a spinner on a terminal, plain lines otherwise."""
+    from .report import build_report
+
+    if quiet:
+        build_report(root)
+    elif interactive:
+        from rich.console import Console
+
+        with Console().status("building the report…") as status:
+            build_report(root, progress=lambda step: status.update(f"building the report: "
+                                                                   f"{step}"))
+    else:
+        build_report(root, progress=lambda step: click.echo(f"report: {step}"))
+
+
+def _where_to_look(root: Path, report: bool = True) -> None:
+    """The end of a run: where the results are and the one command to look at them."""
+    root = Path(root)
+    click.echo(f"results: {root / 'results.parquet'} (mean and 95% interval over seeds: "
+               f"{root / 'summary.csv'})")
+    if report:
+        click.echo(f"report:  {root / 'report.html'}")
+        click.echo(f"look at it: python -m webbrowser {(root / 'report.html').resolve().as_uri()}")
+    else:
+        click.echo(f"build the report: collapselab report {root}")
+    click.echo(f"in Python: collapselab.load({str(root)!r}).results")
+
+
+@main.command(epilog=_examples("collapselab plan --eps2 0.01 --tol 0.05",
+                              "collapselab plan --eps2 0.01 --tol 0.05 --horizon 20",
+                              "collapselab plan --from runs/quickstart --tol 0.5 --horizon 6"))
+@click.option("--eps2", type=float, default=None,
+              help="per-generation score error ε² (measured ε⋆²); or use --from")
+@click.option("--from", "from_dir", type=click.Path(file_okay=False), default=None,
+              help="pilot run directory: ε⋆² (mean and stderr of its score_energy_ideal rows), "
+                   "t0 and the target are read from it")
 @click.option("--tol", type=float, required=True, help="largest acceptable drift D = χ²(p̂ ‖ p)")
 @click.option("--horizon", type=int, default=None,
               help="number of generations to plan for (default: all generations)")
 @click.option("--d0", type=float, default=0.0, show_default=True, help="starting drift D_0")
-def plan(eps2, tol, horizon, d0):
-    """Smallest fresh-data fraction α keeping the predicted drift below --tol (PAPER.md §4)."""
-    from .errors import CollapselabError
-    from .theory import plan_alpha
+@click.option("--c", "c", type=float, default=1.0, show_default=True,
+              help="assumed constant in D_(i+1) = (1−α)² D_i + c·ε² (the conservative 4 of the "
+                   "single-step upper bound is shown beside)")
+@click.option("--t0", type=float, default=0.02, show_default=True,
+              help="stopping time of the reverse process, for the t0-smoothing drift")
+@click.option("--dim", type=int, default=1, show_default=True,
+              help="dimension d of the Gaussian target N(μ, s² I) of the smoothing drift")
+@click.option("--target-std", type=float, default=1.0, show_default=True,
+              help="per-coordinate std s of that target (1 = the OU stationary law: no drift)")
+@click.option("--target-mean", type=float, default=0.0, show_default=True,
+              help="distance ‖μ‖ of that target's mean from the origin")
+def plan(eps2, from_dir, tol, horizon, d0, c, t0, dim, target_std, target_mean):
+    """Smallest fresh-data fraction α keeping the predicted drift below --tol (PAPER.md §4).
 
-    try:
-        res = plan_alpha(eps2, tol, horizon, d0)
-    except ValueError as exc:
-        msg = str(exc)
-        for name, flag in (("eps_sq", "--eps2"), ("tolerance", "--tol"), ("D0", "--d0"),
-                           ("horizon", "--horizon")):
-            if msg.startswith(name + " "):
-                msg = f"{flag}: {msg[len(name) + 1:]}"
-        raise CollapselabError(msg) from None
+    A prediction under a stated constant c, not a bound."""
+    from .errors import CollapselabError
+    from .theory import plan_alpha, smoothing_drift_mixture, smoothing_kl_step
+
+    if (eps2 is None) == (from_dir is None):
+        raise CollapselabError("--eps2 / --from: give exactly one (a number ≥ 0, or a pilot "
+                               "run directory)")
+    for flag, val, ok, allowed in (
+        ("--c", c, c > 0 and np.isfinite(c), "a finite number > 0"),
+        ("--t0", t0, t0 > 0 and np.isfinite(t0), "a finite number > 0"),
+        ("--dim", dim, dim >= 1, "an integer ≥ 1"),
+        ("--target-std", target_std, target_std > 0 and np.isfinite(target_std),
+         "a finite number > 0"),
+        ("--target-mean", target_mean, target_mean >= 0 and np.isfinite(target_mean),
+         "a finite number ≥ 0"),
+    ):
+        if not ok:
+            raise CollapselabError(f"{flag}: must be {allowed}; got {val!r}")
+    cfg, se, source = None, None, "given with --eps2"
+    if from_dir is not None:
+        eps2, se, n, cfg = _pilot_eps2(Path(from_dir))
+        source = f"mean of {n} score_energy_ideal rows of {from_dir}"
+    parts, target_txt = _smoothing_parts(cfg, t0, dim, target_std, target_mean)
+
+    def run(const, e2):
+        try:
+            return plan_alpha(e2, tol, horizon, d0, c=const, smoothing=parts)
+        except ValueError as exc:
+            msg = str(exc)
+            for name, flag in (("eps_sq", "--eps2"), ("tolerance", "--tol"), ("D0", "--d0"),
+                               ("horizon", "--horizon"), ("c", "--c")):
+                if msg.startswith(name + " "):
+                    msg = f"{flag}: {msg[len(name) + 1:]}"
+            raise CollapselabError(msg) from None
+
+    res = run(c, eps2)
+    cons = run(4.0, eps2)
     click.echo(f"alpha: {res.alpha:.6g}")
     click.echo(f"predicted worst D: {res.worst_D:.6g}")
     click.echo(f"feasible: {'yes' if res.feasible else 'no'}")
     click.echo(f"horizon: {'all generations' if res.horizon is None else res.horizon}")
+    click.echo(f"what this is: a prediction under the stated constant c = {c:g} in "
+               "D_(i+1) = (1−α)² D_i + c·ε², not a bound (the paper's single-step bounds allow "
+               "any constant between ¼η and 4)")
+    click.echo(f"eps2: {eps2:.6g}" + (f" ± {se:.2g}" if se is not None else "")
+               + f" ({source})")
+    if se is not None and se > 0:
+        hi = run(c, eps2 + 2 * se)
+        click.echo(f"alpha at eps2 + 2 stderr: {hi.alpha:.6g}"
+                   + ("" if hi.feasible else " (infeasible)"))
+    click.echo(f"alpha with c = 4 (conservative, the single-step bound I ≤ 4 ε⋆²): "
+               f"{cons.alpha:.6g} (predicted worst D {cons.worst_D:.6g}"
+               + ("" if cons.feasible else "; infeasible") + ")")
+    if parts is None:
+        click.echo(f"t0 smoothing: {target_txt}")
+    else:
+        step = smoothing_drift_mixture(1.0, parts, 1)[0]
+        kl = (smoothing_kl_step(parts[0]) if len(parts) == 1 else
+              sum(p.weight * smoothing_kl_step(p) for p in parts) / sum(p.weight for p in parts))
+        le = "≤ " if len(parts) > 1 else ""
+        # χ² of the smoothing chain is infinite once a smoothed component is more than twice
+        # as wide as the target's: say from which generation, whatever α < 1.
+        cap = max(10, int(np.ceil(12.0 / parts[0].t0)))  # as far as the planner looks
+        probe = smoothing_drift_mixture(0.5, parts, cap if horizon is None else min(horizon, cap))
+        if np.isinf(probe).any():
+            n_inf = int(np.argmax(np.isinf(probe))) + 1
+            click.echo(f"t0 smoothing diverges: for every alpha < 1 the predicted χ² is infinite "
+                       f"from generation {n_inf} on (the target pushed {n_inf} times to t0 is "
+                       "more than twice as wide as the target, and keeps a positive weight)")
+        click.echo(f"t0 smoothing: {target_txt}; with exact scores (ε⋆² = 0) each stop at t0 "
+                   f"adds χ²(S p ‖ p) {le}{step:.4g} (KL {le}{kl:.4g}) per generation; included in "
+                   f"the prediction: {res.smoothing_D:.4g} of the worst D at the planned alpha")
     click.echo(f"reason: {res.reason}")
 
 
-@main.command()
+@main.command(epilog=_examples("collapselab report runs/quickstart",
+                              "collapselab report runs/quickstart && python -m webbrowser "
+                              "runs/quickstart/report.html"))
 @click.argument("directory", type=click.Path(file_okay=False))
 def report(directory):
     """(Re)build figures and report.html of a run directory."""
@@ -203,11 +485,23 @@ def report(directory):
     if not (Path(directory) / "config.yaml").exists():
         raise MissingFileError(Path(directory) / "config.yaml",
                                "not a run directory (create one with `collapselab run`)")
-    figs = build_report(directory)
+    _open_for_reading(directory, "collapselab report", results=False)
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        with Console().status("building the report…") as status:
+            figs = build_report(directory, progress=lambda step: status.update(
+                f"building the report: {step}"))
+    else:
+        figs = build_report(directory)
     click.echo(f"wrote {Path(directory) / 'report.html'} and {len(figs)} figures")
+    click.echo("look at it: python -m webbrowser "
+               f"{(Path(directory) / 'report.html').resolve().as_uri()}")
 
 
-@main.command()
+@main.command(epilog=_examples("collapselab bounds runs/quickstart",
+                              "collapselab bounds runs/quickstart --n-sigma 3 --no-figures",
+                              "collapselab bounds runs/paper-gmm --i0 2 --C 1.0 --c 1.0"))
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--i0", type=click.IntRange(min=0), default=None,
               help="end of the transient: bounds are claimed from this generation on "
@@ -230,6 +524,7 @@ def bounds(directory, i0, C, c, n_sigma, no_figures):
                                "results.parquet; create one with `collapselab run`)")
     import yaml
 
+    _open_for_reading(root, "collapselab bounds", results=True)
     cfg = yaml.safe_load((root / "config.yaml").read_text()) or {}
     if isinstance(cfg, dict) and cfg.get("experiment"):
         raise CollapselabError(f"{directory}: a '{cfg['experiment']}' experiment has no "
@@ -257,7 +552,7 @@ def bounds(directory, i0, C, c, n_sigma, no_figures):
             click.echo(f"D_{int(grp.generation.iloc[0])} alpha={a:g}: discounted-sum "
                        f"prediction {np.nanmedian(p):.4g}, {ratio_txt}")
     shown = 0
-    for status in ("FAILED", "no claim"):
+    for status in ("FAILED", "inconsistent", "no claim"):
         rows = bt[bt.status == status] if len(bt) else bt
         for _, r in rows.iterrows():
             if shown >= 12:
@@ -265,19 +560,41 @@ def bounds(directory, i0, C, c, n_sigma, no_figures):
             where = f"alpha={r.alpha:g} seed={r.seed} generation={r.generation}"
             click.echo(f"{status}: {r.check} at {where}: {r.reason}")
             shown += 1
-    left = int((bt.status.isin(["FAILED", "no claim"])).sum()) - shown if len(bt) else 0
+    left = (int((bt.status.isin(["FAILED", "inconsistent", "no claim"])).sum()) - shown
+            if len(bt) else 0)
     if left > 0:
         click.echo(f"… {left} more in {root / 'bounds.csv'}")
     click.echo(f"wrote {root / 'bounds.parquet'}, {root / 'bounds.csv'} and {len(figs)} figures")
 
 
-@main.command()
-def presets():
-    """List the presets, one line each."""
-    from .config import list_presets
+@main.command(epilog=_examples("collapselab presets", "collapselab presets -v",
+                              "collapselab show quickstart > my.yaml"))
+@click.option("-v", "--verbose", is_flag=True, help="each preset's notes as well")
+def presets(verbose):
+    """List the presets, one line each (with -v, their notes too)."""
+    import textwrap
+
+    from .config import list_presets, preset_notes
 
     for name, desc in list_presets().items():
         click.echo(f"{name:20s} {desc}")
+        if verbose:
+            notes = preset_notes(name)
+            if notes:
+                click.echo(textwrap.fill(notes, 96, initial_indent=" " * 4,
+                                         subsequent_indent=" " * 4))
+            click.echo("")
+
+
+@main.command(epilog=_examples("collapselab show quickstart",
+                               "collapselab show quickstart > my.yaml && collapselab run my.yaml",
+                               "collapselab show paper-gmm-cpu | less"))
+@click.argument("preset")
+def show(preset):
+    """Print a preset's YAML (its notes as comments), to save, edit and run."""
+    from .config import show_preset
+
+    click.echo(show_preset(preset), nl=False)
 
 
 if __name__ == "__main__":

@@ -6,19 +6,47 @@ is an error. ``load_config`` turns any problem into a :class:`ConfigError` namin
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
+
+class ConfigWarning(UserWarning):
+    """A configuration that is accepted but probably not meant (a key given twice)."""
+
+
+def _no_bool(v):
+    # YAML's true/false are ints to pydantic; a count or a seed given as a boolean is a slip.
+    if isinstance(v, bool):
+        raise ValueError("must be an integer, not a boolean")
+    return v
+
+
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
-PosInt = Annotated[int, Field(gt=0)]
-PosFloat = Annotated[float, Field(gt=0.0)]
+PosInt = Annotated[int, BeforeValidator(_no_bool), Field(gt=0)]
+NonNegInt = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+# Fewest points the kNN estimators of a non-image run accept (10 batches of more than k + 1).
+MIN_POINTS = 70
+# Seeds are stored in the results table's int64 column.
+Seed = Annotated[int, BeforeValidator(_no_bool), Field(ge=0, le=2**63 - 1)]
 
 
 class _Strict(BaseModel):
@@ -33,12 +61,12 @@ class TargetConfig(_Strict):
     dim: PosInt = 2
     means: list[list[float]] | None = None
     std: PosFloat | list[PosFloat] = 0.5
-    weights: list[Annotated[float, Field(ge=0.0)]] | None = None
+    weights: list[NonNegFloat] | None = None
     n_components: PosInt = 8
     radius: PosFloat = 4.0
     dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10", "npy", "npz"] = "digits"
     root: str | None = None
-    classes: list[Annotated[int, Field(ge=0)]] | None = None
+    classes: list[NonNegInt] | None = None
     downsample: PosInt | None = None
     limit: PosInt | None = None
 
@@ -92,14 +120,15 @@ class ScoreConfig(_Strict):
     networks trained by denoising score matching (EMA weights sample)."""
 
     kind: Literal["analytic", "kde", "population_kde", "mlp", "unet"] = "kde"
-    bandwidth: PosFloat = 0.6
+    # Its square enters the kernels' variances: a bound far above any data scale keeps it finite.
+    bandwidth: Annotated[float, Field(gt=0.0, le=1e6, allow_inf_nan=False)] = 0.6
     # networks
     hidden: PosInt = 128
     layers: PosInt = 3
     base_channels: PosInt = 32
     channel_mults: list[PosInt] = [1, 2]
     num_res_blocks: PosInt = 1
-    attention_levels: list[Annotated[int, Field(ge=0)]] = []
+    attention_levels: list[NonNegInt] = []
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     # training (denoising score matching)
     train_steps: PosInt = 2000
@@ -107,7 +136,7 @@ class ScoreConfig(_Strict):
     epochs_first: PosFloat | None = None
     batch_size: PosInt = 512
     lr: PosFloat = 2e-3
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    weight_decay: NonNegFloat = 0.0
     optimizer: Literal["adam", "adamw"] = "adam"
     schedule: Literal["constant", "cosine"] = "constant"
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
@@ -142,7 +171,7 @@ class SamplerConfig(_Strict):
 
     kind: Literal["euler_maruyama", "ddpm"] = "euler_maruyama"
     steps: PosInt = 500
-    t0: Annotated[float, Field(ge=0.0)] = 0.02
+    t0: NonNegFloat = 0.02
     # The reverse-time grid (processes.time_grid): geometric and edm are finest near t0, where
     # the reverse drift is stiffest; uniform is DDPM's grid. ε̂² and η use the same schedule.
     schedule: Literal["uniform", "geometric", "edm"] = "geometric"
@@ -161,7 +190,7 @@ class LoopConfig(_Strict):
     generations: PosInt = 5
     n_train: PosInt = 2000
     n_samples: PosInt | None = None
-    augmentation_lambda: Annotated[float, Field(ge=0.0)] = 1.0
+    augmentation_lambda: NonNegFloat = 1.0
 
     @property
     def samples(self) -> int:
@@ -196,20 +225,26 @@ class EstimatorConfig(_Strict):
 
 class PathwiseConfig(_Strict):
     """Path quantities per generation (PAPER.md §3), when q_i's law is known exactly:
-    ε⋆² by quadrature over ``n_times`` points (``n_mc`` draws each), ε̂² along ``n_paths``
-    learned trajectories, η (costly: ``n_paths`` ideal trajectories + a regression) and the
-    bound_* rows of PAPER.md §4 with the unknown constants C, c and the transient i0."""
+    ε⋆² by quadrature over ``n_times`` points (``n_mc`` draws each), ε̂² along at least
+    ``max(n_paths, min_paths)`` learned trajectories (more until ``rel_stderr`` is met), η
+    (costly: ``n_paths`` ideal trajectories + a regression) and the bound_* rows of PAPER.md §4
+    with the unknown constants C, c and the transient i0."""
 
     score_energy: bool = True
     learned: bool = True
     observability: bool = False
-    n_times: Annotated[int, Field(ge=3)] = 50
+    n_times: Annotated[int, BeforeValidator(_no_bool), Field(ge=3)] = 50
     n_mc: PosInt = 1000
     n_paths: PosInt = 1000
+    # ε̂²: at least min_paths learned paths, then more (batches of that size, up to max_paths)
+    # until its stderr is below rel_stderr of the mean — path energies are strongly skewed.
+    min_paths: PosInt = 2000
+    max_paths: PosInt = 20000
+    rel_stderr: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     steps: PosInt = 100
-    i0: Annotated[int, Field(ge=0)] = 0
-    C: Annotated[float, Field(ge=0.0)] = 0.0
-    c: Annotated[float, Field(ge=0.0)] = 0.0
+    i0: NonNegInt = 0
+    C: NonNegFloat = 0.0
+    c: NonNegFloat = 0.0
 
 
 class SweepConfig(_Strict):
@@ -220,7 +255,7 @@ class SweepConfig(_Strict):
     """
 
     alphas: list[Prob] = [0.1, 0.5, 0.9]
-    seeds: list[Annotated[int, Field(ge=0)]] = [0, 1]
+    seeds: list[Seed] = [0, 1]
     grid: dict[str, list[Any]] = {}
 
     @model_validator(mode="before")
@@ -296,8 +331,22 @@ class Config(_Strict):
         if self.sampler.clip and not (image and self.sampler.kind == "ddpm"):
             raise ValueError("sampler.clip: only with sampler.kind ddpm on an image target "
                              "(target.kind: dataset, pixels in [-1, 1])")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError("device: allowed values are cpu, cuda, cuda:N")
+        if not image:
+            # Checked here, not by the run that would die on them after writing its directory.
+            pc = self.pathwise
+            if self.sampler.t0 == 0 and (pc.score_energy or pc.learned or pc.observability):
+                raise ValueError("sampler.t0: must be > 0 when pathwise quantities are measured "
+                                 "(their time grids are geometric down to t0); or set "
+                                 "pathwise.score_energy, learned and observability to false")
+            for field, n in (("estimators.n_eval", self.estimators.n_eval),
+                             ("loop.n_train", self.loop.n_train),
+                             ("loop.n_samples", self.loop.samples)):
+                if n < MIN_POINTS:
+                    raise ValueError(f"{field}: must be at least {MIN_POINTS} (the kNN "
+                                     "estimators split the points into 10 batches of more "
+                                     "than k + 1 = 6)")
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
+            raise ValueError("device: allowed values are cpu, cuda, cuda:N (N = 0, 1, …)")
         if self.process.kind == "vp" and self.process.beta_max < self.process.beta_min:
             raise ValueError("process.beta_max: must be >= process.beta_min")
         for params in self.sweep.combinations() if self.sweep.grid else []:
@@ -318,7 +367,58 @@ class Config(_Strict):
         return build_config(data)
 
     def dump(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved configuration as YAML, without the keys that do not apply to the
+        chosen kinds (applicable_dump)."""
+        return yaml.safe_dump(applicable_dump(self), sort_keys=False, allow_unicode=True)
+
+
+_NETWORK_TRAINING = ("train_steps", "epochs", "epochs_first", "batch_size", "lr", "weight_decay",
+                     "optimizer", "schedule", "ema_decay", "patience", "val_fraction",
+                     "warm_start")
+_UNET = ("base_channels", "channel_mults", "num_res_blocks", "attention_levels")
+# (section, key) → when the key is used. Keys not listed always apply (new keys stay visible).
+APPLIES = {
+    ("target", "means"): lambda c: c.target.kind == "gmm",
+    ("target", "weights"): lambda c: c.target.kind in ("gmm", "paper_gmm"),
+    ("target", "n_components"): lambda c: c.target.kind == "ring",
+    ("target", "radius"): lambda c: c.target.kind == "ring",
+    ("target", "std"): lambda c: c.target.kind != "dataset",
+    **{("target", k): (lambda c: c.target.kind == "dataset")
+       for k in ("dataset", "root", "classes", "downsample", "limit")},
+    ("process", "beta_min"): lambda c: c.process.kind == "vp",
+    ("process", "beta_max"): lambda c: c.process.kind == "vp",
+    ("score", "bandwidth"): lambda c: c.score.kind in ("kde", "population_kde"),
+    ("score", "hidden"): lambda c: c.score.kind == "mlp",
+    ("score", "layers"): lambda c: c.score.kind == "mlp",
+    ("score", "dropout"): lambda c: c.score.kind == "unet",
+    **{("score", k): (lambda c: c.score.kind == "unet") for k in _UNET},
+    **{("score", k): (lambda c: c.score.kind in ("mlp", "unet")) for k in _NETWORK_TRAINING},
+    ("sampler", "clip"): lambda c: c.sampler.kind == "ddpm",
+    ("sampler", "rho"): lambda c: c.sampler.schedule == "edm",
+    ("loop", "augmentation_lambda"): lambda c: c.loop.policy == "augmentation",
+    ("estimators", "feature_dim"): lambda c: c.target.kind == "dataset",
+    ("estimators", "feature_epochs"): lambda c: c.target.kind == "dataset",
+}
+
+
+def applicable_dump(cfg: Config) -> dict:
+    """``cfg.model_dump(mode="json")`` without the keys that apply to none of the chains'
+    kinds (APPLIES; every swept combination is considered) and still hold their default, so
+    config.yaml shows what the run uses. A key set to a non-default value is kept even where
+    it does not apply: dropping it would make the resumed configuration differ."""
+    data = cfg.model_dump(mode="json")
+    chain_cfgs = [cfg.with_params(p) for p in cfg.sweep.combinations()] if cfg.sweep.grid \
+        else [cfg]
+    defaults = Config().model_dump(mode="json")
+    for (section, key), applies in APPLIES.items():
+        sec = data.get(section)
+        if not isinstance(sec, dict) or key not in sec:
+            continue
+        if any(applies(c) for c in chain_cfgs):
+            continue
+        if sec[key] == (defaults.get(section) or {}).get(key, object()):
+            del sec[key]
+    return data
 
 
 # ---- loading ----------------------------------------------------------------------------
@@ -332,6 +432,55 @@ def list_presets() -> dict[str, str]:
     return out
 
 
+class _WarningLoader(yaml.SafeLoader):
+    """yaml.safe_load, warning (:class:`ConfigWarning`) about a key given twice in one
+    mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = key_node.value
+            if key in seen:
+                warnings.warn(f"{self.name}: key '{key}' given twice (line "
+                              f"{key_node.start_mark.line + 1}); the last value is used",
+                              ConfigWarning, stacklevel=2)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def preset_notes(name: str) -> str:
+    """A preset's ``notes`` (what it reproduces and what was scaled), one paragraph."""
+    data = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()) or {}
+    return " ".join(str(data.get("notes", "") or "").split())
+
+
+def show_preset(name: str) -> str:
+    """A preset's YAML as written, with its ``notes`` turned into comments at the top, ready to
+    save, edit and run (``collapselab show NAME > my.yaml``)."""
+    import textwrap
+
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.exists():
+        names = ", ".join(list_presets())
+        raise ConfigError("preset", f"no preset named '{name}' (presets: {names})")
+    lines, out, skipping = path.read_text().splitlines(), [], False
+    for line in lines:
+        if line.startswith("notes:"):
+            skipping = True  # the block (folded or plain) ends at the next top-level key
+            continue
+        if skipping and (line.startswith((" ", "\t")) or not line.strip()):
+            continue
+        skipping = False
+        out.append(line)
+    notes = preset_notes(name)
+    head = [f"# collapselab preset '{name}': save, edit and run with `collapselab run FILE`."]
+    if notes:
+        head += ["#"] + ["# " + t for t in textwrap.wrap(notes, 94)]
+    return "\n".join(head + out) + "\n"
+
+
 def _read_source(source: str | Path) -> dict:
     path = Path(source)
     if not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
@@ -339,14 +488,31 @@ def _read_source(source: str | Path) -> dict:
     if not path.exists():
         names = ", ".join(list_presets())
         raise ConfigError("config", f"no preset or file named '{source}' (presets: {names})")
+    if not path.is_file():
+        raise ConfigError(str(path), "is a directory, not a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "not a YAML file (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot be read ({exc.strerror})") from None
+    if "\0" in text:
+        raise ConfigError(str(path), "not a YAML file (binary content)")
+    try:
+        loader = _WarningLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise ConfigError(str(path), f"not valid YAML{where}") from None
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        # Running the whole default experiment from an empty file is never what was meant.
+        raise ConfigError(str(path), "the file is empty; give at least one key (see "
+                                     "`collapselab presets` for complete examples)")
     if not isinstance(data, dict):
         raise ConfigError(str(path), "the top level must be a mapping of keys")
     return data
@@ -384,6 +550,8 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
 def _format_error(err: ValidationError) -> ConfigError:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
+    if loc[:2] == ["sweep", "grid"]:  # swept keys are written sweep.<key>: say it so
+        loc = ["sweep", *loc[2:]]
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         return ConfigError(".".join(loc), "unknown key (check the spelling; see the presets)")
@@ -396,6 +564,7 @@ def _format_error(err: ValidationError) -> ConfigError:
             field, rest = msg.split(": ", 1)
             prefix = loc[:1] if loc and "." not in field else []
             return ConfigError(".".join(prefix + [field]), rest)
+        return ConfigError(".".join(loc) or "config", msg)
     got = first.get("input")
     if got is not None and not isinstance(got, dict | list):
         msg = f"{msg} (got {got!r})"
@@ -416,3 +585,19 @@ def load_config(source: str | Path, overrides: list[str] = ()) -> Config:
         path, value = parse_override(text)
         apply_override(data, path, value)
     return build_config(data)
+
+
+def repeated_overrides(overrides: list[str]) -> list[str]:
+    """One line for each key that ``--set`` gives more than once (the last value wins)."""
+    given: dict[str, str] = {}
+    out = []
+    for text in overrides:
+        try:
+            key = ".".join(parse_override(text)[0])
+        except ConfigError:
+            continue  # load_config reports it
+        if key in given:
+            out.append(f"--set {key} given twice ('{given[key]}', then '{text}'); the last "
+                       "value is used")
+        given[key] = text
+    return out

@@ -39,10 +39,13 @@ from .store import (
     RunStore,
     atomic_write_json,
     atomic_write_text,
+    cell_name,
     clear_failure,
     failures,
     read_json,
     record_failure,
+    remove_stale_temporaries,
+    run_lock,
     write_summary,
 )
 
@@ -95,23 +98,127 @@ def chains(cfg: Config) -> list[ChainSpec]:
     ]
 
 
-def prepare_run_dir(cfg: Config, out: Path) -> RunStore:
-    """Create (or reopen for resuming) a run directory; refuses one of another config."""
-    store = RunStore(out)
+def check_cell_names(cfg: Config) -> None:
+    """Every swept value gets a cell of its own: a value given twice, or two values whose
+    cell names would coincide (:func:`store.cell_name`), is refused naming both."""
+    groups = [("sweep.alphas", "alpha", [float(a) for a in cfg.sweep.alphas]),
+              ("sweep.seeds", "seed", [int(s) for s in cfg.sweep.seeds])]
+    groups += [(f"sweep.{k}", k, list(v)) for k, v in cfg.sweep.grid.items()]
+    for field, key, values in groups:
+        seen: dict[str, object] = {}
+        for v in values:
+            name = cell_name(v)
+            if name in seen:
+                other = seen[name]
+                what = (f"{v!r} is given twice" if type(other) is type(v) and other == v else
+                        f"{other!r} and {v!r} would share the cell {key}={name}")
+                raise ConfigError(field, f"{what}; give distinct values")
+            seen[name] = v
+
+
+def check_out(out: Path) -> None:
+    """--out must be (or be creatable as) a directory this process can write in: say so
+    before anything is computed or written."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ConfigError("--out", f"{out} exists and is not a directory")
+        where = out
+    else:
+        where = out.absolute().parent
+        while not where.exists() and not where.is_symlink() and where != where.parent:
+            where = where.parent
+        if not where.is_dir():
+            raise ConfigError("--out", f"{out}: {where} is not a directory")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise ConfigError("--out", f"{out}: cannot write in {where} (permission denied or a "
+                                   "read-only filesystem); choose another --out")
+
+
+def check_device(cfg: Config, executor: str = "local", address: str | None = None) -> None:
+    """``device: cuda[:N]`` needs CUDA (and device N) where the chains run: here, unless they
+    run on a Ray cluster given by ``address``."""
+    if not cfg.device.startswith("cuda") or (executor == "ray" and address):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("device", f"{cfg.device}: CUDA is not available on this machine "
+                                    "(torch.cuda.is_available() is False); use device=cpu")
+    index = cfg.device.partition(":")[2]
+    n = torch.cuda.device_count()
+    if index and int(index) >= n:
+        raise ConfigError("device", f"{cfg.device}: this machine has {n} CUDA device(s) "
+                                    f"(allowed: cuda, cuda:0 … cuda:{n - 1})")
+
+
+def _has_completed_cells(store: RunStore) -> bool:
+    cells = store.root / "cells"
+    return cells.exists() and next(cells.rglob("metrics.json"), None) is not None
+
+
+def _open_run_dir(cfg: Config, store: RunStore) -> None:
+    """Under the run directory's lock: write config.yaml, or check that the one there is
+    this configuration's. A directory without a completed cell holds nothing to protect: its
+    config.yaml (even a damaged one, e.g. of a run that stopped before computing) is replaced."""
+    meta = {"name", "description", "notes"}
     if store.config_path.exists():
+        reason = None
         try:
             old = build_config(yaml.safe_load(store.config_path.read_text()))
-        except ConfigError:
-            old = None
-        meta = {"name", "description", "notes"}
-        if old is None or old.model_dump(exclude=meta) != cfg.model_dump(exclude=meta):
-            raise ConfigError(
-                "--out", f"{out} holds a run with a different configuration; choose a new --out"
-            )
-    else:
-        store.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(store.config_path, cfg.dump())
+            if old.model_dump(exclude=meta) != cfg.model_dump(exclude=meta):
+                reason = "holds a run with a different configuration"
+        except (ConfigError, yaml.YAMLError, UnicodeDecodeError, TypeError, ValueError, OSError):
+            reason = "has a damaged config.yaml"
+        if reason is None:
+            return
+        if _has_completed_cells(store):
+            raise ConfigError("--out", f"{store.root} {reason}; choose a new --out")
+        log.info("%s %s and no completed cell: replaced", store.root, reason)
+    atomic_write_text(store.config_path, cfg.dump())
+
+
+def _migrate_legacy_cells(cfg: Config, store: RunStore) -> None:
+    """Rename chain directories of earlier versions (swept values by ``fmt_key``: floats
+    rounded to 12 digits, other values unescaped) to their :func:`store.cell_name` names, so
+    that such runs resume; only where the old name belongs to exactly one chain."""
+    specs = chains(cfg)
+    new = {c: store.chain_dir(c.alpha, c.seed, c.param_dict) for c in specs}
+    old = {c: store.legacy_chain_dir(c.alpha, c.seed, c.param_dict) for c in specs}
+    count: dict[Path, int] = {}
+    for p in old.values():
+        count[p] = count.get(p, 0) + 1
+    taken = set(new.values())
+    for c in specs:
+        src, dst = old[c], new[c]
+        if (src is None or src == dst or count[src] > 1 or src in taken or not src.is_dir()
+                or dst.exists()):
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src, dst)
+        log.info("%s: cells renamed from %s", c.label(), src.relative_to(store.root))
+
+
+def prepare_run_dir(cfg: Config, out: Path) -> RunStore:
+    """Create (or reopen for resuming) a run directory; refuses one of another config, one that
+    another process is using (:func:`store.run_lock`) and an unusable --out, before writing."""
+    check_cell_names(cfg)
+    check_out(out)
+    store = RunStore(out)
+    try:
+        with run_lock(store.root):
+            _open_run_dir(cfg, store)
+            _migrate_legacy_cells(cfg, store)
+    except OSError as exc:
+        raise ConfigError("--out", f"{out}: {exc.strerror or exc}") from None
     return store
+
+
+def verify_run_dir(cfg: Config, store: RunStore) -> dict[ChainSpec, int]:
+    """Check every chain's completed cells (sizes and SHA-256 recorded in metrics.json);
+    a damaged generation and the rest of its chain are un-completed, to be recomputed."""
+    return {c: store.verify_chain(c.alpha, c.seed, c.param_dict, label=c.label())
+            for c in chains(cfg)}
 
 
 class ChainFailed(RuntimeError):
@@ -226,11 +333,30 @@ def execute_chain(cfg_data: dict, root: str, alpha: float, seed: int, params: di
     return {"ok": True, "start": start, "computed": computed, "seconds": time.perf_counter() - t0}
 
 
+def _exit_with_parent() -> None:
+    """Stop this spawned worker as soon as its parent (the driver) is gone: once the driver
+    is killed its run directory's lock is free, and a worker still writing cells would race
+    the next run."""
+    import multiprocessing as mp
+    import threading
+
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        parent.join()
+        os._exit(3)
+
+    threading.Thread(target=watch, name="collapselab-parent-watch", daemon=True).start()
+
+
 def _worker_main(conn) -> None:
     """A pool worker: one torch thread, one task at a time, until it receives None. A task is
     execute_chain's keyword arguments (one chain), or ``entry`` — a module-level function that
     sets its own thread count, :func:`collapselab.lockstep.run_part` for a part of the batched
-    executor — with its keyword arguments."""
+    executor — with its keyword arguments. It exits when the driver dies."""
+    _exit_with_parent()
     import torch
 
     torch.set_num_threads(1)
@@ -592,6 +718,21 @@ def run_experiment(
         workers = os.cpu_count() or 1  # cores shared by its processes
     if resources is None:
         resources = Resources(num_gpus=1.0 if cfg.device.startswith("cuda") else 0.0)
+    check_cell_names(cfg)
+    check_device(cfg, executor, address)
+    with run_lock(store.root):
+        return _run_locked(cfg, store, on_generation, executor=executor, workers=workers,
+                           address=address, resources=resources, stats=stats)
+
+
+def _run_locked(cfg, store, on_generation, *, executor, workers, address, resources, stats):
+    """run_experiment's body, with the run directory's lock held."""
+    _open_run_dir(cfg, store)
+    _migrate_legacy_cells(cfg, store)
+    removed = remove_stale_temporaries(store.root)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run", removed)
+    verify_run_dir(cfg, store)
     from .report import environment
 
     atomic_write_json(store.root / "environment.json",
@@ -615,7 +756,8 @@ def run_experiment(
             backend = _InProcess(driver.poll)
         driver.run(backend)
         failed, gen0_trained = driver.failed, driver.gen0_trained
-    df = store.write_results()
+    df = store.write_results([store.chain_dir(c.alpha, c.seed, c.param_dict)
+                              for c in chains(cfg)])
     write_summary(store, df)
     recs = failures(store)
     if recs:

@@ -327,6 +327,45 @@ def _grid(T, t0, steps, times):
     return time_grid(T, t0, steps) if times is None else torch.as_tensor(times, dtype=torch.float64)
 
 
+def skewed_mean(values, generator: torch.Generator | None = None, n_resamples: int = 2000):
+    """Mean of skewed, non-negative path energies with a standard error that allows for skew.
+
+    Returns (mean, stderr, sample skewness). The stderr is the larger half-width of the BCa
+    bootstrap interval (Efron 1987) at the one-sigma level (z = ±1, 68.27%), so a right-skewed
+    energy (a few paths carry much of the mean) gets the wider upper side instead of the
+    symmetric s/√n. Why BCa: the mean of n draws with skewness γ has skewness γ/√n, and the
+    plain CLT interval is only first-order accurate in it; BCa corrects the interval's skew
+    (acceleration a = Σd³ / (6 (Σd²)^{3/2}), d = x − x̄, the closed-form jackknife of a mean) and
+    its median bias (z0) to second order. Valid when the variance is finite and n ≫ γ²; the
+    bootstrap resamples are drawn in chunks, so memory stays O(n).
+    """
+    from scipy.special import ndtr, ndtri
+
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    m = float(x.mean()) if n else float("nan")
+    if n < 3:
+        return m, (float(x.std(ddof=1)) / math.sqrt(n) if n == 2 else float("nan")), 0.0
+    d = x - m
+    s2, s3 = float(d @ d), float((d * d) @ d)
+    sd = math.sqrt(s2 / (n - 1))
+    if not sd > 0:
+        return m, 0.0, 0.0
+    skew = (s3 / n) / (s2 / n) ** 1.5
+    rng = np.random.default_rng(_gen_seed(generator))
+    boot = np.empty(n_resamples)
+    chunk = max(1, min(n_resamples, 4_000_000 // n))
+    for j in range(0, n_resamples, chunk):
+        k = min(chunk, n_resamples - j)
+        boot[j: j + k] = x[rng.integers(0, n, size=(k, n))].mean(1)
+    frac = float(np.mean(boot < m)) + 0.5 * float(np.mean(boot == m))
+    z0 = float(ndtri(min(max(frac, 1.0 / n_resamples), 1.0 - 1.0 / n_resamples)))
+    acc = s3 / (6.0 * s2**1.5)
+    lo_q, hi_q = (float(ndtr(z0 + (z0 + z) / (1.0 - acc * (z0 + z)))) for z in (-1.0, 1.0))
+    lo, hi = np.quantile(boot, [lo_q, hi_q])
+    return m, float(max(hi - m, m - lo)), float(skew)
+
+
 def score_energy_learned(
     score,
     law: GaussianMixture,
@@ -336,31 +375,68 @@ def score_energy_learned(
     steps: int = 100,
     n_paths: int = 2000,
     generator: torch.Generator | None = None,
-    start: str = "normal",
+    start="normal",
     times: Tensor | None = None,
+    rel_tol: float | None = None,
+    max_paths: int | None = None,
 ) -> Estimate:
     """ε̂² = ∫_{t0}^{T} β(t) E‖e(Ŷ_t, t)‖² dt along the *learned* reverse process (PAPER.md §3-4,
-    KL(p̂ ‖ q_t0) ≤ ½ ε̂²).
+    Prop 3.1: KL(p̂ ‖ q_t0) ≤ KL(p̂_T ‖ q_T) + ½ ε̂², with equality for a score exact for its
+    own law).
 
     Ŷ is simulated with the samplers' Euler–Maruyama and ``score`` on the uniform grid (or
-    ``times``), started from N(0, I) (``start='normal'``, as the paper samples) or from q_T
-    (``start='law'``: no start-up error, the setting of the KL bound). Each path accumulates the
-    left-point sum Σ_k β_k ‖e(Y_k, t_k)‖² Δt_k (twice the exact KL between the learned and the
-    ideal EM chains); the stderr is across paths. Time discretisation is not part of stderr.
+    ``times``), started from N(0, I) (``start='normal'``, as the paper samples), from q_T
+    (``start='law'``), from the model's own T-marginal (``start='model'``: ``score.output_law(T)``,
+    the start of the law whose KL the bound compares) or from any law with ``sample``
+    (e.g. that T-marginal passed directly). Each path accumulates the left-point sum
+    Σ_k β_k ‖e(Y_k, t_k)‖² Δt_k (twice the exact KL between the learned and the ideal EM
+    chains); time discretisation is not part of stderr.
+
+    Path energies are strongly right-skewed, so the stderr comes from :func:`skewed_mean` (BCa
+    bootstrap). ``rel_tol``: keep adding batches of ``n_paths`` paths until stderr/mean ≤
+    rel_tol (or ``max_paths``, default 10 × n_paths, is reached); the note records the count,
+    the skewness and whether the target was met.
     """
     exact = exact_score(law, process)
-    rec = _Recorder(score)
-    acc = torch.zeros(n_paths, dtype=torch.float64)
+    grid = _grid(T, t0, steps, times)
+    k = len(grid) - 1
+    if isinstance(start, str) and start == "model":
+        law_fn = getattr(score, "output_law", None)
+        start = None if law_fn is None else law_fn(T)
+        if start is None:
+            raise ValueError("start='model' needs a score whose output_law (its own law) is "
+                             "known")
+    cap = max_paths if max_paths is not None else 10 * n_paths
+    chunks: list[Tensor] = []
+    while True:
+        rec = _Recorder(score)
+        acc = torch.zeros(n_paths, dtype=torch.float64)
 
-    def cb(i, t, t_next, x, x_next, dB):
-        e = rec.value_at(x, t).to(torch.float64) - exact(x, t)
-        acc.add_(_beta(process, t) * (t - t_next) * (e**2).reshape(n_paths, -1).sum(1))
+        def cb(i, t, t_next, x, x_next, dB, rec=rec, acc=acc):
+            e = rec.value_at(x, t).to(torch.float64) - exact(x, t)
+            acc.add_(_beta(process, t) * (t - t_next) * (e**2).reshape(n_paths, -1).sum(1))
 
-    x = _start(law, process, T, n_paths, start, generator)
-    euler_maruyama(rec, x, _grid(T, t0, steps, times), process, generator, callback=cb)
-    k = len(_grid(T, t0, steps, times)) - 1
-    return Estimate(float(acc.mean()), float(acc.std() / math.sqrt(n_paths)), "monte_carlo",
-                    f"{n_paths} learned EM paths, {k} steps, start={start}; left-point sum")
+        if isinstance(start, str):
+            x = _start(law, process, T, n_paths, start, generator)
+            where = start
+        else:
+            x = start.sample(n_paths, generator).to(torch.float64)
+            where = "model T-marginal"
+        euler_maruyama(rec, x, grid, process, generator, callback=cb)
+        chunks.append(acc)
+        vals = torch.cat(chunks).numpy()
+        m, se, skew = skewed_mean(vals, generator)
+        n = len(vals)
+        if rel_tol is None or n + n_paths > cap or not (m > 0) or se <= rel_tol * m:
+            break
+    met = ""
+    if rel_tol is not None:
+        ok = m > 0 and se <= rel_tol * m
+        met = (f"; relative stderr {se / m:.2g} {'≤' if ok else '> (path cap reached)'} "
+               f"{rel_tol:g}" if m > 0 else "; mean 0")
+    return Estimate(m, se, "monte_carlo",
+                    f"{n} learned EM paths, {k} steps, start={where}; left-point sum; "
+                    f"skewness {skew:.2g}; stderr: BCa bootstrap (one-sigma, larger side){met}")
 
 
 def girsanov_martingale(
@@ -626,7 +702,8 @@ def measure_observability(
     """Simulate ideal paths, accumulate M_T (:func:`girsanov_martingale`) and regress it on
     Y_t0 (:func:`observability`). Returns a dict with 'eta' (Estimate, denominator Var(M_T)),
     'eps_star_sq_var_m' (Var(M_T) with stderr), 'eps_star_sq_qv' (mean path quadratic
-    variation Σβ‖e‖²Δt), 'r2_oos', 'regressor', and the raw 'Y', 'M'."""
+    variation Σβ‖e‖²Δt), 'r2_oos', 'regressor', and the raw 'Y', 'M'. ``times``: the reverse
+    grid (default uniform with ``steps`` steps); the loop passes ε̂²'s grid."""
     Y, M, Q = girsanov_martingale(score, law, process, t0, T, steps, n_paths, generator,
                                   start=start, times=times, return_energy=True)
     eta = observability(Y, M, None, regressor=regressor, generator=generator)

@@ -18,18 +18,24 @@ mathematics (e.g. χ² = ∞ stays ∞ under contraction unless α = 1).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Literal
 
 import numpy as np
 
 __all__ = [
     "BoundCheck",
+    "Cause",
+    "GaussianSmoothing",
     "PlanResult",
     "Regime",
+    "Status",
     "check_bound",
+    "check_identity",
     "check_recursion",
     "check_single_generation",
     "chi2_lower_bound",
@@ -47,6 +53,9 @@ __all__ = [
     "plan_alpha",
     "predicted_divergence",
     "recursion_lower_bound",
+    "smoothing_drift",
+    "smoothing_drift_mixture",
+    "smoothing_kl_step",
     "steady_state",
     "two_sided_intra_bounds",
 ]
@@ -151,6 +160,48 @@ def perturbative(eps_sq):
 # --------------------------------------------------------------------------- bound checks
 
 
+class Status(StrEnum):
+    """Verdict code of one bound check (PAPER.md §4). The English lives with the renderers."""
+
+    HELD = "held"  # on the bound's side, within noise
+    FAILED = "failed"  # on the wrong side beyond noise
+    NO_CLAIM = "no_claim"  # a premise fails, or the numbers cannot decide
+    IDENTITY = "identity"  # the relation holds with equality for this model: no test
+    CONSISTENT = "consistent"  # calibration: both sides of an identity agree within noise
+    INCONSISTENT = "inconsistent"  # calibration: they disagree beyond noise
+
+
+class Cause(StrEnum):
+    """Why a check did not simply hold: a premise, an unusable number, or the likely reason a
+    measurement sits on the wrong side of a correct theorem."""
+
+    NONE = ""
+    # premises (no claim)
+    TRANSIENT = "transient"  # generation < i0
+    NOT_PERTURBATIVE = "not_perturbative"  # ε⋆² > 1
+    EPS_UNKNOWN = "eps_unknown"  # ε⋆² is NaN, so ε⋆² ≤ 1 cannot be checked
+    NOT_CLEAN = "not_clean"  # outside ε⋆² ≤ min(1, η/(8C))
+    # unusable numbers (no claim)
+    MEASURED_NAN = "measured_nan"
+    BOUND_NAN = "bound_nan"
+    BOUND_INFINITE = "bound_infinite"
+    MEASURED_INFINITE = "measured_infinite"  # +∞ against a finite upper bound
+    MEASURED_NEG_INFINITE = "measured_neg_infinite"
+    MEASURED_INFINITE_OK = "measured_infinite_ok"  # +∞ satisfies a lower bound (held)
+    # identities (de Bruijn): nothing is tested
+    EXACT_OWN_LAW = "exact_own_law"
+    # likely reasons for a failure (the theorem is right; the measurement differs from it)
+    VIOLATED = "violated"  # no specific reason known
+    LEADING_ORDER_C = "leading_order_C"  # the −C ε⋆⁴ term of the χ² lower bound is unknown
+    LEADING_ORDER_c = "leading_order_c"  # the + c ε⋆⁴ term of the χ² upper bound is unknown
+    START_TERM = "start_term"  # KL(p̂_T ‖ q_T) of the start, not part of ½ ε̂²
+    EPS_HAT_ESTIMATE = "eps_hat_estimate"  # ε̂² on a finite grid and finitely many paths
+    NOT_T0 = "not_t0"  # measured against q_i, not q_i pushed to t0
+    # calibration outcomes
+    EPS_HAT_LOW = "eps_hat_low"  # ½ ε̂² below what the identity needs
+    EPS_HAT_HIGH = "eps_hat_high"
+
+
 @dataclass(frozen=True)
 class BoundCheck:
     """One bound held against one measurement (a PAPER.md §4 single-generation result).
@@ -158,19 +209,30 @@ class BoundCheck:
     name: metric name, e.g. ``bound_kl_upper``.
     bound: the bound's value; measured / stderr: the measured quantity and one standard error.
     bound_stderr: one standard error of the bound (it is itself built from measured ε², η).
-    direction: ``'upper'`` (measured should be ≤ bound) or ``'lower'`` (measured ≥ bound).
-    held: True / False, or None when the check cannot be decided or the bound makes no claim.
-    reason: a plain-English sentence for the report.
+    direction: ``'upper'`` (measured should be ≤ bound), ``'lower'`` (≥ bound) or ``'equal'``
+        (an identity used as a calibration).
+    held: True / False, or None when the check cannot be decided, the bound makes no claim or
+        the relation is an identity for this model (nothing is tested).
+    status: a :class:`Status` code; cause: a :class:`Cause` code (``Cause.NONE`` when held).
+    n_sigma: the tolerance used, in standard errors; gap: by how much the measurement lies on
+        the wrong side (negative = right side); sigma: the combined standard error.
+    detail: the numbers a premise code refers to (``eps_sq``, ``generation``, ``i0``, ``C``).
     """
 
     name: str
     bound: float
     measured: float
     stderr: float
-    direction: Literal["upper", "lower"]
+    direction: Literal["upper", "lower", "equal"]
     held: bool | None
-    reason: str
+    status: Status
+    cause: Cause = Cause.NONE
     bound_stderr: float = 0.0
+    n_sigma: float = 2.0
+    gap: float = float("nan")
+    sigma: float = float("nan")
+    stderr_known: bool = True
+    detail: dict = field(default_factory=dict, compare=False)
 
 
 def check_bound(
@@ -184,24 +246,27 @@ def check_bound(
     eps_sq: float | None = None,
     generation: int | None = None,
     i0: int = 0,
-    premises: Sequence[tuple[bool, str]] = (),
+    premises: Sequence[tuple[bool, Cause]] = (),
     n_sigma: float = 2.0,
+    fail_cause: Cause = Cause.VIOLATED,
+    detail: dict | None = None,
 ) -> BoundCheck:
     """Decide whether a PAPER.md §4 bound held for one measurement, allowing for noise.
 
     Order of the decision (first that applies wins):
 
-    1. Premises. ``generation < i0`` (the bounds hold only past the transient i₀), ``eps_sq > 1``
-       (outside the perturbative regime ε⋆² ≤ 1) or any ``premises`` entry ``(False, text)``
-       (``text`` names the premise, e.g. ``"ε⋆² ≤ min(1, η/(8C)) (clean regime)"``) →
-       held = None: the bound makes no claim.
-    2. Unusable numbers. A NaN measurement or bound (including a NaN ``eps_sq``) → None. An
-       infinite bound is vacuous → None. A measurement of +∞ satisfies any lower bound → True;
-       against a finite upper bound it cannot be confirmed (it usually means a premise such as
-       finite score energy fails, or the estimator flagged a divergent tail) → None.
+    1. Premises (pass ``generation``/``i0``/``eps_sq`` only for results that assume them).
+       ``generation < i0`` → cause TRANSIENT; ``eps_sq`` NaN → EPS_UNKNOWN; ``eps_sq > 1`` →
+       NOT_PERTURBATIVE; any ``premises`` entry ``(False, cause)`` → that cause. Status
+       NO_CLAIM, held = None.
+    2. Unusable numbers. A NaN measurement (MEASURED_NAN) or bound (BOUND_NAN), an infinite
+       bound (BOUND_INFINITE) → NO_CLAIM. A measurement of +∞ satisfies any lower bound → HELD;
+       against a finite upper bound it cannot be confirmed (MEASURED_INFINITE) → NO_CLAIM.
     3. Comparison with tolerance ``n_sigma · sqrt(stderr² + bound_stderr²)``: an upper bound
-       holds if measured − tol ≤ bound, a lower bound if measured + tol ≥ bound. An unknown
-       (NaN) stderr counts as 0, and the reason says so.
+       holds if measured − tol ≤ bound, a lower bound if measured + tol ≥ bound; otherwise
+       FAILED with ``fail_cause`` (the likely reason, chosen by the caller who knows which
+       idealisation the measurement departs from). An unknown (NaN) stderr counts as 0 and
+       ``stderr_known`` is False.
     """
     if direction not in ("upper", "lower"):
         raise ValueError(f"direction must be 'upper' or 'lower'; got {direction!r}")
@@ -211,72 +276,88 @@ def check_bound(
     stderr, bound_stderr = float(stderr), float(bound_stderr)
     if stderr < 0 or bound_stderr < 0:
         raise ValueError("standard errors must be non-negative")
+    info = dict(detail or {})
+    if generation is not None:
+        info.update(generation=int(generation), i0=int(i0))
+    if eps_sq is not None:
+        info["eps_sq"] = float(eps_sq)
 
-    def result(held: bool | None, reason: str) -> BoundCheck:
-        return BoundCheck(name, bound, measured, stderr, direction, held, reason, bound_stderr)
+    def result(held, status, cause=Cause.NONE, gap=float("nan"), sigma=float("nan"),
+               known=True) -> BoundCheck:
+        return BoundCheck(name, bound, measured, stderr, direction, held, status, cause,
+                          bound_stderr, n_sigma, gap, sigma, known, info)
 
     if generation is not None and generation < i0:
-        return result(
-            None,
-            f"generation {generation} is inside the transient (before i0 = {i0}); "
-            "the bound is only claimed from generation i0 on",
-        )
+        return result(None, Status.NO_CLAIM, Cause.TRANSIENT)
     if eps_sq is not None:
-        eps_sq = float(eps_sq)
-        if math.isnan(eps_sq):
-            return result(None, "the score energy ε⋆² is unknown (NaN), so the bound's premise "
-                                "ε⋆² ≤ 1 cannot be checked")
-        if eps_sq > 1.0:
-            return result(
-                None,
-                f"score energy ε⋆² = {_fmt(eps_sq)} exceeds 1: outside the perturbative regime, "
-                "where the bound makes no claim",
-            )
-    for ok, text in premises:
+        if math.isnan(float(eps_sq)):
+            return result(None, Status.NO_CLAIM, Cause.EPS_UNKNOWN)
+        if float(eps_sq) > 1.0:
+            return result(None, Status.NO_CLAIM, Cause.NOT_PERTURBATIVE)
+    for ok, cause in premises:
         if not ok:
-            return result(None, f"premise not met: {text}; the bound makes no claim here")
+            return result(None, Status.NO_CLAIM, Cause(cause))
 
     if math.isnan(measured):
-        return result(None, "the measured value could not be estimated reliably (NaN), so the "
-                            "bound cannot be checked")
+        return result(None, Status.NO_CLAIM, Cause.MEASURED_NAN)
     if math.isnan(bound):
-        return result(None, "the bound could not be evaluated (one of its inputs is NaN)")
+        return result(None, Status.NO_CLAIM, Cause.BOUND_NAN)
     if math.isinf(bound):
-        return result(None, f"the bound is {_fmt(bound)}, so it makes no claim")
+        return result(None, Status.NO_CLAIM, Cause.BOUND_INFINITE)
     if math.isinf(measured):
         if measured > 0 and direction == "lower":
-            return result(True, "the measured value is infinite, which satisfies any lower bound")
+            return result(True, Status.HELD, Cause.MEASURED_INFINITE_OK)
         if measured > 0:
-            return result(
-                None,
-                "the measured value is infinite, so it cannot be compared with a finite upper "
-                "bound; this usually means a premise fails (e.g. infinite score energy or a "
-                "model tail heavier than the target's)",
-            )
-        return result(None, "the measured value is -infinity, which is not a valid divergence")
+            return result(None, Status.NO_CLAIM, Cause.MEASURED_INFINITE)
+        return result(None, Status.NO_CLAIM, Cause.MEASURED_NEG_INFINITE)
 
-    unknown_se = math.isnan(stderr) or math.isnan(bound_stderr)
+    known = not (math.isnan(stderr) or math.isnan(bound_stderr))
     s = math.hypot(0.0 if math.isnan(stderr) else stderr,
                    0.0 if math.isnan(bound_stderr) else bound_stderr)
-    tol = n_sigma * s
-    pm = f" ± {_fmt(stderr)}" if stderr > 0 else ""
-    if direction == "upper":
-        gap, point_ok, word, side = measured - bound, measured <= bound, "upper", "below"
-    else:
-        gap, point_ok, word, side = bound - measured, measured >= bound, "lower", "above"
-    held = gap <= tol
-    desc = f"measured {_fmt(measured)}{pm} against the {word} bound {_fmt(bound)}"
-    if point_ok:
-        reason = f"{desc}: it lies {side} the bound"
-    elif held:
-        reason = (f"{desc}: on the wrong side by {_fmt(gap)}, which is within "
-                  f"{n_sigma:g} standard errors, so consistent with the bound")
-    else:
-        sig = f" ({gap / s:.1f} standard errors)" if s > 0 else ""
-        reason = f"{desc}: violated by {_fmt(gap)}{sig}"
-    if unknown_se:
-        reason += "; no standard error was available, so the point values were compared"
-    return result(bool(held), reason)
+    gap = measured - bound if direction == "upper" else bound - measured
+    if gap <= n_sigma * s:
+        return result(True, Status.HELD, Cause.NONE, gap, s, known)
+    return result(False, Status.FAILED, Cause(fail_cause), gap, s, known)
+
+
+def check_identity(
+    name: str,
+    lhs: float,
+    lhs_stderr: float,
+    rhs: float,
+    rhs_stderr: float,
+    n_sigma: float = 2.0,
+    detail: dict | None = None,
+) -> BoundCheck:
+    """Compare the two sides of an identity within noise: a calibration, not a test of theory.
+
+    ``measured`` = lhs (e.g. the exact-density KL(p̂_t0 ‖ q_t0)), ``bound`` = rhs (e.g.
+    KL(p̂_T ‖ q_T) + ½ ε̂²). CONSISTENT when |lhs − rhs| ≤ n_sigma · sqrt(se_l² + se_r²), else
+    INCONSISTENT with EPS_HAT_LOW (rhs too small) or EPS_HAT_HIGH; NO_CLAIM with
+    MEASURED_NAN / BOUND_NAN / MEASURED_INFINITE / BOUND_INFINITE when a side is not finite.
+    ``held`` is None throughout (an identity holds by mathematics; only the estimate is judged).
+    """
+    lhs, rhs = float(lhs), float(rhs)
+    se_l = 0.0 if math.isnan(float(lhs_stderr)) else float(lhs_stderr)
+    se_r = 0.0 if math.isnan(float(rhs_stderr)) else float(rhs_stderr)
+    known = not (math.isnan(float(lhs_stderr)) or math.isnan(float(rhs_stderr)))
+
+    def result(status, cause, gap=float("nan"), s=float("nan")):
+        return BoundCheck(name, rhs, lhs, se_l, "equal", None, status, cause, se_r, n_sigma,
+                          gap, s, known, dict(detail or {}))
+
+    for v, nan_c, inf_c in ((lhs, Cause.MEASURED_NAN, Cause.MEASURED_INFINITE),
+                            (rhs, Cause.BOUND_NAN, Cause.BOUND_INFINITE)):
+        if math.isnan(v):
+            return result(Status.NO_CLAIM, nan_c)
+        if math.isinf(v):
+            return result(Status.NO_CLAIM, inf_c)
+    s = math.hypot(se_l, se_r)
+    gap = lhs - rhs
+    if abs(gap) <= n_sigma * s:
+        return result(Status.CONSISTENT, Cause.NONE, gap, s)
+    return result(Status.INCONSISTENT, Cause.EPS_HAT_LOW if gap > 0 else Cause.EPS_HAT_HIGH,
+                  gap, s)
 
 
 def check_single_generation(
@@ -291,6 +372,10 @@ def check_single_generation(
     eps_star_sq_stderr: float = 0.0,
     eps_hat_sq_stderr: float = 0.0,
     eta_stderr: float = 0.0,
+    kl_T: float | None = None,
+    kl_T_stderr: float = 0.0,
+    exact_own_law: bool = False,
+    against_t0: bool = True,
     generation: int | None = None,
     i0: int = 0,
     C: float = 0.0,
@@ -299,43 +384,80 @@ def check_single_generation(
 ) -> list[BoundCheck]:
     """Check every single-generation bound of PAPER.md §4 that the given measurements allow.
 
-    Every check carries the paper's premises: generation ≥ i0 (past the transient) and
-    ε⋆² ≤ 1 (perturbative); where they fail the check's ``held`` is None.
     Returns, in this order and only when their inputs are given:
-    ``bound_kl_upper`` (KL(p̂_{i+1}‖q_i) ≤ ½ ε̂²; needs eps_hat_sq, intra_kl),
+
+    ``bound_kl_upper`` — Prop 3.1 (Girsanov + data processing), KL(p̂_{i+1} ‖ q_{i,t0}) ≤ ½ ε̂².
+        It needs only the score and regularity assumptions, so neither i ≥ i0 nor ε⋆² ≤ 1 is
+        asked of it. When ``exact_own_law`` (the model's score is the exact score of its own law:
+        analytic, population KDE, finite KDE), integrating d/dt KL(p̂_t ‖ q_t) = −½ β
+        E‖∇log p̂_t − ∇log q_t‖² from t0 to T gives KL(p̂_t0 ‖ q_t0) = KL(p̂_T ‖ q_T) + ½ ε̂² with
+        ε̂² along p̂'s own reverse paths (de Bruijn): the check is an identity, status IDENTITY,
+        held None. A failure's likely cause is START_TERM when the measured gap is within
+        noise of ``kl_T`` (the learned path started from p̂_T, not q_T), else EPS_HAT_ESTIMATE.
+    ``calibration_eps_hat`` — only when ``exact_own_law`` and ``kl_T`` is given: the identity
+        above as a calibration of the ε̂² estimator (:func:`check_identity`, lhs = KL_t0,
+        rhs = KL_T + ½ ε̂²).
     ``bound_chi2_lower`` (I_i ≥ ¼ η ε⋆² − C ε⋆⁴; needs eta, intra_chi2),
     ``bound_chi2_lower_clean`` (I_i ≥ η ε⋆²/8 in the clean regime; needs eta, intra_chi2),
-    ``bound_intra_upper`` (I_i ≤ 4 ε⋆² + c ε⋆⁴; needs intra_chi2).
+    ``bound_intra_upper`` (I_i ≤ 4 ε⋆² + c ε⋆⁴; needs intra_chi2) — these three carry the
+    paper's premises: generation ≥ i0 (past the transient) and ε⋆² ≤ 1 (perturbative).
+    ``against_t0`` False says the measurements are against q_i, not q_i pushed to t0; a
+    failure then names NOT_T0 as the likely cause.
     The uncertainty of each bound is propagated to first order from the given stderrs.
     """
     e, se_e = float(eps_star_sq), float(eps_star_sq_stderr)
     common = dict(eps_sq=e, generation=generation, i0=i0, n_sigma=n_sigma)
     out: list[BoundCheck] = []
     if eps_hat_sq is not None and intra_kl is not None:
-        out.append(check_bound(
-            "bound_kl_upper", kl_upper_bound(eps_hat_sq), intra_kl, intra_kl_stderr, "upper",
-            bound_stderr=0.5 * float(eps_hat_sq_stderr), **common,
-        ))
+        half, half_se = kl_upper_bound(eps_hat_sq), 0.5 * float(eps_hat_sq_stderr)
+        detail = {"eps_hat_sq": float(eps_hat_sq)}
+        if generation is not None:
+            detail["generation"] = int(generation)
+        if exact_own_law:
+            out.append(BoundCheck("bound_kl_upper", half, float(intra_kl), float(intra_kl_stderr),
+                                  "upper", None, Status.IDENTITY, Cause.EXACT_OWN_LAW, half_se,
+                                  n_sigma, float(intra_kl) - half, float("nan"), True, detail))
+            if kl_T is not None:
+                rhs = float(kl_T) + half
+                out.append(check_identity(
+                    "calibration_eps_hat", intra_kl, intra_kl_stderr, rhs,
+                    math.hypot(float(kl_T_stderr), half_se), n_sigma,
+                    {**detail, "kl_T": float(kl_T)},
+                ))
+        else:
+            cause = Cause.EPS_HAT_ESTIMATE if against_t0 else Cause.NOT_T0
+            if against_t0 and kl_T is not None and math.isfinite(float(kl_T)):
+                gap = float(intra_kl) - half
+                tol = n_sigma * math.hypot(float(intra_kl_stderr), half_se, float(kl_T_stderr))
+                if gap <= float(kl_T) + tol:
+                    cause = Cause.START_TERM
+                detail["kl_T"] = float(kl_T)
+            out.append(check_bound(
+                "bound_kl_upper", half, intra_kl, intra_kl_stderr, "upper",
+                bound_stderr=half_se, n_sigma=n_sigma, fail_cause=cause, detail=detail,
+            ))
     if eta is not None and intra_chi2 is not None:
         et, se_et = float(eta), float(eta_stderr)
         # d/dε² (¼ηε² − Cε⁴) = ¼η − 2Cε²; d/dη = ¼ε².
         se_low = math.hypot((0.25 * et - 2 * C * e) * se_e, 0.25 * e * se_et)
+        fail = Cause.LEADING_ORDER_C if against_t0 else Cause.NOT_T0
         out.append(check_bound(
             "bound_chi2_lower", chi2_lower_bound(et, e, C), intra_chi2, intra_chi2_stderr,
-            "lower", bound_stderr=se_low, **common,
+            "lower", bound_stderr=se_low, fail_cause=fail, detail={"C": C}, **common,
         ))
         clean = bool(clean_regime(et, e, C))
         out.append(check_bound(
             "bound_chi2_lower_clean", chi2_lower_bound_clean(et, e), intra_chi2,
             intra_chi2_stderr, "lower",
             bound_stderr=math.hypot(et * se_e, e * se_et) / 8.0,
-            premises=[(clean, f"the clean regime ε⋆² ≤ min(1, η/(8C)) with C = {C:g}")],
-            **common,
+            premises=[(clean, Cause.NOT_CLEAN)], fail_cause=fail, detail={"C": C}, **common,
         ))
     if intra_chi2 is not None:
         out.append(check_bound(
             "bound_intra_upper", intra_upper_bound(e, c), intra_chi2, intra_chi2_stderr,
-            "upper", bound_stderr=abs(4.0 + 2 * c * e) * se_e, **common,
+            "upper", bound_stderr=abs(4.0 + 2 * c * e) * se_e,
+            fail_cause=Cause.LEADING_ORDER_c if against_t0 else Cause.NOT_T0,
+            detail={"c": c}, **common,
         ))
     return out
 
@@ -497,8 +619,10 @@ class Regime:
     label: ``"stable"``, ``"saturating"``, ``"collapsing"`` or ``"undetermined"``.
     evidence: plain-English account of the evidence used.
     slope, slope_stderr: least-squares slope of the last half of D per generation (NaN if unused).
-    decay_exponent: p in ε⋆² ∝ (i+1)^p fitted on the last half of the errors (NaN if unused).
-    plateau: predicted steady state ε²/(α(2−α)) from the tail's mean error (NaN if unused).
+    decay_exponent: p in innovation ∝ (i+1)^p fitted on the last half (NaN if unused).
+    plateau: steady state of the fitted recursion, mean innovation/(α(2−α)) (NaN if unused).
+    innovation_constant, innovation_constant_stderr: c in innovation = c·ε⋆², fitted on the
+        last half when ε⋆² is given (NaN otherwise).
     """
 
     label: Literal["stable", "saturating", "collapsing", "undetermined"]
@@ -507,6 +631,8 @@ class Regime:
     slope_stderr: float = float("nan")
     decay_exponent: float = float("nan")
     plateau: float = float("nan")
+    innovation_constant: float = float("nan")
+    innovation_constant_stderr: float = float("nan")
 
 
 def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -565,6 +691,19 @@ def _error_trend(gens: np.ndarray, errs: np.ndarray, n_sigma: float):
                                        f"mean {_fmt(level)} ({kind})")
 
 
+def _innovation_constant(innov: np.ndarray, eps: np.ndarray) -> tuple[float, float]:
+    """c with innovation ≈ c·ε² (least squares through the origin) and its standard error;
+    NaN without at least 2 finite pairs with ε² > 0."""
+    ok = np.isfinite(innov) & np.isfinite(eps)
+    x, y = eps[ok], innov[ok]
+    if len(x) < 2 or float(x @ x) <= 0:
+        return float("nan"), float("nan")
+    cfit = float(x @ y) / float(x @ x)
+    resid = y - cfit * x
+    se = math.sqrt(max(float(resid @ resid), 0.0) / max(len(x) - 1, 1) / float(x @ x))
+    return cfit, se
+
+
 def classify_regime(
     alpha: float,
     D_seq,
@@ -572,43 +711,44 @@ def classify_regime(
     *,
     min_length: int = 6,
     n_sigma: float = 2.0,
-    rel_tol: float = 0.25,
 ) -> Regime:
-    """Classify a chain into the regimes of PAPER.md §4 ("Regimes" and "Persistence").
+    """Classify a chain into the regimes of PAPER.md §4 ("Regimes" and "Persistence") by
+    whether the series D saturates — not by comparing it with a plateau that assumes a unit
+    constant in front of ε² (the single-step bounds allow any constant between ¼η and 4).
 
-    Labels (what they predict for D_i = χ²(p̂_i ‖ p)):
-      stable       D stays bounded and tends to 0 — α > 0 and the errors ε⋆² decay.
-      saturating   D converges to a positive plateau — α > 0 with an error floor (plateau
-                   ε_f²/(α(2−α))), or α = 0 with summable errors (plateau ≈ D₀ + Σε²).
-      collapsing   D grows without bound — α = 0 with non-summable errors (Σε² = ∞: a floor or a
-                   decay no faster than 1/i), D infinite, or D rising above the plateau the
-                   theory predicts (the additive picture fails there).
-      undetermined too little data, or the evidence conflicts.
+    The recursion D_{i+1} = (1−α)² D_i + c·ε_i² is fitted to the series itself: its
+    innovations ẽ_i = D_{i+1} − (1−α)² D_i are the per-generation additions c·ε_i², whatever c
+    is. With α > 0 the recursion forgets at rate (1−α)², so D stays bounded exactly when the
+    innovations stay bounded, and converges to (mean innovation)/(α(2−α)); with α = 0 nothing
+    is forgotten, so ẽ_i = D_{i+1} − D_i are the increments and D converges iff they are
+    summable. Measured ε⋆² (``eps_sq_seq``, aligned with D by generation) only estimate c
+    (``innovation_constant``, least squares ẽ ≈ c ε² on the last half); they do not decide the
+    label.
 
-    Inputs: D_seq = D_0 … D_N; eps_sq_seq = ε⋆,0² … (optional, aligned with D by generation).
-    The "tail" is the last half of each sequence (generations ≥ ⌊L/2⌋), where transients fade.
+    Labels (what they say about D_i = χ²(p̂_i ‖ p)):
+      stable       D tends to 0 — α > 0 and the innovations decay.
+      saturating   D converges to a positive plateau — α > 0 with an innovation floor, or
+                   α = 0 with summable increments.
+      collapsing   D grows without bound — growing innovations, D infinite, or α = 0 with
+                   non-summable increments (a floor or a decay no faster than 1/i).
+      undetermined too little data, or a decay whose rate cannot be judged at α = 0.
 
-    Decision rules, first match wins:
-      R0 fewer than ``min_length`` values of D, or fewer than 3 finite tail values → undetermined.
-      R1 D = +∞ anywhere in the tail → collapsing.
-      R2 Per-generation errors: ``eps_sq_seq`` if given, else those implied by the additive model,
-         ε̃_i² = D_{i+1} − (1−α)² D_i. Their last half (finite values, at least 3, else
-         undetermined) is judged by ``_error_trend``:
-         - all positive: log-log fit ε² ∝ (i+1)^p with standard error se(p). "growing" if
-           p > n_sigma·se(p); "summable" if p < −n_sigma·se(p) and p + n_sigma·se(p) < −1
-           (Σ (i+1)^p < ∞ needs p < −1); "decaying slowly" if significantly decreasing but not
-           provably faster than 1/i (Σε² = ∞); otherwise a "floor".
-         - some ≤ 0 (noisy or implied errors): linear trend b ± se. "growing" if b > n_sigma·se;
-           "decaying" (rate unknown) if −b > n_sigma·se; a "floor" if the mean exceeds
-           n_sigma standard errors of the mean; else indistinguishable from 0 ("summable").
-         Growing errors → collapsing. Plateau S = steady_state(α, mean tail error).
-      R3 α > 0, the last half of D rises significantly (slope > n_sigma·se) and the last D
-         exceeds S·(1 + rel_tol) → collapsing (D climbs past the predicted plateau).
-      R4 α > 0: decaying errors (any rate) → stable; a floor → saturating (towards S).
-      R5 α = 0 (no discount): summable → saturating; decaying at an unknown rate →
-         undetermined; a floor or slow decay → collapsing.
-    Trends need significance: a slope counts only beyond n_sigma standard errors (and beyond
-    round-off, 1e-9 of the values' scale), so noise-free synthetic chains classify cleanly.
+    Decision rules on the last half (generations ≥ ⌊L/2⌋), first match wins:
+      R0 fewer than ``min_length`` values of D, or fewer than 3 finite ones in the last half
+         → undetermined.
+      R1 D = +∞ anywhere in the last half → collapsing.
+      R2 The innovations' last half is judged by ``_error_trend`` (all positive: log-log fit
+         ẽ ∝ (i+1)^p, "growing" if p > n_sigma·se, "summable" if p + n_sigma·se < −1,
+         "decaying slowly" if significantly negative but not provably below −1, else a
+         "floor"; some ≤ 0: linear trend, "growing" / "decaying" / "floor" (mean beyond
+         n_sigma stderr) / "summable" (indistinguishable from 0)). Growing → collapsing.
+      R3 α > 0: decaying (any rate) → stable; a floor → saturating, plateau
+         mean(ẽ)/(α(2−α)).
+      R4 α = 0: summable → saturating, unless the increments are noisy (some ≤ 0) and the
+         last half of D rises significantly (slope > n_sigma·se) → collapsing; decaying at an
+         unknown rate → undetermined; a floor or slow decay → collapsing.
+    Trends need significance: beyond n_sigma standard errors and beyond round-off (1e-9 of
+    the values' scale), so noise-free synthetic chains classify cleanly.
     """
     a = float(_check_alpha(alpha))
     if math.isnan(a):
@@ -633,82 +773,74 @@ def classify_regime(
                                       f"{len(tail)} generations")
     b, se = _ols(gens[start:][ok], tail[ok])
     scale = float(np.max(np.abs(tail[ok])))
-    d_rises = _rises(b, se, n_sigma, scale)
     trend = f"last-half slope of D {_fmt(b)} ± {_fmt(se)} per generation"
 
-    # R2: characterise the per-generation errors over their last half.
-    if eps_sq_seq is not None:
-        e = _arr(eps_sq_seq)
-        if e.ndim != 1:
-            raise ValueError("eps_sq_seq must be a one-dimensional sequence over generations")
-        what = "measured ε⋆²"
-    else:
-        r = (1.0 - a) ** 2
-        # r = 0 (α = 1): nothing carries over; avoids 0 · ∞ = nan.
-        e = D[1:] - (r * D[:-1] if r > 0 else 0.0)
-        what = "error implied by D (D_(i+1) − (1−α)² D_i)"
-    e_start = len(e) // 2
-    errs = _error_trend(np.arange(e_start, len(e), dtype=np.float64), e[e_start:], n_sigma)
+    r = (1.0 - a) ** 2
+    # r = 0 (α = 1): nothing carries over; avoids 0 · ∞ = nan.
+    innov = D[1:] - (r * D[:-1] if r > 0 else 0.0)
+    e_start = len(innov) // 2
+    errs = _error_trend(np.arange(e_start, len(innov), dtype=np.float64), innov[e_start:],
+                        n_sigma)
+    what = "innovation D_(i+1) − (1−α)² D_i" if a > 0 else "increment D_(i+1) − D_i"
     if errs is None:
         return Regime("undetermined", f"fewer than 3 finite values of the {what} in the last "
                                       "half of the chain", b, se)
     kind, p, level, how = errs
     src = f"{what}: {how}"
-    if kind == "growing":
-        return Regime(
-            "collapsing",
-            f"the per-generation error grows, so D outruns any discount; {src}; {trend}",
-            b, se, p,
-        )
+    cfit = cse = float("nan")
+    if eps_sq_seq is not None:
+        e = _arr(eps_sq_seq)
+        if e.ndim != 1:
+            raise ValueError("eps_sq_seq must be a one-dimensional sequence over generations")
+        n = min(len(e), len(innov))
+        cfit, cse = _innovation_constant(innov[e_start:n], e[e_start:n])
+        if math.isfinite(cfit):
+            src += (f"; fitted constant c = {_fmt(cfit)} ± {_fmt(cse)} in innovation = c·ε⋆² "
+                    "(1 is the additive picture's unit constant)")
 
-    plateau = float(steady_state(a, max(level, 0.0)))
-    last = float(tail[ok][-1])
+    def out(label, text, plateau=float("nan")):
+        return Regime(label, text, b, se, p, plateau, cfit, cse)
+
+    if kind == "growing":
+        return out("collapsing", f"the per-generation innovation grows, so D outruns any "
+                                 f"discount and does not saturate; {src}; {trend}")
     if a > 0:
+        plateau = float(steady_state(a, max(level, 0.0)))
         mem = float(memory_length(a))
-        if d_rises and last > plateau * (1.0 + rel_tol):
-            return Regime(
-                "collapsing",
-                f"D keeps rising ({trend}) and its last value {_fmt(last)} exceeds the predicted "
-                f"plateau ε²/(α(2−α)) = {_fmt(plateau)} by more than {rel_tol:.0%}; {src}",
-                b, se, p, plateau,
-            )
         if kind in ("summable", "decaying", "decaying_slowly"):
-            return Regime(
+            return out(
                 "stable",
                 f"α = {a:g} > 0 discounts past errors (memory ≈ {_fmt(mem)} generations) and the "
-                f"errors decay, so D tends to 0; {src}; {trend}"
+                f"innovations decay, so D tends to 0; {src}; {trend}"
                 + ("; the decay is no faster than 1/i, so Σε² = ∞ and by the persistence result "
                    "ΣD_i = ∞ even as D_i → 0" if kind == "decaying_slowly" else ""),
-                b, se, p, plateau,
+                plateau,
             )
-        return Regime(
+        return out(
             "saturating",
-            f"α = {a:g} > 0 with an error floor: D approaches the plateau ε²/(α(2−α)) = "
-            f"{_fmt(plateau)} (memory ≈ {_fmt(mem)} generations; last D {_fmt(last)}); "
-            f"{src}; {trend}",
-            b, se, p, plateau,
+            f"α = {a:g} > 0 with an innovation floor: the fitted recursion converges to the "
+            f"plateau mean innovation/(α(2−α)) = {_fmt(plateau)} (memory ≈ {_fmt(mem)} "
+            f"generations; last D {_fmt(float(tail[ok][-1]))}); {src}; {trend}",
+            plateau,
         )
     if kind == "decaying":
-        return Regime(
-            "undetermined",
-            f"α = 0: no fresh data, so whether D stays bounded depends on whether Σε² is finite, "
-            f"and the errors decay at a rate that cannot be judged from these values; {src}; "
-            f"{trend}",
-            b, se, p, plateau,
-        )
+        return out("undetermined",
+                   f"α = 0: no fresh data, so D converges only if its increments are summable, "
+                   f"and they decay at a rate that cannot be judged from these values; {src}; "
+                   f"{trend}")
+    if kind == "summable" and math.isnan(p) and _rises(b, se, n_sigma, scale):
+        # Noisy increments indistinguishable from 0, yet D itself rises significantly: the
+        # slope of D over the last half is the better-determined statistic.
+        return out("collapsing",
+                   f"α = 0: no fresh data, and D keeps rising although its noisy increments "
+                   f"cannot be told from 0 one by one; {src}; {trend}")
     if kind == "summable":
-        return Regime(
-            "saturating",
-            f"α = 0: no fresh data, so errors are never discounted, but Σε² looks summable and D "
-            f"levels off near D_0 + Σε²; {src}; {trend}",
-            b, se, p, plateau,
-        )
-    return Regime(
-        "collapsing",
-        f"α = 0: no fresh data, so errors are never discounted, and Σε² does not look summable "
-        f"(an error floor or a decay no faster than 1/i): D grows like Σε²; {src}; {trend}",
-        b, se, p, plateau,
-    )
+        return out("saturating",
+                   f"α = 0: no fresh data, but the increments look summable, so D levels off; "
+                   f"{src}; {trend}")
+    return out("collapsing",
+               f"α = 0: no fresh data, and the increments are not summable (a floor or a decay "
+               f"no faster than 1/i): D grows without bound; {src}; {trend}")
 
 
 # --------------------------------------------------------------------------- α planner
@@ -724,6 +856,8 @@ class PlanResult:
     feasible: whether any α ∈ [0, 1] meets the tolerance.
     horizon: the horizon planned for (None = infinite).
     reason: plain-English summary.
+    c: the constant assumed in front of ε² (a prediction under it, not a bound).
+    smoothing_D: the t0-smoothing part of worst_D at that α (0 when not modelled).
     """
 
     alpha: float
@@ -731,6 +865,8 @@ class PlanResult:
     feasible: bool
     horizon: int | None
     reason: str
+    c: float = 1.0
+    smoothing_D: float = 0.0
 
 
 def _worst_D(alpha: float, eps_sq: float, D0: float, horizon: int | None) -> float:
@@ -752,10 +888,11 @@ def _worst_D(alpha: float, eps_sq: float, D0: float, horizon: int | None) -> flo
     return max(p1, ph)
 
 
-def plan_alpha(eps_sq: float, tolerance: float, horizon: int | None,
+def _plan_additive(eps_sq: float, tolerance: float, horizon: int | None,
                D0: float = 0.0) -> PlanResult:
     """Smallest α ∈ [0, 1] keeping the predicted D ≤ ``tolerance`` at every generation 1 … horizon
-    (PAPER.md §4, discounted decomposition with a constant per-generation error ε²).
+    (PAPER.md §4, discounted decomposition with a constant per-generation innovation ε²; the
+    caller passes c·ε²).
 
     Prediction: P_n = (1−α)^{2n} D0 + ε² Σ_{k<n} (1−α)^{2k}, the additive decomposition started
     from D0 (the starting D itself is not constrained: α cannot change it).
@@ -819,4 +956,214 @@ def plan_alpha(eps_sq: float, tolerance: float, horizon: int | None,
         alpha, worst, True, horizon,
         f"α = {alpha:.4g} (fraction of fresh data) keeps the predicted D at or below "
         f"{_fmt(tol)} over {span}; the worst predicted D is {_fmt(worst)}",
+    )
+
+
+# --------------------------------------------------------------------------- t0 smoothing drift
+
+
+@dataclass(frozen=True)
+class GaussianSmoothing:
+    """Target N(μ, s² I_d) and stopping time t0 of the OU reverse process, for the drift that
+    stopping at t0 adds in every generation even with exact scores (PAPER.md §5: the ideal
+    reverse process stopped at t0 outputs its training law pushed to t0 — shrunk by
+    a = e^{−t0/2}, with variance 1 − e^{−t0} added).
+
+    mean_sq: ‖μ‖²; var: s² per coordinate; dim: d; weight: share in a mixture (see
+    :func:`smoothing_drift_mixture`).
+    """
+
+    t0: float
+    dim: int
+    mean_sq: float = 0.0
+    var: float = 1.0
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.t0) and self.t0 > 0):
+            raise ValueError(f"t0 must be a finite positive number; got {self.t0!r}")
+        if isinstance(self.dim, bool) or int(self.dim) != self.dim or self.dim < 1:
+            raise ValueError(f"dim must be a positive integer; got {self.dim!r}")
+        if not (math.isfinite(self.mean_sq) and self.mean_sq >= 0):
+            raise ValueError(f"mean_sq must be a finite non-negative number; got {self.mean_sq!r}")
+        if not (math.isfinite(self.var) and self.var > 0):
+            raise ValueError(f"var must be a finite positive number; got {self.var!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def _smoothing_log_gram(g: GaussianSmoothing, N: int) -> np.ndarray:
+    """log G_jk = log ∫ g_j g_k / p for j, k = 1 … N, g_k = S^k p = N(a^k μ, v_k I),
+    v_k = a^{2k} s² + 1 − a^{2k}; +∞ where 1/v_j + 1/v_k ≤ 1/s² (the integral diverges).
+
+    Per coordinate the integrand is exp(−½ λ x² + β m x − ½ γ m²) with
+    λ = 1/v_j + 1/v_k − 1/s², β = a^j/v_j + a^k/v_k − 1/s², γ = a^{2j}/v_j + a^{2k}/v_k − 1/s²
+    along μ (m = ‖μ‖), so log G = −(d/2) log(λ v_j v_k / s²) + ‖μ‖² (β²/λ − γ)/2.
+    """
+    a = math.exp(-0.5 * g.t0)
+    k = np.arange(1, N + 1, dtype=np.float64)
+    ak = a**k
+    v = ak * ak * g.var + (1.0 - ak * ak)
+    s2 = g.var
+    lam = 1.0 / v[:, None] + 1.0 / v[None, :] - 1.0 / s2
+    beta = ak[:, None] / v[:, None] + ak[None, :] / v[None, :] - 1.0 / s2
+    gam = (ak * ak / v)[:, None] + (ak * ak / v)[None, :] - 1.0 / s2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = (-0.5 * g.dim * np.log(lam * v[:, None] * v[None, :] / s2)
+               + 0.5 * g.mean_sq * (beta * beta / lam - gam))
+    return np.where(lam > 0, out, np.inf)
+
+
+def smoothing_drift(alpha: float, g: GaussianSmoothing, N: int) -> np.ndarray:
+    """χ²(p̂_n ‖ p) for n = 1 … N of the chain whose every model is exact (ε⋆² = 0) but stops
+    at t0: p̂_{n+1} = S(α p + (1−α) p̂_n), p̂_0 = p, S = the OU push to t0, for the Gaussian
+    target p = N(μ, s² I) of ``g`` (closed form, PAPER.md §4 contraction + §5 t0 step).
+
+    S is linear on laws, so p̂_n = Σ_{k=1}^{n} w_k S^k p with w_k = α(1−α)^{k−1} (k < n) and
+    w_n = (1−α)^{n−1}; each S^k p = N(a^k μ, v_k I) is Gaussian and
+    χ²(p̂_n ‖ p) = Σ_{j,k} w_j w_k G_jk − 1 with G_jk of :func:`_smoothing_log_gram`.
+    Returns +∞ where some G_jk is (a component more than twice as wide as p in a direction).
+    """
+    a_ = float(_check_alpha(alpha))
+    if isinstance(N, bool) or int(N) != N or N < 1:
+        raise ValueError(f"N must be a positive integer; got {N!r}")
+    N = int(N)
+    logG = _smoothing_log_gram(g, N)[:N, :N]
+    k = np.arange(1, N + 1, dtype=np.float64)
+    u = a_ * (1.0 - a_) ** (k - 1.0)  # weight of S^k p once it is no longer the newest term
+    out = np.empty(N)
+    G = np.exp(np.minimum(logG, 700.0))
+    G = np.where(np.isinf(logG), np.inf, G)
+    with np.errstate(invalid="ignore"):
+        W = u[:, None] * u[None, :] * G
+        W = np.where(u[:, None] * u[None, :] == 0, 0.0, W)  # 0 · ∞ terms carry no mass
+        A = np.cumsum(np.cumsum(W, axis=0), axis=1)  # A[m, m] = Σ_{j,k ≤ m+1} u_j u_k G_jk
+        B = np.cumsum(np.where(u[:, None] == 0, 0.0, u[:, None] * G), axis=0)
+    for n in range(1, N + 1):
+        last = (1.0 - a_) ** (n - 1)  # weight of the newest component S^n p
+        val = (A[n - 2, n - 2] if n >= 2 else 0.0) - 1.0
+        if last > 0:  # a zero weight carries no mass even against an infinite G
+            with np.errstate(invalid="ignore", over="ignore"):
+                val += (last * last * G[n - 1, n - 1]
+                        + (2.0 * last * B[n - 2, n - 1] if n >= 2 else 0.0))
+        out[n - 1] = np.inf if np.isnan(val) else val  # positive mass on an infinite term
+    # Σ w w G − 1 cancels to round-off (~1e-15 per term) when S barely moves p.
+    return np.where(np.abs(out) < 1e-12, 0.0, np.maximum(out, 0.0))
+
+
+def smoothing_drift_mixture(alpha: float, parts: Sequence[GaussianSmoothing],
+                            N: int) -> np.ndarray:
+    """Upper bound Σ_m π_m χ²(p̂_n^{(m)} ‖ p_m) on the t0 drift of a Gaussian-mixture target
+    p = Σ π_m p_m (``parts`` with ``weight`` π_m): the smoothing chain is linear in its start
+    and fresh data, so p̂_n = Σ π_m p̂_n^{(m)} (each component's own chain), and χ² is jointly
+    convex. Close to equality when the components are well separated."""
+    tot = sum(float(p.weight) for p in parts)
+    if not parts or not tot > 0:
+        raise ValueError("parts must be a non-empty sequence with positive total weight")
+    # Components with the same (t0, d, ‖μ‖², s²) have the same chain: compute it once.
+    groups: dict[tuple, float] = {}
+    for p in parts:
+        key = (p.t0, p.dim, p.mean_sq, p.var)
+        groups[key] = groups.get(key, 0.0) + float(p.weight)
+    return sum(w / tot * smoothing_drift(alpha, GaussianSmoothing(*k), N)
+               for k, w in groups.items())
+
+
+def smoothing_kl_step(g: GaussianSmoothing) -> float:
+    """KL(S p ‖ p) for p = N(μ, s² I): the KL drift one t0 stop adds to an exact model,
+    ½ [d v/s² + (1−a)² ‖μ‖²/s² − d + d log(s²/v)] with a = e^{−t0/2}, v = a² s² + 1 − a²."""
+    a = math.exp(-0.5 * g.t0)
+    v = a * a * g.var + 1.0 - a * a
+    d, s2 = g.dim, g.var
+    return 0.5 * (d * v / s2 + (1.0 - a) ** 2 * g.mean_sq / s2 - d + d * math.log(s2 / v))
+
+
+def _smoothing_horizon(t0: float, horizon: int | None) -> int:
+    # S^k p is within e^{−12} of N(0, I) once k t0 ≥ 12: later generations add nothing new.
+    cap = min(2000, max(10, math.ceil(12.0 / t0)))
+    return cap if horizon is None else min(int(horizon), cap)
+
+
+def _worst_with_smoothing(alpha: float, inn: float, D0: float, horizon: int | None,
+                          parts: Sequence[GaussianSmoothing]) -> tuple[float, float]:
+    """(worst over n of P_n + S_n, S at that n): P_n the additive prediction with innovation
+    ``inn``, S_n the exact t0-smoothing drift (:func:`smoothing_drift_mixture`)."""
+    N = _smoothing_horizon(parts[0].t0, horizon)
+    S = smoothing_drift_mixture(alpha, parts, N)
+    n = np.arange(1, N + 1, dtype=np.float64)
+    r = (1.0 - alpha) ** 2
+    P = r**n * D0 + (inn * n if r == 1.0 else inn * (1.0 - r**n) / (1.0 - r))
+    tot = P + S
+    k = int(np.argmax(tot))
+    worst, s_at = float(tot[k]), float(S[k])
+    if horizon is None or horizon > N:
+        # Beyond N the smoothing part has converged; the additive part tends to its supremum.
+        p_sup = _worst_D(alpha, inn, D0, horizon)
+        if p_sup + float(S[-1]) > worst:
+            worst, s_at = p_sup + float(S[-1]), float(S[-1])
+    return worst, s_at
+
+
+def plan_alpha(eps_sq: float, tolerance: float, horizon: int | None, D0: float = 0.0,
+               c: float = 1.0, smoothing: Sequence[GaussianSmoothing] | None = None
+               ) -> PlanResult:
+    """Smallest α ∈ [0, 1] keeping the *predicted* D ≤ ``tolerance`` at every generation
+    1 … horizon (PAPER.md §4, discounted decomposition). A prediction under a stated constant,
+    not a bound: the recursion D_{i+1} = (1−α)² D_i + c·ε² is assumed with the constant ``c``
+    (1 = the additive picture; the single-step upper bound I ≤ 4 ε⋆² allows up to 4).
+
+    Prediction: P_n = (1−α)^{2n} D0 + c ε² Σ_{k<n} (1−α)^{2k}, plus — when ``smoothing`` is
+    given (the target's Gaussian parts, :class:`GaussianSmoothing`) — the exact drift S_n that
+    stopping every generation at t0 adds with exact scores (:func:`smoothing_drift_mixture`),
+    added to P_n (the two are combined additively: an approximation).
+
+    Without smoothing, monotonicity in α makes bisection exact (see :func:`_plan_additive`).
+    With it, feasibility is scanned on a grid of 21 values of α and refined by bisection
+    between the last infeasible and the first feasible grid value above which all are
+    feasible.
+    """
+    c = float(c)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"c must be a finite positive number; got {c!r}")
+    eps_sq = float(eps_sq)
+    if not (math.isfinite(eps_sq) and eps_sq >= 0):
+        raise ValueError(f"eps_sq must be a finite non-negative number; got {eps_sq!r}")
+    if not smoothing:
+        res = _plan_additive(c * eps_sq, tolerance, horizon, D0)
+        return PlanResult(res.alpha, res.worst_D, res.feasible, res.horizon, res.reason, c, 0.0)
+    base = _plan_additive(c * eps_sq, tolerance, horizon, D0)  # validates the other inputs
+    tol, D0, inn = float(tolerance), float(D0), c * eps_sq
+    parts = list(smoothing)
+
+    def ok(a):
+        return _worst_with_smoothing(a, inn, D0, horizon, parts)[0] <= tol
+
+    grid = np.linspace(0.0, 1.0, 21)
+    feas = [ok(float(a)) for a in grid]
+    span = "all generations" if horizon is None else f"generations 1 to {horizon}"
+    if not feas[-1]:
+        w, s = _worst_with_smoothing(1.0, inn, D0, horizon, parts)
+        return PlanResult(
+            1.0, w, False, base.horizon,
+            f"infeasible: even all-fresh data (α = 1) gives a predicted D of {_fmt(w)} (c·ε² = "
+            f"{_fmt(inn)} plus t0 smoothing {_fmt(s)}) above the tolerance {_fmt(tol)}",
+            c, s,
+        )
+    j = len(grid) - 1
+    while j > 0 and feas[j - 1]:
+        j -= 1
+    if j == 0:
+        alpha = 0.0
+    else:
+        lo, hi = float(grid[j - 1]), float(grid[j])
+        while hi - lo > 1e-7:
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+        alpha = hi
+    w, s = _worst_with_smoothing(alpha, inn, D0, horizon, parts)
+    return PlanResult(
+        alpha, w, True, base.horizon,
+        f"α = {alpha:.4g} (fraction of fresh data) keeps the predicted D at or below "
+        f"{_fmt(tol)} over {span} under the constant c = {c:g}; the worst predicted D is "
+        f"{_fmt(w)}, of which {_fmt(s)} is t0 smoothing",
+        c, s,
     )

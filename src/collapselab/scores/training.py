@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..store import new_file_mode
 from .gpu_fast import GpuFast, fast_forward
 from .mlp import MLPNet, NeuralScore
 from .unet import UNet
@@ -50,7 +51,7 @@ class TrainingDivergedError(RuntimeError):
         self.step, self.loss = step, loss
         super().__init__(
             f"DSM training diverged at step {step}: loss = {loss}. Check the data for NaN/Inf, "
-            "lower the learning rate or set grad_clip."
+            "lower the learning rate (score.lr)."
         )
 
 
@@ -446,6 +447,7 @@ def save_checkpoint(path, raw_net, ema_net=None, optimizer_state: dict | None = 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"collapselab": text})
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would otherwise stay
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
