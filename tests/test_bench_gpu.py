@@ -33,3 +33,11 @@ def test_quick_run_on_cpu(tmp_path):
     assert all(r["ok"] for r in res["runs"]) and len(res["runs"]) == 9
     assert all(r["ok"] for r in res["accuracy"])
     assert res["projection"]["pairs_per_chain"] == 20 * 500 * 100_000 * 100_000
+
+
+def test_gpu_only_parts_skip_on_cpu_and_bad_parts_exit_2(capsys):
+    mod = _load()
+    assert mod.main(["--device", "cpu", "--only", "5,6"]) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert mod.main(["--device", "cpu", "--only", "7"]) == 2
+    assert "--only" in capsys.readouterr().err

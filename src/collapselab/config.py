@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -186,6 +187,22 @@ class ScoreConfig(_Strict):
         if self.train_backend == "native":
             enable_native_backend()
         return self
+
+    # CUDA speed-ups of the U-Net's DSM step (scores/gpu_fast.py): true = all, or a list of
+    # bf16 / channels_last / compile / cuda_graphs. Ignored on CPU.
+    gpu_fast: bool | list[str] = False
+
+    @field_validator("gpu_fast", mode="before")
+    @classmethod
+    def _gpu_fast(cls, value):
+        allowed = ["bf16", "channels_last", "compile", "cuda_graphs"]
+        ok = isinstance(value, bool) or (
+            isinstance(value, list) and all(v in allowed for v in value)
+        )
+        if not ok:
+            got = f" (got {value!r})" if isinstance(value, list) else ""  # scalars: added
+            raise ValueError(f"must be true, false or a list of {allowed}{got}")
+        return value
 
     @model_validator(mode="after")
     def _check(self):

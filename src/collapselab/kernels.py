@@ -31,9 +31,15 @@ Backends:
   float64). Memory is O((n + N)·d), never n×N.
 - ``"chunked"``: a streaming online softmax over blocks of centres, in the input's dtype
   (float64 for exact comparisons). Memory is O(n_block · chunk) per step.
-- ``"auto"``: ``"sdpa"`` for float32 / half inputs and for any CUDA input, ``"chunked"`` for
-  float64 on CPU; if no fused attention kernel accepts the inputs it falls back to
-  ``"chunked"`` silently (explicit ``"sdpa"`` falls back with a :class:`RuntimeWarning`).
+- ``"triton"``: the same attention through :mod:`collapselab.kde_triton`, a Triton kernel
+  that streams the centres with an online softmax and keeps the logits in float32 (for
+  float32 / half inputs on CUDA, or on CPU under Triton's interpreter). Where it cannot run
+  (Triton not installed, no CUDA tensor, float64 input) an explicit ``"triton"`` falls back
+  to ``"sdpa"`` with a :class:`RuntimeWarning`.
+- ``"auto"``: ``"triton"`` for float32 / half CUDA inputs when Triton imports, else ``"sdpa"``
+  for float32 / half inputs and for any CUDA input, ``"chunked"`` for float64 on CPU; if no
+  fused attention kernel accepts the inputs it falls back to ``"chunked"`` silently
+  (explicit ``"sdpa"`` falls back with a :class:`RuntimeWarning`).
 
 Gradients. ``kde_score`` is differentiable in ``y`` through a streamed backward
 (``∂s/∂y = (a²/v²) Cov_w(c) − I/v``), about one chunked pass, O(block) memory; the fused CPU
@@ -48,6 +54,7 @@ at the paper's sharpest point (t = 0.02, h = 0.1), ≈ 1e-6 for t ≳ 1; float64
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -58,7 +65,7 @@ from torch import Tensor
 
 __all__ = ["KDEKeys", "kde_log_prob", "kde_score", "ou_scale_var"]
 
-_BACKENDS = ("auto", "sdpa", "chunked")
+_BACKENDS = ("auto", "sdpa", "chunked", "triton")
 # Default number of centres per block for the chunked backend, and the number of
 # (query, centre) logits one block may hold; the query block is sized to respect it.
 _DEFAULT_CHUNK = 2048
@@ -272,6 +279,8 @@ def _weighted_mean(
     q: Tensor, keys: KDEKeys, inv_var: float, mode: str, backend: str, chunk: int | None
 ) -> Tensor:
     """``Σ_j softmax_j(q·k_j / v) k_j`` through the chosen backend (sdpa falls back)."""
+    if mode == "triton":
+        return _kde_triton().kde_attention(q, keys.keys, inv_var).to(q.dtype)
     if mode == "sdpa":
         step = chunk or q.shape[0]
         parts = []
@@ -325,11 +334,43 @@ class _KDEScore(torch.autograd.Function):
         return grad_y, None, None, None, None, None, None
 
 
+def _triton_runs(y: Tensor) -> bool:
+    """Whether the Triton kernel can take ``y``: Triton imports, float32 / half compute, and a
+    CUDA tensor (or Triton's interpreter for CPU tensors)."""
+    if y.dtype == torch.float64:
+        return False
+    module = _kde_triton()
+    if module is None:
+        return False
+    return y.is_cuda or (y.device.type == "cpu" and module.interpreting())
+
+
+@functools.cache
+def _kde_triton():
+    """The Triton kernel's module, or None when Triton is not installed (an optional extra);
+    looked up once, not at every score evaluation."""
+    try:
+        from collapselab import kde_triton
+    except ImportError:
+        return None
+    return kde_triton
+
+
 def _resolve_backend(backend: str, y: Tensor) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if y.is_cuda and _triton_runs(y):
+            return "triton"
         return "sdpa" if (y.is_cuda or y.dtype != torch.float64) else "chunked"
+    if backend == "triton" and not _triton_runs(y):
+        warnings.warn(
+            f"kde_score: the Triton kernel cannot run dtype={y.dtype} on {y.device} "
+            "(needs Triton and a float32 / half CUDA tensor); using the sdpa backend",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return "sdpa"
     return backend
 
 
@@ -352,9 +393,11 @@ def kde_score(
         y: ``(n, d)`` query points.
         centres: ``(N, d)`` KDE centres, or a :class:`KDEKeys` prepared from them.
         scale: ``a``, the factor on the centres. var: ``v > 0``, the component variance.
-        backend: ``"auto"``, ``"sdpa"`` or ``"chunked"`` (see the module docstring).
+        backend: ``"auto"``, ``"sdpa"``, ``"chunked"`` or ``"triton"`` (see the module
+            docstring).
         chunk: for ``"chunked"``, centres per block (default 2048); for ``"sdpa"``, queries
-            per fused call (default: all). Results do not depend on it beyond rounding.
+            per fused call (default: all); ignored by ``"triton"``. Results do not depend on
+            it beyond rounding.
 
     Returns:
         ``(n, d)`` tensor in ``y``'s dtype and on its device, differentiable in ``y`` (and in

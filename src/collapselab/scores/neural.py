@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .ensemble import train_dsm_ensemble
 from .flow import FlowField, train_flow_matching
+from .gpu_fast import parse_gpu_fast
 from .mlp import MLPNet, NeuralScore
 from .training import (
     TrainConfig,
@@ -122,7 +123,8 @@ def fit_neural(
                                   init_states=[init_state])[0]
     net = build_network(score_cfg, tuple(data.shape[1:]), seed)
     cfg = train_config(score_cfg, generation, seed, t_min)
-    result = train_dsm(net, data, process, cfg, init_state=init_state, device=device)
+    result = train_dsm(net, data, process, cfg, init_state=init_state, device=device,
+                       fast=parse_gpu_fast(getattr(score_cfg, "gpu_fast", False)))
     return NeuralScore(result.ema_net, process), result
 
 
