@@ -516,7 +516,7 @@ def _run_locked(cfg, store, on_generation, *, executor, workers, address, resour
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
     verify_run_dir(cfg, store)
-    from .pages import environment
+    from .environment import environment
 
     atomic_write_json(store.root / "environment.json",
                       {**environment(), "device": cfg.device, "executor": executor,

@@ -538,7 +538,7 @@ def build_observability_report(root) -> list[Path]:
     import html as H
     import json
 
-    from .pages import environment
+    from .environment import environment
     from .pages import img as _img
     from .pages import section as _section
     from .pages import table as _table

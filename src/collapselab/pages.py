@@ -14,12 +14,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .store import atomic_write_bytes  # noqa: E402
 
-__all__ = ["environment", "fmt", "img", "plt", "save_figure", "section", "table"]
+__all__ = ["fmt", "img", "plt", "save_figure", "section", "table"]
 
 
 def fmt(x: float, digits: int = 4) -> str:
@@ -43,31 +42,6 @@ def save_figure(fig, path) -> None:
     fig.savefig(buf, dpi=110, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def environment() -> dict:
-    """Versions and device of this machine (the run records its own in environment.json)."""
-    import os
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    try:
-        own = version("collapselab")
-    except PackageNotFoundError:
-        own = "unknown"
-    cuda = torch.cuda.is_available()
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "collapselab": own,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "cuda_available": cuda,
-        "gpu": torch.cuda.get_device_name(0) if cuda else None,
-    }
 
 
 def img(p: Path) -> str:

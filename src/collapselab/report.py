@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from .pages import environment  # noqa: E402,F401  (re-exported: report.environment)
+from .environment import environment  # noqa: E402,F401  (re-exported: report.environment)
 from .pages import fmt as _fmt  # noqa: E402
 from .pages import img as _img  # noqa: E402
 from .pages import save_figure as _save  # noqa: E402
