@@ -52,7 +52,8 @@ less than half of oneDNN's rate, so torch.mm alone would flatter the verdict two
 fraction of torch.mm's best is printed beside it).
 
 KDE memory: a fresh subprocess imports collapselab, builds N = 100,000 centres and 10,000
-queries in d = 10 (float32) and calls collapselab.kernels.kde_score once; the peak resident set
+queries in d = 10 (float32) and calls collapselab.scores.kde_attention.kde_score once; the peak
+resident set
 of the whole process during the call (VmHWM, reset just before it) is printed, with the RSS
 before the call and resource.getrusage's ru_maxrss.
 """
@@ -441,7 +442,7 @@ def kde_memory() -> dict:
     peak is read from VmHWM after resetting it through /proc/self/clear_refs; ru_maxrss is
     reported too, where /proc is missing it is the only number.
     """
-    from collapselab.kernels import kde_score, ou_scale_var
+    from collapselab.scores.kde_attention import kde_score, ou_scale_var
 
     gen = torch.Generator().manual_seed(0)
     centres = torch.randn(100_000, 10, generator=gen)

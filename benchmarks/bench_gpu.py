@@ -22,7 +22,7 @@ Four parts, one table each:
 4. Network steps: ms per DSM training step of the MLP (batch 512, width 128) and of the
    ``fashion-mnist`` preset's U-Net (batch 128, 28×28), the time that dominates the image
    presets.
-5. Triton KDE kernel (``collapselab.kde_triton``; needs Triton): pairs/s of the Triton kernel
+5. Triton KDE kernel (``collapselab.scores.kde_triton``; needs Triton): pairs/s of the Triton kernel
    through ``kde_score(backend="triton")`` and of a bare SDPA call, interleaved in one run at
    the paper's size, their ratio, the float64-reference error of both on 2,000 of the queries
    against all centres, and the projected KDE sampling time of one paper-gmm chain at the
@@ -58,13 +58,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collapselab import kernels
 from collapselab.config import load_config
-from collapselab.executors import prepare_run_dir, run_experiment
-from collapselab.kernels import KDEKeys, _queries, kde_score, ou_scale_var
+from collapselab.engine.executors import prepare_run_dir, run_experiment
 from collapselab.processes import OU, VPProcess
+from collapselab.scores import kde_attention as kernels
 from collapselab.scores.ensemble import train_dsm_ensemble
 from collapselab.scores.gpu_fast import GpuFast
+from collapselab.scores.kde_attention import KDEKeys, _queries, kde_score, ou_scale_var
 from collapselab.scores.mlp import MLPNet
 from collapselab.scores.neural import build_network
 from collapselab.scores.training import TrainConfig, run_plan, train_dsm
@@ -250,7 +250,7 @@ def triton_kernel(device: torch.device, n: int, n_centres: int, repeats: int) ->
     """Triton kernel vs bare SDPA, interleaved (same inputs, same warm device), plus the
     float64-reference error of both on the first 2,000 queries at t = 0.02 and t = 0.5."""
     try:
-        from collapselab.kde_triton import kde_attention
+        from collapselab.scores.kde_triton import kde_attention
     except ImportError as exc:
         return dict(ok=False, note=f"triton unavailable: {exc}")
     gen = torch.Generator().manual_seed(1)

@@ -10,7 +10,8 @@ repeated; the table reports the median (and the best) of the repeats. Methods:
   (a)  numpy-direct   straightforward NumPy float64: ‖y − a c‖² by broadcasting, stable softmax,
                       weights @ centres; query blocks sized so a block holds ≤ 8 Mi numbers.
   (a') numpy-blas     NumPy float64 with the BLAS expansion y·c − ‖c‖²/2 (a stronger baseline).
-  (b)  kde_score      collapselab.kernels.kde_score(y, centres, a, v) with backend="auto" on
+  (b)  kde_score      collapselab.scores.kde_attention.kde_score(y, centres, a, v) with
+  backend="auto" on
                       float32 inputs (centre preparation included in the time).
   (b") ... + KDEKeys  kde_score with centres prepared once (how a sampler calls it per step).
   (b') kde_score f64  kde_score on float64 inputs (the exact, chunked backend).
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collapselab.kernels import KDEKeys, _queries, kde_score, ou_scale_var
+from collapselab.scores.kde_attention import KDEKeys, _queries, kde_score, ou_scale_var
 
 _BLAS_SETTLE_S = 0.5
 PAPER_PAIRS = 3e15  # 10 runs × 3 α × 20 generations × 500 steps × 1e5 samples × 1e5 centres

@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 
 from collapselab.config import load_config
-from collapselab.loop import run_chain
-from collapselab.store import RunStore, read_json
+from collapselab.engine.loop import run_chain
+from collapselab.engine.store import RunStore, read_json
 
 
 def main() -> None:

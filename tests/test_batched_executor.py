@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from collapselab.config import load_config
-from collapselab.errors import ConfigError
-from collapselab.executors import (
+from collapselab.engine.executors import (
     FAULT_ENV,
     FIT_LOG_ENV,
     ChainFailed,
     prepare_run_dir,
     run_experiment,
 )
-from collapselab.store import failure_path
+from collapselab.engine.store import failure_path
+from collapselab.errors import ConfigError
 
 TINY = [  # 2 α × 2 seeds × 3 generations of a width-16 MLP: about a second per run
     "score.kind=mlp",
@@ -207,7 +207,7 @@ def test_injected_faults_are_recorded_and_isolated(cfg, batched, tmp_path, monke
 
 def test_divergence_inside_a_batched_fit_and_nan_samples_drop_only_their_chain(
         cfg, batched, tmp_path, monkeypatch):
-    from collapselab import loop
+    from collapselab.engine import loop
     from collapselab.scores import neural
     from collapselab.scores.training import TrainingDivergedError
 
@@ -301,8 +301,8 @@ def test_batched_with_address_is_refused_before_anything_is_written(cfg, tmp_pat
 
 # ---- workers > 1: the (params, seed) groups dealt over spawned processes ---------------------
 def test_partition_keeps_every_alpha_of_a_seed_together_round_robin():
-    from collapselab.executors import ChainSpec
-    from collapselab.lockstep import partition
+    from collapselab.engine.executors import ChainSpec
+    from collapselab.engine.lockstep import partition
 
     specs = [ChainSpec(a, s, (("score.hidden", h),)) for h in (16, 32) for a in (0.1, 0.9)
              for s in (0, 1, 2)]
@@ -395,9 +395,9 @@ def test_a_dead_worker_fails_only_its_part_and_a_rerun_fills_the_gaps(cfg, two_p
 
 
 def test_a_dead_part_keeps_the_records_it_wrote_and_replaces_stale_ones(cfg, tmp_path):
-    from collapselab.executors import chains
-    from collapselab.lockstep import LockstepOutcome, _Parts, partition
-    from collapselab.store import record_failure
+    from collapselab.engine.executors import chains
+    from collapselab.engine.lockstep import LockstepOutcome, _Parts, partition
+    from collapselab.engine.store import record_failure
 
     store = prepare_run_dir(cfg, tmp_path / "run")
     parts = partition(chains(cfg), 2)

@@ -130,7 +130,7 @@ def test_plan_from_a_pilot_run(tmp_path):
     import numpy as np
 
     from collapselab.config import load_config
-    from collapselab.executors import prepare_run_dir
+    from collapselab.engine.executors import prepare_run_dir
 
     store = prepare_run_dir(load_config("quickstart"), tmp_path / "pilot")
     eps = np.array([0.010, 0.012, 0.011, 0.013])

@@ -34,7 +34,7 @@ def test_bad_values_name_the_field(data, field):
 def test_every_preset_validates():
     names = list_presets()
     assert {"quickstart", "paper-gmm", "paper-gmm-cpu"} <= set(names)
-    from collapselab.observability import experiment_of, load_observability_config
+    from collapselab.experiments.observability import experiment_of, load_observability_config
 
     for name in names:
         if experiment_of(name) is not None:  # a non-chain experiment validates its own keys

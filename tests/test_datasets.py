@@ -194,7 +194,7 @@ def test_build_target_loads_once_per_process_and_rereads_a_replaced_file(tmp_pat
     import os
 
     from collapselab.config import load_config
-    from collapselab.loop import build_target
+    from collapselab.engine.loop import build_target
 
     path = tmp_path / "imgs.npy"
     np.save(path, np.zeros((6, 1, 4, 4), dtype=np.uint8))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from collapselab.estimators import (
+from collapselab.measure.estimators import (
     chi2_finiteness,
     classifier_divergences,
     gaussian_chi2,

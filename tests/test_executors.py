@@ -9,14 +9,14 @@ import pytest
 from scipy import stats
 
 from collapselab.config import load_config
-from collapselab.executors import (
+from collapselab.engine.executors import (
     FAULT_ENV,
     FIT_LOG_ENV,
     ChainFailed,
     prepare_run_dir,
     run_experiment,
 )
-from collapselab.store import failure_path, summarize
+from collapselab.engine.store import failure_path, summarize
 
 SMALL = [
     "loop.generations=3",

@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 from scipy.stats import multivariate_normal
 
-from collapselab.feature_metrics import (
+from collapselab.measure.feature_metrics import (
     density_coverage,
     feature_gaussian_chi2,
     feature_gaussian_kl,

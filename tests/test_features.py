@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from collapselab.datasets import ImageData, load_dataset
-from collapselab.features import FeatureExtractor
+from collapselab.measure.features import FeatureExtractor
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_cnn_on_small_images_and_shape_check(tmp_path):
 def test_hash_separates_devices_but_keeps_cpu_entries(fitted, digits):
     """A classifier trained on an accelerator rounds differently: its own cache entry. CPU
     entries keep the hash they had before the device was part of the key."""
-    from collapselab.features import _content_hash
+    from collapselab.measure.features import _content_hash
 
     fe, _ = fitted
     train, _ = digits

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from collapselab.config import load_config
-from collapselab.executors import prepare_run_dir, run_experiment
+from collapselab.engine.executors import prepare_run_dir, run_experiment
 
 # A tiny chain: MLP score, few steps, 2 generations, one α and one seed.
 TINY = [

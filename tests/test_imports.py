@@ -113,9 +113,11 @@ def test_only_the_switch_imports_fast():
 
 @pytest.mark.parametrize("mod,allowed", [
     ("collapselab.theory", set()),  # the theory layer is pure
-    ("collapselab.gaussians", {"collapselab.estimate"}),  # closed forms: numbers and Estimate
-    ("collapselab.chains", {"collapselab.config", "collapselab.store",  # shared by the drivers
-                            "collapselab.loop", "collapselab.scores.training"}),
+    # closed forms: numbers and Estimate
+    ("collapselab.measure.gaussians", {"collapselab.measure.estimate"}),
+    # shared by the drivers
+    ("collapselab.engine.chains", {"collapselab.config", "collapselab.engine.store",
+                                   "collapselab.engine.loop", "collapselab.scores.training"}),
 ])
 def test_low_modules_import_only_what_they_may(mod, allowed):
     assert mod in FILES
@@ -129,3 +131,44 @@ def test_theory_imports_only_the_standard_library_and_numpy():
     mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     # the standard library and numpy only: nothing of the package, nothing heavy
     assert {m.split(".")[0] for m in mods} <= set(sys.stdlib_module_names) | {"numpy"}, mods
+
+
+# The house's tiers (docs/architecture.md): the science core (flat modules), then the models and
+# the measurements, then the engine, experiments and report, then the entry points. A module
+# imports its own tier or lower ones; collapselab.fast (the opt-in accelerator) stands apart.
+CORE = {"config", "errors", "targets", "processes", "samplers", "policies", "theory", "verdicts",
+        "datasets", "environment", "files"}
+TOP = {"cli", "api", "monitor", ""}
+
+
+def _tier(mod: str) -> int | None:
+    parts = mod.split(".")[1:]
+    head = parts[0] if parts else ""
+    if head == "fast":
+        return None
+    if head in TOP:
+        return 3
+    if head in ("engine", "experiments", "report"):
+        return 2
+    if head in ("scores", "measure"):
+        return 1
+    assert head in CORE, f"{mod}: a module outside the house's tiers (add it to a tier)"
+    return 0
+
+
+def test_imports_go_one_way():
+    bad = []
+    for m, es in EDGES.items():
+        for t, _, ln in es:
+            tm, tt = _tier(m), _tier(t)
+            if tm is None or tt is None or t not in FILES:
+                continue
+            if tt > tm:
+                bad.append(f"{m}:{ln} (tier {tm}) imports {t} (tier {tt})")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_engine_never_imports_the_report():
+    bad = [f"{m}:{ln} imports {t}" for m, es in EDGES.items() for t, _, ln in es
+           if m.startswith("collapselab.engine.") and t.startswith("collapselab.report")]
+    assert not bad, "\n".join(bad)

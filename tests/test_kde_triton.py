@@ -1,4 +1,4 @@
-"""The Triton KDE kernel (collapselab.kde_triton) against the float64 reference, on CPU.
+"""The Triton KDE kernel (collapselab.scores.kde_triton) against the float64 reference, on CPU.
 
 Triton decides at decoration time whether a kernel runs compiled or in its interpreter, from
 TRITON_INTERPRET in the environment; so the kernel runs in a child process started with
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from collapselab import kernels
-from collapselab.kernels import kde_score, ou_scale_var
+from collapselab.scores import kde_attention as kernels
+from collapselab.scores.kde_attention import kde_score, ou_scale_var
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(
@@ -65,8 +65,8 @@ def tolerance(y, c, a, v) -> float:
 CHILD = r"""
 import json, sys
 import numpy as np, torch
-from collapselab import kde_triton
-from collapselab.kernels import kde_score
+from collapselab.scores import kde_triton
+from collapselab.scores.kde_attention import kde_score
 work = sys.argv[1]
 for name, yf, cf, a, v, dtype, blocks, grad in json.load(open(f"{work}/jobs.json")):
     y = torch.from_numpy(np.load(f"{work}/{yf}")).to(getattr(torch, dtype))

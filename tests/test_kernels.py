@@ -22,8 +22,8 @@ import torch
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
-from collapselab import kernels
-from collapselab.kernels import KDEKeys, kde_log_prob, kde_score, ou_scale_var
+from collapselab.scores import kde_attention as kernels
+from collapselab.scores.kde_attention import KDEKeys, kde_log_prob, kde_score, ou_scale_var
 
 D = 10
 # The paper's GMM layout (PAPER.md §5): one mean at the origin, four at (±4, ±4, 0, ...).

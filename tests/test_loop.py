@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from collapselab.config import load_config
-from collapselab.executors import prepare_run_dir, run_experiment
-from collapselab.loop import run_chain
-from collapselab.store import RunStore
+from collapselab.engine.executors import prepare_run_dir, run_experiment
+from collapselab.engine.loop import run_chain
+from collapselab.engine.store import RunStore
 
 SMALL = [
     "loop.generations=3",
@@ -111,7 +111,7 @@ def test_analytic_chain_d1_is_the_t0_shrink(tmp_path):
 
 
 def test_population_kde_law_stays_a_gaussian_mixture_and_grows_linearly(tmp_path):
-    from collapselab.loop import ChainContext, _law_history
+    from collapselab.engine.loop import ChainContext, _law_history
 
     cfg = load_config("quickstart", SMALL + ["score.kind=population_kde"])
     ctx = ChainContext(cfg, 0.5, 0, RunStore(tmp_path))
@@ -142,7 +142,7 @@ def test_swept_keys_become_columns_and_directories(tmp_path):
 
 
 def test_generation_zero_is_shared_across_alpha(tmp_path, monkeypatch):
-    from collapselab import loop
+    from collapselab.engine import loop
 
     cfg = load_config("quickstart", SMALL + ["loop.generations=2", "sweep.alphas=[0.1, 0.9]"])
     ref = run_experiment(cfg, prepare_run_dir(cfg, tmp_path / "ref"))
@@ -242,7 +242,7 @@ def test_cuda_chains_switch_on_deterministic_kernels(monkeypatch, tmp_path):
     resumed U-Net chain differed by 1% on an H200 without it); CPU chains leave torch alone."""
     import os
 
-    from collapselab import loop
+    from collapselab.engine import loop
 
     calls = []
     monkeypatch.setattr(loop, "deterministic_cuda", lambda: calls.append(1))

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from collapselab.cli import main
 from collapselab.errors import ConfigError
-from collapselab.observability import (
+from collapselab.experiments.observability import (
     build_observability_report,
     load_observability_config,
     ordering_verdicts,

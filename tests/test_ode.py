@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from collapselab import estimators as est
 from collapselab.config import load_config
-from collapselab.executors import prepare_run_dir, run_experiment
-from collapselab.likelihood import (
+from collapselab.engine.executors import prepare_run_dir, run_experiment
+from collapselab.measure import estimators as est
+from collapselab.measure.likelihood import (
     ODEFlow,
     divergence,
     flow_divergences,
@@ -277,7 +277,7 @@ def test_flow_likelihood_rows_at_every_generation(tmp_path, objective):
     tgt = df[df.metric == "score_energy_target"]
     assert sorted(tgt.generation) == [0, 1, 2]
     # The report's side-by-side table pairs D_{i+1} with generation i's score error.
-    from collapselab.report import sampler_comparison
+    from collapselab.report.run import sampler_comparison
 
     table = sampler_comparison(df, cfg.model_dump(mode="json"))
     assert list(table.arm.unique()) == [f"{objective} + ode"]
@@ -288,7 +288,7 @@ def test_flow_likelihood_rows_at_every_generation(tmp_path, objective):
 
 
 def test_flow_matching_chain_resumes_identically(tmp_path):
-    from collapselab.loop import run_chain
+    from collapselab.engine.loop import run_chain
 
     cfg = load_config("quickstart", SMALL + ["score.objective=flow_matching",
                                              "loop.generations=2"])

@@ -12,7 +12,7 @@ import torch
 from scipy import integrate
 from threadpoolctl import threadpool_limits
 
-from collapselab.pathwise import (
+from collapselab.measure.pathwise import (
     _integrate,
     _rule,
     dsm_constant,
@@ -253,7 +253,7 @@ def test_eta_ordering_aligned_random_timeonly(gen):
 def test_learned_energy_from_own_marginal_satisfies_de_bruijn():
     """For a score exact for its own law p̂ (here a Gaussian), KL(p̂_t0 ‖ q_t0) =
     KL(p̂_T ‖ q_T) + ½ ε̂² with ε̂² along p̂'s reverse paths started from p̂_T (closed-form KLs)."""
-    from collapselab.pathwise import gaussian_kl
+    from collapselab.measure.pathwise import gaussian_kl
 
     T, t0 = 4.0, 0.02
     q = GaussianMixture.isotropic(torch.tensor([[0.0]], dtype=torch.float64), 0.5)
@@ -296,7 +296,7 @@ def test_skewed_mean_bca_stderr_covers_a_lognormal_mean():
     repetitions of n = 300 (the nominal 95% would be ~0.95; the symmetric s/√n falls short)."""
     import numpy as np
 
-    from collapselab.pathwise import skewed_mean
+    from collapselab.measure.pathwise import skewed_mean
 
     rng = np.random.default_rng(1)
     truth = math.exp(1.5**2 / 2)

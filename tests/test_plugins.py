@@ -14,9 +14,9 @@ from _cli import cli
 from scipy import integrate, stats
 
 from collapselab.config import load_config
+from collapselab.engine.executors import ChainFailed, prepare_run_dir, run_experiment
+from collapselab.engine.loop import run_chain
 from collapselab.errors import ConfigError
-from collapselab.executors import ChainFailed, prepare_run_dir, run_experiment
-from collapselab.loop import run_chain
 from collapselab.scores import registry
 from collapselab.scores.plugin_state import load_state, state_meta
 

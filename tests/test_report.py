@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from collapselab.config import load_config
-from collapselab.executors import prepare_run_dir, run_experiment
-from collapselab.report import build_report, image_grid
-from collapselab.store import atomic_save_npy, atomic_write_json
+from collapselab.engine.executors import prepare_run_dir, run_experiment
+from collapselab.engine.store import atomic_save_npy, atomic_write_json
+from collapselab.report.run import build_report, image_grid
 
 SMALL = ["loop.generations=2", "loop.n_train=200", "sampler.steps=20", "estimators.n_mc=1000",
          "estimators.n_eval=200", "sweep.alphas=[0.1, 0.9]", "sweep.seeds=[0, 1]",
@@ -166,7 +166,7 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
 def test_final_table_answers_at_the_newest_generation():
     """A network model has no exact law: χ² exists only as the convention D_0 = 0, KL by kNN at
     every generation. The answer is KL at the last generation, not χ² at generation 0."""
-    from collapselab.report import answer_sentence, final_table
+    from collapselab.report.run import answer_sentence, final_table
 
     rows = []
     for a in (0.1, 0.9):
@@ -187,7 +187,7 @@ def test_final_table_answers_at_the_newest_generation():
 def test_final_table_falls_back_when_chi2_is_flagged_unreliable():
     """χ² finite for every seed but with an infinite uncertainty for one (the feature proxy
     near its finiteness boundary): it cannot rank α, so the answer is KL, and says why."""
-    from collapselab.report import answer_sentence, final_table
+    from collapselab.report.run import answer_sentence, final_table
 
     rows = []
     for a in (0.1, 0.9):

@@ -18,8 +18,8 @@ import pytest
 from test_cli import invoke
 
 from collapselab.config import load_config
-from collapselab.executors import FIT_LOG_ENV, prepare_run_dir, run_experiment
-from collapselab.store import LOCK_NAME, atomic_write_bytes, cell_name, run_lock
+from collapselab.engine.executors import FIT_LOG_ENV, prepare_run_dir, run_experiment
+from collapselab.engine.store import LOCK_NAME, atomic_write_bytes, cell_name, run_lock
 
 BASE = ["--set", "loop.generations=1", "--set", "loop.n_train=120", "--set", "sampler.steps=10",
         "--set", "estimators.n_mc=300", "--set", "estimators.n_eval=120",
@@ -106,7 +106,7 @@ def test_lock_of_a_killed_run_is_taken_over(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
-            from collapselab.store import run_lock
+            from collapselab.engine.store import run_lock
             with run_lock({str(out)!r}):
                 print("locked", flush=True)
                 time.sleep(60)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from collapselab import estimators as est
 from collapselab.config import build_config, load_config
+from collapselab.engine.executors import prepare_run_dir, run_experiment
 from collapselab.errors import ConfigError
-from collapselab.executors import prepare_run_dir, run_experiment
+from collapselab.measure import estimators as est
 from collapselab.processes import OU, time_grid
 from collapselab.samplers import euler_maruyama
 from collapselab.scores.analytic import AnalyticScore
@@ -146,8 +146,8 @@ def test_chain_rows_carry_the_sampler_gap_on_the_generation_of_the_samples(tmp_p
 def test_too_few_samples_give_nan_with_a_reason_not_a_crash(tmp_path):
     # The config refuses n_eval < 70 up front; the loop's estimate still degrades to NaN with
     # a reason (not a crash) when handed fewer samples than the kNN batches need.
-    from collapselab.loop import ChainContext, sampler_gap
-    from collapselab.store import RunStore
+    from collapselab.engine.loop import ChainContext, sampler_gap
+    from collapselab.engine.store import RunStore
 
     cfg = load_config("quickstart", ["sweep.alphas=[0.5]", "sweep.seeds=[0]"])
     ctx = ChainContext(cfg, 0.5, 0, RunStore(tmp_path / "a"))

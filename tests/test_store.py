@@ -1,6 +1,6 @@
 import math
 
-from collapselab.store import atomic_write_json, read_json
+from collapselab.engine.store import atomic_write_json, read_json
 
 
 def test_non_finite_values_round_trip_in_every_numeric_column(tmp_path):

@@ -46,7 +46,7 @@ block = sys.argv[1] == "block"
 if block:
     sys.modules["collapselab.fast"] = None
 from collapselab.config import load_config
-from collapselab.executors import prepare_run_dir, run_experiment
+from collapselab.engine.executors import prepare_run_dir, run_experiment
 sets = ["score.kind=mlp", "score.hidden=16", "score.layers=2", "score.train_steps=10",
         "score.batch_size=64", "loop.generations=1", "loop.n_train=200", "sampler.steps=10",
         "estimators.n_mc=200", "estimators.n_eval=100", "pathwise.n_mc=20",

@@ -46,7 +46,7 @@ class GenerationDone:
     @property
     def rows(self) -> list[dict]:
         """The generation's rows of the results table (metric, estimator, value, stderr, …)."""
-        from .store import read_json
+        from .engine.store import read_json
 
         return list(read_json(self.directory / "metrics.json").get("rows", []))
 
@@ -89,7 +89,7 @@ class Run:
 
     def build_report(self) -> Path:
         """(Re)build figures and report.html, as ``collapselab report DIR`` does."""
-        from .report import build_report
+        from .report.run import build_report
 
         build_report(self.dir)
         return self.dir / "report.html"
@@ -116,7 +116,7 @@ def default_workers(cfg, executor: str = "local") -> int | None:
     otherwise (None)."""
     if executor != "local":
         return None
-    from .executors import chains
+    from .engine.executors import chains
 
     return max(1, min(os.cpu_count() or 1, len(chains(cfg))))
 
@@ -162,11 +162,11 @@ def run(source, out=None, overrides=(), *, workers: int | None = None,
         generation (e.g. to log to TensorBoard; docs/api.md).
     report: build figures and report.html at the end.
     Raises :class:`~collapselab.errors.CollapselabError` for invalid input (nothing written)
-    and :class:`~collapselab.executors.ChainFailed` when chains failed (the rest is saved;
+    and :class:`~collapselab.engine.executors.ChainFailed` when chains failed (the rest is saved;
     calling again resumes).
     """
     from .config import build_config, load_config
-    from .executors import chains, default_out, prepare_run_dir, run_experiment
+    from .engine.executors import chains, default_out, prepare_run_dir, run_experiment
 
     if isinstance(source, dict):
         import yaml
@@ -180,7 +180,7 @@ def run(source, out=None, overrides=(), *, workers: int | None = None,
     else:
         cfg = load_config(source, list(overrides))
     if cfg.target.kind == "dataset":
-        from .loop import build_target
+        from .engine.loop import build_target
 
         build_target(cfg)  # a missing data file is reported before anything is written
     if workers is None:
@@ -206,7 +206,7 @@ def run(source, out=None, overrides=(), *, workers: int | None = None,
     with hide:
         run_experiment(cfg, store, on_generation=tick, executor=executor, workers=workers)
     if report:
-        from .report import build_report
+        from .report.run import build_report
 
         build_report(store.root)
     return Run(store.root)

@@ -72,8 +72,8 @@ def _open_for_reading(directory, command: str, *, results: bool) -> None:
     says so and goes on (every file is replaced atomically, so what is read is whole)."""
     import yaml
 
+    from .engine.store import RunDirBusy, run_lock
     from .errors import CollapselabError
-    from .store import RunDirBusy, run_lock
 
     root = Path(directory)
     try:
@@ -96,7 +96,7 @@ def _open_for_reading(directory, command: str, *, results: bool) -> None:
     try:
         click.get_current_context().with_resource(run_lock(root, command, shared=True))
     except RunDirBusy:
-        from .store import lock_holder
+        from .engine.store import lock_holder
 
         who = lock_holder(root) or "another process"
         click.echo(f"warning: {who} is writing {root}; this shows the generations completed "
@@ -156,8 +156,7 @@ def run(source, extra, out, overrides, workers, executor, address, cpus_per_chai
     import importlib.util
 
     from .config import load_config, repeated_overrides
-    from .errors import ConfigError
-    from .executors import (
+    from .engine.executors import (
         ChainFailed,
         Resources,
         chains,
@@ -169,9 +168,10 @@ def run(source, extra, out, overrides, workers, executor, address, cpus_per_chai
         run_experiment,
         verify_run_dir,
     )
-    from .observability import experiment_of, run_observability_command
+    from .engine.store import run_lock
+    from .errors import ConfigError
+    from .experiments.observability import experiment_of, run_observability_command
     from .scores.registry import check_model
-    from .store import run_lock
 
     overrides = list(overrides) + _bare_overrides(extra)
     for line in repeated_overrides(list(overrides)):
@@ -183,7 +183,7 @@ def run(source, extra, out, overrides, workers, executor, address, cpus_per_chai
     if observability:  # e.g. `experiment: observability`
         if executor != "local" or address is not None or gpus_per_chain is not None:
             raise ConfigError("--executor", "the observability experiment runs locally only")
-        from .observability import load_observability_config
+        from .experiments.observability import load_observability_config
 
         obs_cfg = load_observability_config(source, list(overrides))  # validated first
         out = out if out is not None else str(Path("runs") / obs_cfg.name)
@@ -204,7 +204,7 @@ def run(source, extra, out, overrides, workers, executor, address, cpus_per_chai
     if cfg.target.kind == "dataset":
         # A missing or malformed data file is the user's to fix: say so before anything is
         # written (the chains would otherwise meet it inside a worker).
-        from .loop import build_target
+        from .engine.loop import build_target
 
         build_target(cfg)
     check_device(cfg, executor, address)
@@ -282,7 +282,7 @@ def run(source, extra, out, overrides, workers, executor, address, cpus_per_chai
     if not no_report:
         _build_report_with_progress(store.root, quiet, interactive)
     if not quiet:
-        from .report import final_table, value_with_interval
+        from .report.run import final_table, value_with_interval
 
         table = final_table(df)
         click.echo(f"run directory: {store.root}")
@@ -331,7 +331,7 @@ def _smoothing_parts(cfg, t0_flag, dim, target_std, target_mean):
                 f"d = {dim}, t0 = {t0_flag:g} (OU)")
     import torch
 
-    from .loop import build_process, build_target
+    from .engine.loop import build_process, build_target
     from .targets import GaussianMixture
 
     target = build_target(cfg)
@@ -350,7 +350,7 @@ def _smoothing_parts(cfg, t0_flag, dim, target_std, target_mean):
 
 def _build_report_with_progress(root: Path, quiet: bool, interactive: bool) -> None:
     """build_report with its steps shown: a spinner on a terminal, plain lines otherwise."""
-    from .report import build_report
+    from .report.run import build_report
 
     if quiet:
         build_report(root)
@@ -485,7 +485,7 @@ def plan(eps2, from_dir, tol, horizon, d0, c, t0, dim, target_std, target_mean):
 def report(directory):
     """(Re)build figures and report.html of a run directory."""
     from .errors import MissingFileError
-    from .report import build_report
+    from .report.run import build_report
 
     if not (Path(directory) / "config.yaml").exists():
         raise MissingFileError(Path(directory) / "config.yaml",
@@ -521,7 +521,7 @@ def report(directory):
 def bounds(directory, i0, C, c, n_sigma, no_figures):
     """Re-evaluate the paper's bounds on a finished run: DIR/bounds.{parquet,csv} + figures."""
     from .errors import CollapselabError
-    from .report import bounds_overview, bounds_sentence, write_bounds
+    from .report.run import bounds_overview, bounds_sentence, write_bounds
 
     root = Path(directory)
     if not (root / "config.yaml").exists() or not (root / "results.parquet").exists():

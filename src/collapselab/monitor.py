@@ -22,12 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import estimators as est
 from .config import build_config
-from .estimate import Estimate
+from .engine.store import (
+    RunStore,
+    atomic_save_npy,
+    atomic_write_json,
+    atomic_write_text,
+    write_summary,
+)
+from .measure import estimators as est
+from .measure.estimate import Estimate
 from .processes import OU
 from .scores.registry import ModelLaw
-from .store import RunStore, atomic_save_npy, atomic_write_json, atomic_write_text, write_summary
 from .targets import LawMixture, mix_laws
 from .verdicts import render_check
 
@@ -89,8 +95,8 @@ class Monitor:
         ``train``: q_i's training set; ``train_law``: q_i's law (default: see
         :meth:`training_law`); ``score``: the model's score ``score(x, t)``, for ε⋆². Returns
         the rows written."""
-        from . import pathwise as pw
         from . import theory
+        from .measure import pathwise as pw
 
         i, nxt = int(generation), int(generation) + 1
         x = torch.as_tensor(np.asarray(samples), dtype=torch.float64).reshape(len(samples), -1)

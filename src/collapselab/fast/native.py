@@ -225,7 +225,7 @@ def status() -> str:
 
 
 def _cache_dir() -> Path:
-    from ..features import default_cache_dir  # one cache root for the project
+    from ..measure.features import default_cache_dir  # one cache root for the project
 
     return default_cache_dir() / "native"
 

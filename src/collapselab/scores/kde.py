@@ -2,7 +2,7 @@
 
 The KDE (1/N) Σ_j N(c_j, h² I) pushed through the forward process to time t is the mixture
 (1/N) Σ_j N(a c_j, v I) with a = scale(t), v = a² h² + var(t); its exact score is an
-attention operation over the centres, computed by :func:`collapselab.kernels.kde_score`
+attention operation over the centres, computed by :func:`collapselab.scores.kde_attention.kde_score`
 without ever forming an n×N matrix.
 """
 
@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..kernels import KDEKeys, kde_log_prob, kde_score
 from .base import per_time
+from .kde_attention import KDEKeys, kde_log_prob, kde_score
 
 
 def kde_scale_var(process, t: float, bandwidth: float) -> tuple[float, float]:

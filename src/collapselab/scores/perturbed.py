@@ -3,7 +3,8 @@
 ``PerturbedScore(base, error, magnitude)`` is the score ŝ(y, t) = base(y, t) + magnitude·e(y, t).
 When ``base`` is the exact score of the training law q (e.g. :class:`AnalyticScore`), the score
 error of docs/paper.md §3 is exactly e_i(y, t) = ŝ − ∇log q_t = magnitude·e(y, t), so ε⋆², ε̂², the
-Girsanov martingale M_T and η of :mod:`collapselab.pathwise` are known functions of ``error``.
+Girsanov martingale M_T and η of :mod:`collapselab.measure.pathwise` are known functions of
+``error``.
 
 Error kinds (each a callable ``(y, t) -> tensor`` with the shape of y, exposing the exact error):
 
@@ -15,7 +16,7 @@ Error kinds (each a callable ``(y, t) -> tensor`` with the shape of y, exposing 
 - :func:`time_only` — e = ξ(t), a fixed vector function of time only (the paper's "time-only"
   error). Warning: a *smooth* ξ(t) (e.g. a constant vector) does **not** give η ≈ 0: a constant
   drift offset shifts the output mean, which the final samples do see (see
-  :mod:`collapselab.pathwise` for the derivation). η → 0 for ξ oscillating fast in t
+  :mod:`collapselab.measure.pathwise` for the derivation). η → 0 for ξ oscillating fast in t
   (:func:`time_oscillating`), by Riemann–Lebesgue against the smooth response kernel.
 - :func:`custom` (or any plain callable passed to :class:`PerturbedScore`) — user error.
 

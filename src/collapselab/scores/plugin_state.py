@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from ..store import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 FORMAT = "collapselab.plugin_state"
 

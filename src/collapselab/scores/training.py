@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..store import new_file_mode
+from ..files import new_file_mode
 from .gpu_fast import GpuFast, fast_forward
 from .mlp import MLPNet, NeuralScore
 from .unet import UNet

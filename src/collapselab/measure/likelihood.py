@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..samplers import probability_flow_field
 from .estimate import Estimate
 from .estimators import pareto_khat
-from .samplers import probability_flow_field
 
 EXACT_MAX_DIM = 16
 _LOG2PI = math.log(2 * math.pi)
@@ -161,7 +161,7 @@ def velocity_flow(model, steps: int) -> ODEFlow:
 
 def _chi2_from_log_weights(logw: Tensor, var: Tensor) -> Estimate:
     """χ² = E_a[w] − 1 from log weights, with the Pareto k̂ tail guard of
-    :func:`collapselab.estimators.pareto_khat` (k̂ ≥ 0.5: variance of w infinite → nan; a
+    :func:`collapselab.measure.estimators.pareto_khat` (k̂ ≥ 0.5: variance of w infinite → nan; a
     decisively infinite mean, k̂ − 2 se ≥ 1 → inf). Hutchinson noise ε in log w biases e^{log w}
     by E[e^ε] ≈ e^{Var ε/2}: each weight is divided by e^{Var/2} (log-normal correction)."""
     logw = logw - 0.5 * var
@@ -228,8 +228,8 @@ def score_energy_ode(score, law, process, t0: float, T: float, steps: int = 100,
     ``times``, default a geometric grid), left-point sums as the SDE's ε̂² (docs/paper.md §3). The
     Girsanov bound KL ≤ ½ ε̂² is a statement about the SDE: for the ODE this is the same
     energy measured along the deterministic sampler's marginals, not a bound."""
-    from .samplers import heun
-    from .scores.analytic import exact_score
+    from ..samplers import heun
+    from ..scores.analytic import exact_score
 
     grid = (torch.exp(torch.linspace(math.log(T), math.log(t0), steps + 1, dtype=torch.float64))
             if times is None else torch.as_tensor(times, dtype=torch.float64))

@@ -125,7 +125,8 @@ def _atomic_write(path: Path, write) -> None:
 
 class FeatureExtractor:
     """A trained classifier whose penultimate layer is the feature space of the paper's image
-    divergence proxy (the Gaussian χ² of :func:`collapselab.feature_metrics.feature_gaussian_chi2`).
+    divergence proxy (the Gaussian χ² of
+    :func:`collapselab.measure.feature_metrics.feature_gaussian_chi2`).
 
     Build it with :meth:`fit_or_load`. Attributes: ``test_accuracy`` (nan when no test split was
     given), ``content_hash``, ``feature_dim``, ``config``.

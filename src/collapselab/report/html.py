@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .store import atomic_write_bytes  # noqa: E402
+from ..engine.store import atomic_write_bytes  # noqa: E402
 
 __all__ = ["fmt", "img", "plt", "save_figure", "section", "table"]
 

@@ -5,7 +5,8 @@ The paper's two divergences are chi-squared divergences,
     D_i = χ²(p̂_i ‖ p)            (accumulated)        I_i = χ²(p̂_{i+1} ‖ q_i)   (intra-generation)
 
 with χ²(a‖b) = ∫ a²/b − 1 = E_a[a/b] − 1, and their KL twins KL(a‖b) = E_a[log a − log b].
-Every function returns an :class:`~collapselab.estimate.Estimate` (value, stderr, estimator, note).
+Every function returns an :class:`~collapselab.measure.estimate.Estimate` (value, stderr,
+estimator, note).
 
 Three families, from most to least exact:
 
@@ -36,9 +37,9 @@ from scipy.spatial import cKDTree
 from scipy.special import digamma, gammaln
 from torch import Tensor
 
+from ..targets import GaussianMixture
 from .estimate import Estimate
 from .gaussians import BOUNDARY_RTOL, gaussian_chi2, gaussian_kl  # closed forms, re-exported
-from .targets import GaussianMixture
 
 __all__ = [
     "chi2_finiteness",

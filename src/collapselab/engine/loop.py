@@ -22,13 +22,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import estimators as est
-from .config import Config
-from .estimate import Estimate
-from .policies import TrainingSet, build_training_set, training_law_weights
-from .processes import OU, VPProcess, time_grid
-from .samplers import SAMPLERS, heun
-from .scores import registry
+from ..config import Config
+from ..measure import estimators as est
+from ..measure.estimate import Estimate
+from ..policies import TrainingSet, build_training_set, training_law_weights
+from ..processes import OU, VPProcess, time_grid
+from ..samplers import SAMPLERS, heun
+from ..scores import registry
+from ..targets import (
+    EmpiricalTarget,
+    GaussianMixture,
+    LawMixture,
+    mix_laws,
+    paper_gmm_means,
+    ring,
+)
 from .store import (
     RunStore,
     atomic_save_npy,
@@ -36,14 +44,6 @@ from .store import (
     load_npy,
     read_json,
     write_cell_metrics,
-)
-from .targets import (
-    EmpiricalTarget,
-    GaussianMixture,
-    LawMixture,
-    mix_laws,
-    paper_gmm_means,
-    ring,
 )
 
 PLUGIN_CHECKPOINT = "model.safetensors"  # a plug-in's state_dict(), where networks keep theirs
@@ -60,7 +60,7 @@ def _empirical_target(dataset: str, root: str | None, classes: tuple[int, ...] |
                       downsample: int | None, limit: int | None, where: str) -> EmpiricalTarget:
     """Loaded once per process and data location (``where``): the CLI's check and every chain
     of an in-process run share it (loading an image data set is not free). Read-only."""
-    from .datasets import load_dataset
+    from ..datasets import load_dataset
 
     kw = dict(root=root, classes=classes, downsample=downsample)
     test_split = "train" if dataset in ("npy", "npz") else "test"
@@ -73,7 +73,7 @@ def _empirical_target(dataset: str, root: str | None, classes: tuple[int, ...] |
 def build_target(cfg: Config) -> GaussianMixture | EmpiricalTarget:
     t = cfg.target
     if t.kind == "dataset":
-        from .datasets import default_root
+        from ..datasets import default_root
 
         path = Path(t.root) if t.root is not None else default_root(t.dataset)
         # The modification time keys the cache too: a file replaced in place is read again.
@@ -149,7 +149,7 @@ class ChainContext:
         """The feature classifier of image runs: trained once on p's training split, cached
         by content hash (same seed, data and settings give the same network everywhere)."""
         if self._features is None:
-            from .features import FeatureExtractor
+            from ..measure.features import FeatureExtractor
 
             e = self.cfg.estimators
             self._features = FeatureExtractor.fit_or_load(
@@ -172,7 +172,7 @@ def _neural_inputs(ctx: ChainContext, generation: int) -> tuple[int, dict | None
     """(seed, warm-start state or None, t_min) of generation i's network fit: the training seed
     comes from the chain's own ``train`` stream, the warm start from generation i−1's raw
     weights. Shared by :func:`fit_score` and :func:`fit_scores_batched`, which must agree."""
-    from .scores.neural import raw_state
+    from ..scores.neural import raw_state
 
     s = ctx.cfg.score
     prev = ctx.store.cell(ctx.alpha, ctx.seed, generation - 1, ctx.params) / "model.safetensors"
@@ -218,7 +218,7 @@ def fit_scores_batched(
     the score/sampler/process configuration (one group: they differ in α and seed only) and
     training sets of one shape. A diverged chain raises TrainingDivergedError with ``.chain``,
     its index in ``ctxs``."""
-    from .scores.neural import fit_neural_batched
+    from ..scores.neural import fit_neural_batched
 
     first = ctxs[0]
     if first.cfg.score.objective != "dsm":  # the batched trainer is DSM's: fit one by one
@@ -249,7 +249,7 @@ def draw_samples(ctx: ChainContext, score, n: int, generation: int) -> np.ndarra
     chunk = n if not ctx.is_image else 512
     clip = {"clip": (-1.0, 1.0)} if sc.clip else {}  # image pixels live in [-1, 1]
     if sc.kind == "ode" and hasattr(score, "velocity"):  # flow matching: its own time [0, 1]
-        from .likelihood import velocity_flow
+        from ..measure.likelihood import velocity_flow
 
         flow = velocity_flow(score, sc.steps)
         with torch.no_grad():
@@ -318,7 +318,7 @@ def measure_images(ctx, generation, samples, train: TrainingSet) -> list[dict]:
     """Image runs: D_{i+1} and I_i in the feature space of a classifier (docs/paper.md §5: the
     Gaussian χ² proxy; KL, Fréchet distance, KID, precision/recall, density/coverage too).
     D compares with p's held-out split, I with the training set of q_i."""
-    from . import feature_metrics as fm
+    from ..measure import feature_metrics as fm
 
     ecfg = ctx.cfg.estimators
     _, rng = streams(ctx.seed, generation, "eval")
@@ -422,10 +422,11 @@ def measure(ctx, generation, samples, train: TrainingSet, law_next, q_law) -> li
 
 def model_flow(ctx: ChainContext, model):
     """The ODE that ``model`` is sampled by (``sampler.kind: ode``), as a
-    :class:`~collapselab.likelihood.ODEFlow`; None for the SDE samplers. The probability-flow
+    :class:`~collapselab.measure.likelihood.ODEFlow`; None for the SDE samplers. The
+    probability-flow
     grid is draw_samples' own (the sampler's schedule); a flow-matching model's is uniform on
     [0, 1]."""
-    from .likelihood import pf_ode_flow, velocity_flow
+    from ..measure.likelihood import pf_ode_flow, velocity_flow
 
     sc = ctx.cfg.sampler
     if sc.kind != "ode":
@@ -439,11 +440,12 @@ def model_flow(ctx: ChainContext, model):
 def measure_flow(ctx: ChainContext, generation: int, model) -> list[dict]:
     """D_{i+1} and I_i (χ², KL) of a network sampled by an ODE, by importance sampling with the
     model's change-of-variables log density (estimator ``flow_likelihood``,
-    :func:`collapselab.likelihood.flow_divergences`): ``estimators.n_flow`` of the model's own
+    :func:`collapselab.measure.likelihood.flow_divergences`): ``estimators.n_flow`` of the model's
+    own
     ODE outputs, against p and against q_i = Σ_g w_g p̂_g (p̂_0 = p; p̂_g, g ≥ 1, by the reverse
     ODE likelihood of generation g−1's saved model). Gaussian-mixture targets."""
-    from .likelihood import flow_divergences
-    from .scores.neural import load_model
+    from ..measure.likelihood import flow_divergences
+    from ..scores.neural import load_model
 
     cfg, ecfg = ctx.cfg, ctx.cfg.estimators
     if ctx.is_image or not ecfg.exact or cfg.score.kind not in ("mlp", "unet"):
@@ -488,7 +490,7 @@ def measure_target_energy(ctx: ChainContext, generation: int, model) -> list[dic
     generation i's network against the *target* p rather than q_i (docs/paper.md §3's ε⋆² with q_i
     replaced by p; equal to ε⋆,0² at generation 0). Defined at every generation of a neural
     chain on a Gaussian-mixture target, where ε⋆,i² needs q_i's exact law and is not."""
-    from . import pathwise as pw
+    from ..measure import pathwise as pw
 
     pc = ctx.cfg.pathwise
     if ctx.is_image or not pc.score_energy or ctx.cfg.score.kind not in ("mlp", "unet"):
@@ -506,7 +508,7 @@ def sampler_gap(ctx: ChainContext, generation: int, x: np.ndarray, law_next) -> 
     """KL(law of the sampler's actual output ‖ law of the ideal reverse process at t0): the
     start-up (N(0, I) instead of q_T) and discretisation errors that the exact-density D_{i+1}
     and I_i leave out (docs/paper.md §2). Estimated on the generation's samples ``x`` with the ideal
-    law's exact density (:func:`~collapselab.estimators.knn_kl_known_b_paired`)."""
+    law's exact density (:func:`~collapselab.measure.estimators.knn_kl_known_b_paired`)."""
     gen, _ = streams(ctx.seed, generation, "gap")
     sc = ctx.cfg.sampler
     try:
@@ -539,9 +541,9 @@ def measure_pathwise(ctx, generation, score, q_law, rows) -> list[dict]:
     ε̂² follows the model's own reverse paths from its own T-marginal when its law is known
     (the start of the law the KL compares); then Prop 3.1 is an identity (de Bruijn) and
     ``calibration_eps_hat`` compares KL(p̂_t0 ‖ q_t0) with KL(p̂_T ‖ q_T) + ½ ε̂²."""
-    from . import pathwise as pw
-    from . import theory
-    from .verdicts import render_check
+    from .. import theory
+    from ..measure import pathwise as pw
+    from ..verdicts import render_check
 
     pc = ctx.cfg.pathwise
     if q_law is None or not (pc.score_energy or pc.learned or pc.observability):
@@ -561,7 +563,7 @@ def measure_pathwise(ctx, generation, score, q_law, rows) -> list[dict]:
         vals.update(eps_star_sq=e.value, eps_star_sq_stderr=e.stderr)
     if pc.learned:
         if ctx.cfg.sampler.kind == "ode":  # along the ODE's own paths (no Girsanov identity)
-            from .likelihood import score_energy_ode
+            from ..measure.likelihood import score_energy_ode
 
             e = score_energy_ode(score, q_law, ctx.process, t0, T, pc.steps,
                                  max(pc.n_paths, pc.min_paths), gen, times=grid)
@@ -642,7 +644,7 @@ def _restore_model(ctx: ChainContext, generation: int, q_law):
     model = registry.make_model(ctx.cfg.score)
     ckpt = cell / PLUGIN_CHECKPOINT
     if callable(getattr(model, "load_state_dict", None)) and ckpt.exists():
-        from .scores.plugin_state import load_state
+        from ..scores.plugin_state import load_state
 
         model.load_state_dict(load_state(ckpt))
         return model
@@ -684,7 +686,7 @@ def _load_training_set(cell) -> TrainingSet:
 
 class ChainRunner:
     """One chain's generations as three steps, shared by :func:`run_chain` (one chain, one
-    generation after another) and the batched executor (:mod:`collapselab.lockstep`, which
+    generation after another) and the batched executor (:mod:`collapselab.engine.lockstep`, which
     fits the networks of several chains at one generation together):
 
         train, q_law = runner.prepare(i)          # q_i's training set and exact law
@@ -779,13 +781,13 @@ class ChainRunner:
         atomic_save_npy(cell / "provenance.npy", train.origin)
         atomic_save_npy(cell / "samples.npy", samples)
         if isinstance(state, dict):  # a plug-in's state_dict()
-            from .scores.plugin_state import save_state
+            from ..scores.plugin_state import save_state
 
             save_state(cell / PLUGIN_CHECKPOINT, state,
                        {"generation": i, "alpha": ctx.alpha, "score": cfg.score.kind,
                         "factory": cfg.score.factory})
         elif state is not None:
-            from .scores.neural import save_model
+            from ..scores.neural import save_model
 
             save_model(cell / "model.safetensors", state, {"generation": i, "alpha": ctx.alpha})
         timings = {"fit": fit_seconds, "sample": t_sample - t_fit, "measure": t_end - t_sample}

@@ -3,7 +3,7 @@
 The KDE score ``(a · Σ_j w_j c_j − y) / v`` with ``w = softmax_j(−‖y − a c_j‖² / (2v))`` is
 softmax attention of folded queries ``q = [a y', a², 0, …]`` against folded keys
 ``k_j = [c_j', −‖c_j'‖²/2, 0, …]`` (``'`` = centred on the centres' mean; see
-:mod:`collapselab.kernels`). This module computes
+:mod:`collapselab.scores.kde_attention`). This module computes
 
     out_i = Σ_j softmax_j(q_i · k_j / v) k_j
 
@@ -15,7 +15,7 @@ running sum of weights and a running ``Σ w k`` (online softmax, rescaled when t
 grows). Memory is O((n + N)·w); no n×N array exists anywhere.
 
 Rounding: the logits carry the same ``eps·R²/v`` error as the fused SDPA path (same folded
-form, float32 accumulation), so the error bound of :mod:`collapselab.kernels` applies.
+form, float32 accumulation), so the error bound of :mod:`collapselab.scores.kde_attention` applies.
 Exponentials are taken base 2 with ``log2(e)/v`` folded into the query scale (one multiply
 per pair fewer; the relative rounding of the scale is eps, far below the logits' own error).
 

@@ -1,5 +1,6 @@
 """Run every chain of an experiment — in-process, in a process pool, on Ray, or in lockstep
-with batched MLP training (``executor="batched"``, :mod:`collapselab.lockstep`) — and gather the
+with batched MLP training (``executor="batched"``, :mod:`collapselab.engine.lockstep`) — and gather
+the
 results table, the summary over seeds and the failure records.
 
 Results do not depend on the order or on the executor: each chain (and each generation) draws
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from ..config import Config, build_config
+from ..errors import ConfigError
 from .chains import (  # noqa: F401  (re-exported: the names every driver shares)
     FAULT_ENV,
     FIT_LOG_ENV,
@@ -45,8 +48,6 @@ from .chains import (  # noqa: F401  (re-exported: the names every driver shares
     report_new_cells,
 )
 from .chains import died as _died
-from .config import Config, build_config
-from .errors import ConfigError
 from .store import (
     RunStore,
     atomic_write_json,
@@ -189,7 +190,7 @@ def prepare_run_dir(cfg: Config, out: Path) -> RunStore:
     another process is using (:func:`store.run_lock`) and an unusable --out, before writing; a
     plug-in model that cannot be found or breaks the contract too
     (:func:`~collapselab.scores.registry.check_model`)."""
-    from .scores.registry import check_model
+    from ..scores.registry import check_model
 
     check_model(cfg)
     check_cell_names(cfg)
@@ -480,7 +481,8 @@ def run_experiment(
         chain on the cluster at ``address`` (``auto``, ``ray://host:10001``) or on a local Ray
         started for the run with ``workers`` CPUs (default: all cores); ``batched`` — the
         chains of each group (same swept keys other than α and seed) advanced in lockstep with
-        their MLP nets of a generation trained in one batched call (:mod:`collapselab.lockstep`),
+        their MLP nets of a generation trained in one batched call
+        (:mod:`collapselab.engine.lockstep`),
         on ``workers`` cores (default: all): the (swept keys, seed) groups dealt over
         min(workers, groups) spawned processes with workers // processes threads each, or in
         this process with ``workers`` threads when there is one part.
@@ -516,7 +518,7 @@ def _run_locked(cfg, store, on_generation, *, executor, workers, address, resour
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
     verify_run_dir(cfg, store)
-    from .environment import environment
+    from ..environment import environment
 
     atomic_write_json(store.root / "environment.json",
                       {**environment(), "device": cfg.device, "executor": executor,

@@ -24,13 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from .environment import environment  # noqa: E402,F401  (re-exported: report.environment)
-from .pages import fmt as _fmt  # noqa: E402
-from .pages import img as _img  # noqa: E402
-from .pages import save_figure as _save  # noqa: E402
-from .pages import section as _section  # noqa: E402
-from .pages import table as _table  # noqa: E402
-from .store import (  # noqa: E402
+from ..engine.store import (  # noqa: E402
     RESULT_COLUMNS,
     RunStore,
     atomic_write_bytes,
@@ -41,7 +35,13 @@ from .store import (  # noqa: E402
     summarize,
     write_summary,
 )
-from .verdicts import cause_tag, render_check, status_text  # noqa: E402
+from ..environment import environment  # noqa: E402,F401  (re-exported: report.environment)
+from ..verdicts import cause_tag, render_check, status_text  # noqa: E402
+from .html import fmt as _fmt  # noqa: E402
+from .html import img as _img  # noqa: E402
+from .html import save_figure as _save  # noqa: E402
+from .html import section as _section  # noqa: E402
+from .html import table as _table  # noqa: E402
 
 # Preference order when several estimators measured the same metric.
 ESTIMATOR_ORDER = ["exact", "monte_carlo", "classifier", "knn", "gaussian_features"]
@@ -196,7 +196,7 @@ def draw_over_seeds(ax, rows: pd.DataFrame, color, label: str, *, x: str = "gene
     each seed's line (thin) and the mean (bold); otherwise the mean with its 95% interval over
     seeds (store.seed_interval: log-scale t for a non-negative metric). Non-finite values are
     left out (the caller marks them). Returns what the spread shows, for the title."""
-    from .store import seed_interval
+    from ..engine.store import seed_interval
 
     v = rows[y].to_numpy(float)
     rows = rows.assign(_v=np.where(np.isfinite(v), v, np.nan))
@@ -782,7 +782,7 @@ def build_report(root, progress=None) -> list:
     store = RunStore(root)
     cfg = yaml.safe_load(store.config_path.read_text())
     if isinstance(cfg, dict) and cfg.get("experiment") == "observability":
-        from .observability import build_observability_report
+        from ..experiments.observability import build_observability_report
 
         return build_observability_report(root)
     say("summary over seeds")
@@ -1296,7 +1296,7 @@ EXACT_OWN_LAW_KINDS = ("analytic", "population_kde", "kde")
 
 
 def _single_rows(sub, base, cfg, i0, C, c, n_sigma) -> list[dict]:
-    from . import theory
+    from .. import theory
 
     eps = _pick_series(sub, "score_energy_ideal")
     if not eps:
@@ -1347,8 +1347,8 @@ def _single_rows(sub, base, cfg, i0, C, c, n_sigma) -> list[dict]:
 
 
 def _recursion_rows(sub, base, alpha, n_sigma) -> list[dict]:
-    from . import theory
-    from .theory import Cause
+    from .. import theory
+    from ..theory import Cause
 
     D = _pick_series(sub, "accumulated_chi2")
     I = _pick_series(sub, "intra_chi2", EXACT_DENSITY) or _pick_series(sub, "intra_chi2")
@@ -1408,7 +1408,7 @@ def _recursion_rows(sub, base, alpha, n_sigma) -> list[dict]:
 
 
 def _prediction_rows(sub, base, alpha, i0) -> list[dict]:
-    from . import theory
+    from .. import theory
 
     eps = _pick_series(sub, "score_energy_ideal")
     D = _pick_series(sub, "accumulated_chi2")
@@ -1448,7 +1448,7 @@ def _seed_mean(values: list[float]) -> float:
 
 
 def _regime_rows(group, base, alpha) -> list[dict]:
-    from . import theory
+    from .. import theory
 
     per_seed_D, per_seed_e = [], []
     for _, sub in group.groupby("seed"):
@@ -1675,7 +1675,7 @@ def plot_prediction(bt: pd.DataFrame, path) -> bool:
 
 def plot_discount(alphas, generations: int, path) -> bool:
     """The paper's Fig. 5: weight (1−α)^{2(N−i)} of generation i's error in D_{N+1}, per α."""
-    from .theory import discount_matrix
+    from ..theory import discount_matrix
 
     alphas = sorted(float(a) for a in alphas)
     if not alphas or generations < 1:

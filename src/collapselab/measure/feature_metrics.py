@@ -6,7 +6,7 @@ Gaussians in closed form. This module gives that proxy (and its KL twin), the cl
 rests on, and the usual sample-quality metrics users compare with: Fréchet distance, KID,
 precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020).
 
-Every function returns :class:`~collapselab.estimate.Estimate` (or a named pair of them); an
+Every function returns :class:`~collapselab.measure.estimate.Estimate` (or a named pair of them); an
 infinite divergence is reported as ``inf`` with the reason in ``note``, never as a finite number.
 
 Convention: the first argument is the model / generated side (p̂), the second the reference
@@ -23,8 +23,8 @@ import numpy as np
 from sklearn.metrics import pairwise_distances_chunked
 from sklearn.neighbors import NearestNeighbors
 
-from collapselab.estimate import Estimate
-from collapselab.gaussians import gaussian_chi2, gaussian_kl  # closed forms, re-exported
+from collapselab.measure.estimate import Estimate
+from collapselab.measure.gaussians import gaussian_chi2, gaussian_kl  # closed forms, re-exported
 
 __all__ = [
     "DEFAULT_RIDGE",

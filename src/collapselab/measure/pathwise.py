@@ -40,13 +40,13 @@ import torch
 from scipy import integrate
 from torch import Tensor
 
+from ..processes import time_grid
+from ..samplers import euler_maruyama
+from ..scores.analytic import AnalyticScore, exact_score
+from ..scores.perturbed import PerturbedScore, affine_parts
+from ..targets import GaussianMixture
 from . import gaussians
 from .estimate import Estimate
-from .processes import time_grid
-from .samplers import euler_maruyama
-from .scores.analytic import AnalyticScore, exact_score
-from .scores.perturbed import PerturbedScore, affine_parts
-from .targets import GaussianMixture
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -725,7 +725,8 @@ def measure_observability(
 
 # ---- exact reference for a Gaussian q and an affine error -------------------------------------
 def gaussian_kl(m1: Tensor, S1: Tensor, m2: Tensor, S2: Tensor) -> float:
-    """KL(N(m1, S1) ‖ N(m2, S2)) in closed form (:func:`collapselab.gaussians.gaussian_kl`)."""
+    """KL(N(m1, S1) ‖ N(m2, S2)) in closed form
+    (:func:`collapselab.measure.gaussians.gaussian_kl`)."""
     return gaussians.gaussian_kl(m1, S1, m2, S2).value
 
 

@@ -1,6 +1,7 @@
 """What every driver of chains shares: the chain's identity, the test hooks, generation-0
 sharing, progress read from the run directory, and the pool of spawned worker processes.
-Used by :mod:`collapselab.executors` (local, pool, Ray) and :mod:`collapselab.lockstep` (the
+Used by :mod:`collapselab.engine.executors` (local, pool, Ray) and
+:mod:`collapselab.engine.lockstep` (the
 batched executor)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .config import Config
+from ..config import Config
 from .store import RunStore, read_json
 
 log = logging.getLogger("collapselab")
@@ -58,7 +59,7 @@ def _fault(kind: str, generation: int):
     if kind == "exit":
         os._exit(17)  # a killed worker: no cleanup, no exception, files of this generation absent
     if kind == "nan":
-        from .scores.training import TrainingDivergedError
+        from ..scores.training import TrainingDivergedError
 
         raise TrainingDivergedError(1, float("nan"))
     raise RuntimeError(f"injected fault at generation {generation}")
@@ -122,8 +123,9 @@ def _exit_with_parent() -> None:
 
 def _worker_main(conn) -> None:
     """A pool worker: one torch thread, one task at a time, until it receives None. A task is
-    ``entry`` — a module-level function (:func:`collapselab.executors.execute_chain` for one
-    chain, :func:`collapselab.lockstep.run_part` for a part of the batched executor) — with its
+    ``entry`` — a module-level function (:func:`collapselab.engine.executors.execute_chain` for one
+    chain, :func:`collapselab.engine.lockstep.run_part` for a part of the batched executor) — with
+    its
     keyword arguments. It exits when the driver dies."""
     _exit_with_parent()
     import torch

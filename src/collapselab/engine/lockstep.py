@@ -49,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import Config, build_config
 from .chains import (
     POLL_SECONDS,
     ChainSpec,
@@ -59,7 +60,6 @@ from .chains import (
     installed_hooks,
     report_new_cells,
 )
-from .config import Config, build_config
 from .store import RunStore, clear_failure, failure_path, read_json, record_failure
 
 log = logging.getLogger("collapselab")
@@ -370,8 +370,8 @@ class _Lockstep:
         return sorted(fitted, key=lambda it: order[id(it)])
 
     def _fit_batched(self, group: list[_Item], g: int) -> list[_Item]:
+        from ..scores.training import TrainingDivergedError
         from .loop import fit_scores_batched
-        from .scores.training import TrainingDivergedError
 
         live = []
         for it in group:

@@ -31,7 +31,7 @@ Backends:
   float64). Memory is O((n + N)·d), never n×N.
 - ``"chunked"``: a streaming online softmax over blocks of centres, in the input's dtype
   (float64 for exact comparisons). Memory is O(n_block · chunk) per step.
-- ``"triton"``: the same attention through :mod:`collapselab.kde_triton`, a Triton kernel
+- ``"triton"``: the same attention through :mod:`collapselab.scores.kde_triton`, a Triton kernel
   that streams the centres with an online softmax and keeps the logits in float32 (for
   float32 / half inputs on CUDA, or on CPU under Triton's interpreter). Where it cannot run
   (Triton not installed, no CUDA tensor, float64 input) an explicit ``"triton"`` falls back
@@ -350,7 +350,7 @@ def _kde_triton():
     """The Triton kernel's module, or None when Triton is not installed (an optional extra);
     looked up once, not at every score evaluation."""
     try:
-        from collapselab import kde_triton
+        from collapselab.scores import kde_triton
     except ImportError:
         return None
     return kde_triton

@@ -21,14 +21,15 @@ Error kinds (magnitude c, e₁ of unit mean-square size for a unit-variance stat
 Frobenius norm √d drawn per seed; ``time_oscillating`` e₁ = √2 cos(2πft)·u with u = (1, …, 1):
 a *fast-oscillating* time-only error, the case where η ≈ 0. A constant or smooth ξ(t)
 (``time_constant``) is **observable** (η ≈ 0.5 on a Gaussian: a drift offset moves the output
-mean), see :mod:`collapselab.pathwise`; docs/paper.md's "time-only ⇒ η ≈ 0" holds only for ξ that
+mean), see :mod:`collapselab.measure.pathwise`; docs/paper.md's "time-only ⇒ η ≈ 0" holds only for
+ξ that
 oscillates faster than the response kernel varies.
 
 Method. For each (target, magnitude, seed) the ideal reverse SDE is simulated with
 Euler–Maruyama (``paths.steps`` steps from T to t0, ``paths.n_paths`` paths; the GMM paths start
 from q_T exactly, digits from N(0, I)), and M_T of every error kind is accumulated with the very
 Brownian increments that drive the paths. η is the cross-fitted regression estimate of
-:func:`collapselab.pathwise.observability` (denominator Var(M_T) of the same paths);
+:func:`collapselab.measure.pathwise.observability` (denominator Var(M_T) of the same paths);
 ε⋆² is exact for the GMMs (closed-form E‖W y + b‖² and adaptive quadrature) and the mean path
 quadratic variation Σ β‖e‖²Δt for digits. Since the ideal paths do not depend on the error and
 e = c·e₁ gives M_T = c·M₁, η does not depend on c *by construction*: each magnitude uses fresh
@@ -38,7 +39,8 @@ paths, so the magnitude axis is a set of independent replicates that checks the 
 Regressors: ``poly2`` (GMMs: contains E[M|Y] exactly for a Gaussian law and affine errors);
 ``pca_quadratic`` (digits: PCA coordinates of Y, all their squares and the full quadratic in the
 leading ``pca_full`` components, then ridge; a restricted regressor can only under-estimate η,
-so the digits η are conservative); or any of :data:`collapselab.pathwise.REGRESSORS` / ``auto``.
+so the digits η are conservative); or any of :data:`collapselab.measure.pathwise.REGRESSORS` /
+``auto``.
 
 Run directory: DIR/config.yaml (resolved), DIR/cells/target=<t>/magnitude=<c>/seed=<s>/
 metrics.json (written last, atomically: a killed run resumes), DIR/results.parquet (columns
@@ -61,8 +63,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ConfigError
-from .estimate import Estimate
+from ..errors import ConfigError
+from ..measure.estimate import Estimate
 
 EXPERIMENTS = ("observability",)
 TARGETS = ("gmm", "paper_gmm", "digits")
@@ -154,7 +156,7 @@ class ObservabilityConfig(_Strict):
 
 # ---- configuration ---------------------------------------------------------------------------
 def _raw(source, overrides) -> dict:
-    from .config import apply_override, parse_override, read_source
+    from ..config import apply_override, parse_override, read_source
 
     data = read_source(source)
     for text in overrides:
@@ -175,7 +177,7 @@ def experiment_of(source, overrides=()) -> str | None:
 
 def load_observability_config(source, overrides=()) -> ObservabilityConfig:
     """Read and validate an observability preset/YAML; any problem is one ConfigError."""
-    from .config import format_error
+    from ..config import format_error
 
     data = _raw(source, overrides)
     try:
@@ -186,7 +188,7 @@ def load_observability_config(source, overrides=()) -> ObservabilityConfig:
 
 def prepare_dir(cfg: ObservabilityConfig, out: Path) -> Path:
     """Create (or reopen to resume) the run directory; refuse one of another configuration."""
-    from .store import atomic_write_text
+    from ..engine.store import atomic_write_text
 
     out = Path(out)
     path = out / "config.yaml"
@@ -212,7 +214,7 @@ def _generator(*key: int) -> torch.Generator:
 
 
 def gmm_law(cfg: ObservabilityConfig, target: str):
-    from .targets import GaussianMixture, paper_gmm_means
+    from ..targets import GaussianMixture, paper_gmm_means
 
     d = cfg.gmm.dim
     if target == "paper_gmm":
@@ -224,7 +226,7 @@ def gmm_law(cfg: ObservabilityConfig, target: str):
 
 
 def digits_data() -> torch.Tensor:
-    from .datasets import load_dataset
+    from ..datasets import load_dataset
 
     x = load_dataset("digits", split="train").images
     return torch.from_numpy(x.reshape(len(x), -1).astype(np.float32))
@@ -232,8 +234,8 @@ def digits_data() -> torch.Tensor:
 
 def digits_base(cfg: ObservabilityConfig, root: Path, process):
     """The digits base score (trained once per run, cached as DIR/base/digits.safetensors)."""
-    from .scores.mlp import MLPNet, NeuralScore
-    from .scores.training import TrainConfig, load_checkpoint, save_checkpoint, train_dsm
+    from ..scores.mlp import MLPNet, NeuralScore
+    from ..scores.training import TrainConfig, load_checkpoint, save_checkpoint, train_dsm
 
     path = root / "base" / "digits.safetensors"
     if path.exists():
@@ -253,7 +255,7 @@ def digits_base(cfg: ObservabilityConfig, root: Path, process):
 
 def make_error(kind: str, d: int, seed: int, frequency: float):
     """e₁ of each kind (see module docstring); random_linear draws its matrix from ``seed``."""
-    from .scores import perturbed as pt
+    from ..scores import perturbed as pt
 
     u = torch.ones(d, dtype=torch.float64)
     if kind == "aligned":
@@ -274,7 +276,7 @@ def ideal_paths(base, x: torch.Tensor, times: torch.Tensor, process,
     accumulate, for every error e_k (``errors``: name → (y, t) ↦ e_k(y, t)), the Girsanov
     martingale M_k = −Σ √β e_k(Y_t, t)·ΔB̄ and the path energy Q_k = Σ β‖e_k‖²Δt along the
     same Brownian increments (docs/paper.md §3). Returns (Y_t0, {name: M}, {name: Q}) in float64."""
-    from .samplers import euler_maruyama
+    from ..samplers import euler_maruyama
 
     n = x.shape[0]
     M = {k: torch.zeros(n, dtype=torch.float64) for k in errors}
@@ -311,8 +313,8 @@ def pca_quadratic_features(Y: np.ndarray, k_full: int = 10) -> np.ndarray:
 def measure_unit(cfg: ObservabilityConfig, target: str, mi: int, seed: int, base, process,
                  law=None) -> list[dict]:
     """Rows of one (target, magnitude, seed) unit: η, ε⋆² and the regression's R² per error."""
-    from . import pathwise as pw
-    from .processes import time_grid
+    from ..measure import pathwise as pw
+    from ..processes import time_grid
 
     c = cfg.magnitudes[mi]
     ti = TARGETS.index(target)
@@ -344,8 +346,8 @@ def measure_unit(cfg: ObservabilityConfig, target: str, mi: int, seed: int, base
         note = eta.note + ("" if reg != "pca_quadratic" else
                            f"; features: PCA-quadratic (full in the top {cfg.digits.pca_full})")
         if is_gmm:
-            from .scores.analytic import AnalyticScore
-            from .scores.perturbed import PerturbedScore
+            from ..scores.analytic import AnalyticScore
+            from ..scores.perturbed import PerturbedScore
 
             eps = pw.score_energy_ideal(PerturbedScore(AnalyticScore(law, process), errs[k], c),
                                         law, process, cfg.paths.t0, cfg.paths.T)
@@ -371,14 +373,14 @@ RESULT_ORDER = ["alpha", "seed", "generation", "metric", "estimator", "value", "
 
 
 def _cell(root: Path, target: str, c: float, seed: int) -> Path:
-    from .store import fmt_key
+    from ..engine.store import fmt_key
 
     return root / "cells" / f"target={target}" / f"magnitude={fmt_key(float(c))}" / \
         f"seed={seed}"
 
 
 def collect(root: Path) -> pd.DataFrame:
-    from .store import read_json
+    from ..engine.store import read_json
 
     rows = []
     for p in sorted((Path(root) / "cells").rglob("metrics.json")):
@@ -398,9 +400,9 @@ def run_observability(cfg: ObservabilityConfig, root: Path,
     """Run (or resume) every (target, magnitude, seed) unit; writes results.parquet."""
     import io
 
-    from .processes import OU
-    from .scores.analytic import AnalyticScore
-    from .store import atomic_write_bytes, atomic_write_json
+    from ..engine.store import atomic_write_bytes, atomic_write_json
+    from ..processes import OU
+    from ..scores.analytic import AnalyticScore
 
     root = Path(root)
     process = OU(T=cfg.paths.T)
@@ -432,7 +434,7 @@ def run_observability(cfg: ObservabilityConfig, root: Path,
     df.to_parquet(buf, index=False)
     atomic_write_bytes(root / "results.parquet", buf.getvalue())
     timing = root / "timing.json"
-    from .store import read_json
+    from ..engine.store import read_json
 
     total = read_json(timing)["seconds"] if timing.exists() else 0.0
     atomic_write_json(timing, {"seconds": total + time.perf_counter() - t_start,
@@ -502,8 +504,8 @@ def ordering_verdicts(pooled: pd.DataFrame) -> dict[str, str]:
 
 # ---- report ----------------------------------------------------------------------------------
 def plot_eta_vs_magnitude(summ: pd.DataFrame, path) -> bool:
-    from .pages import plt
-    from .pages import save_figure as _save
+    from ..report.html import plt
+    from ..report.html import save_figure as _save
 
     if summ.empty:
         return False
@@ -538,11 +540,11 @@ def build_observability_report(root) -> list[Path]:
     import html as H
     import json
 
-    from .environment import environment
-    from .pages import img as _img
-    from .pages import section as _section
-    from .pages import table as _table
-    from .store import atomic_write_text
+    from ..engine.store import atomic_write_text
+    from ..environment import environment
+    from ..report.html import img as _img
+    from ..report.html import section as _section
+    from ..report.html import table as _table
 
     root = Path(root)
     cfg = yaml.safe_load((root / "config.yaml").read_text())
