@@ -36,10 +36,13 @@ import numpy as np
 import pandas as pd
 
 from ..errors import CollapselabError
-from ..files import (
+from ..files import (  # noqa: F401  (the run directory's file helpers, re-exported)
+    atomic_save_npy,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    load_npy,
+    new_file_mode,
     read_json,
     umask,
 )
