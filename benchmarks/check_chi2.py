@@ -45,7 +45,7 @@ from collapselab.estimators import mixture_components, stratified_divergences
 from collapselab.loop import build_process, build_target
 from collapselab.scores.kde import KDEScore
 from collapselab.store import RunStore, load_npy
-from collapselab.targets import mix_laws
+from collapselab.targets import GaussianMixture, LawMixture
 
 EXACT_DENSITY = ("exact", "monte_carlo")
 METRICS = ("accumulated_chi2", "intra_chi2", "intra_chi2_t0")
@@ -92,8 +92,10 @@ def grid_chi2(a, b, step: float | None = None, chunk: int = 20_000) -> tuple[flo
     return fine - 1.0, abs(fine - coarse), float(edge_mass)
 
 
-def chain_laws(cfg, store, alpha, seed, generations):
-    """{g: (p̂_{g+1}, q_g)} rebuilt from the cells (finite KDE, fresh_mixture)."""
+def chain_laws(cfg, store, alpha, seed, generations, dense: bool = False):
+    """{g: (p̂_{g+1}, q_g, q_g pushed to t0, p)} rebuilt from the cells (finite KDE,
+    fresh_mixture). ``dense``: the KDE laws as plain GaussianMixtures, whose log density is
+    an (n, K) logsumexp, independent of the attention kernel (fast in 2-D)."""
     target, process, t0 = build_target(cfg), build_process(cfg), cfg.sampler.t0
     prev = None
     out = {}
@@ -101,9 +103,11 @@ def chain_laws(cfg, store, alpha, seed, generations):
         cell = store.cell(alpha, seed, g)
         if not (cell / "metrics.json").exists():
             break
-        q = target if g == 0 else mix_laws([(alpha, target), (1 - alpha, prev)])
+        q = target if g == 0 else LawMixture([(alpha, target), (1 - alpha, prev)])
         centres = torch.from_numpy(load_npy(cell / "train.npy")).double()
         law = KDEScore(centres, cfg.score.bandwidth, process).output_law(t0)
+        if dense:
+            law = GaussianMixture.isotropic(law.scale * law.centres, math.sqrt(law.var))
         out[g] = (law, q, q.marginal(process, t0), target)
         prev = law
     return out
@@ -146,7 +150,7 @@ def main(argv=None) -> int:
           "ref_err        z")
     for alpha in alphas:
         for seed in seeds:
-            laws = chain_laws(cfg, store, alpha, seed, G)
+            laws = chain_laws(cfg, store, alpha, seed, G, dense=dim == 2)
             for g, (a, q, q_t0, p) in laws.items():
                 for metric, b, row_g in (("accumulated_chi2", p, g + 1), ("intra_chi2", q, g),
                                          ("intra_chi2_t0", q_t0, g)):

@@ -12,7 +12,9 @@ Three families, from most to least exact:
 * ``exact``: closed forms for two Gaussians (:func:`gaussian_chi2`, :func:`gaussian_kl`) and the
   analytic finiteness decision for two Gaussian mixtures (:func:`chi2_finiteness`).
 * ``monte_carlo``: importance sampling with exact log densities (:func:`mc_chi2`,
-  :func:`mc_kl`), guarded by a Pareto-k̂ tail diagnostic on the importance weights.
+  :func:`mc_kl`): stratified over the components of a mixture law with a tilted proposal
+  (:func:`stratified_divergences`, valid whenever χ² < ∞), else guarded by a Pareto-k̂ tail
+  diagnostic on the importance weights.
 * sample based, for models whose density is unknown: :func:`knn_kl`, :func:`knn_kl_known_b`,
   :func:`classifier_divergences`, plus the extra per-generation metrics :func:`mmd`,
   :func:`sliced_w2`, :func:`second_moment`.
