@@ -221,7 +221,10 @@ def test_pathwise_rows_match_closed_forms_on_a_gaussian_population_kde(tmp_path)
     assert abs(e_hat.value - hat) < 4 * e_hat.stderr + 0.02 * hat
     kl_bound = row("bound_kl_upper")
     assert kl_bound.held is True or kl_bound.held == True  # noqa: E712 (pandas object column)
-    assert row("intra_kl_t0").value <= 0.5 * hat
+    # Equality holds here (the model's score is exact for its own law: de Bruijn), so the
+    # estimate may exceed ½ ε̂² by its Monte Carlo error.
+    kl_t0 = row("intra_kl_t0")
+    assert kl_t0.value <= 0.5 * hat + 4 * kl_t0.stderr
 
 
 def test_cuda_chains_switch_on_deterministic_kernels(monkeypatch, tmp_path):

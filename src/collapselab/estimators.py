@@ -518,11 +518,13 @@ class _StratifiedPlan:
         pi, mu, s2 = comp_a
         self.k, self.d = mu.shape
         self.pi, self.mu, self.s2 = pi, mu, s2
-        partner, _ = tilted_partners(comp_a, comp_b)
+        partner, log_z = tilted_partners(comp_a, comp_b)
         self.ok = bool((partner >= 0).all())
         if not self.ok:
             return
-        _, nu, t2 = comp_b
+        w_b, nu, t2 = comp_b
+        # log of the analytic bound π_j ∫ N_j²/b ≤ π_j Z_jl/w_l on component j's self-term.
+        self.log_bound = torch.log(pi) + log_z - torch.log(w_b[partner])
         t2j, nuj = t2[partner], nu[partner]
         gap = 2 * t2j - s2
         # g_j ∝ N_j²/N_l: precision 2/σ² − 1/τ², mean μ + σ²(μ − ν)/(2τ² − σ²).
@@ -561,17 +563,21 @@ def _stratum_moments(values: Tensor, sub: Tensor, n_sub: int) -> tuple[Tensor, T
     return cnt, mean, ss / (cnt - 1).clamp_min(1)
 
 
-def _allocate(total: int, omega: Tensor, sd: Tensor, floor: int) -> Tensor:
-    """Draws per sub-stratum: ``floor`` each, the rest half in proportion to ω (proportional
-    allocation) and half in proportion to ω·sd (Neyman-like: ``sd`` is the pilot's root mean
-    square), rounded by largest remainders. The
-    proportional half bounds the variance at twice that of proportional allocation even when a
-    noisy pilot misjudges sd."""
+def _allocate(total: int, omega: Tensor, sd: Tensor, floor: int,
+              log_prior: Tensor | None = None) -> Tensor:
+    """Draws per stratum: ``floor`` each, the rest in equal parts in proportion to ω
+    (proportional allocation), to ω·sd (Neyman-like: ``sd`` is the pilot's root mean square)
+    and, when given, to ω·exp(log_prior) (an analytic scale of each stratum, which a pilot of
+    a few draws can miss), rounded by largest remainders. The proportional part bounds the
+    variance at a fixed multiple of that of proportional allocation whatever the pilot says."""
     n_sub = omega.numel()
     extra = max(total - floor * n_sub, 0)
-    share = 0.5 * omega / omega.sum()
+    parts = [omega / omega.sum()]
     ney = omega * sd
-    share = share + (0.5 * ney / ney.sum() if float(ney.sum()) > 0 else 0.5 * omega / omega.sum())
+    parts.append(ney / ney.sum() if float(ney.sum()) > 0 else parts[0])
+    if log_prior is not None:
+        parts.append(torch.softmax(torch.log(omega) + log_prior, 0))
+    share = sum(parts) / len(parts)
     raw = extra * share
     counts = torch.floor(raw).long()
     left = extra - int(counts.sum())
@@ -618,8 +624,9 @@ def stratified_divergences(a, b, n: int = 100_000,
 
     Allocation: a pilot of 2 draws per sub-stratum estimates each component's scale (root mean
     square of u over both halves); the main phase (max(n, 8K) draws) gives every component 4
-    draws, then half the rest in proportion to π_j and half in proportion to π_j·scale
-    (Neyman-like), each component's draws split evenly between its two halves. Only
+    draws, then the rest in equal thirds in proportion to π_j, to π_j·scale (Neyman-like) and
+    to π_j·(π_j Z_jl/w_l) (the analytic bound on the component's self-term, which a pilot can
+    miss), each component's draws split evenly between its two halves. Only
     main-phase draws enter the estimates, so they are unbiased given the allocation. The note
     reports the Welch–Satterthwaite effective degrees of freedom of the variance estimate
     (small: few sub-strata carry the error and the stderr is itself uncertain). Cost:
@@ -644,7 +651,7 @@ def stratified_divergences(a, b, n: int = 100_000,
     # spread by chance, a component with a large mean is where a missed spread costs most, and
     # a large tilted-half value also flags the heavy-tailed plain half of the same component.
     _, ms_p, _ = _stratum_moments(e2, sub % plan.k, plan.k)
-    per_comp = _allocate(max(n, 4 * n_sub), plan.pi, ms_p.sqrt(), 2 * _FLOOR)
+    per_comp = _allocate(max(n, 4 * n_sub), plan.pi, ms_p.sqrt(), 2 * _FLOOR, plan.log_bound)
     counts = torch.cat([per_comp // 2, per_comp - per_comp // 2])
     # Main phase.
     x, sub = plan.draw(counts, generator)
