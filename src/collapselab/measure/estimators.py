@@ -1,4 +1,4 @@
-"""Divergences between laws, with uncertainty (PAPER.md §3).
+"""Divergences between laws, with uncertainty (docs/paper.md §3).
 
 The paper's two divergences are chi-squared divergences,
 
@@ -13,12 +13,14 @@ Three families, from most to least exact:
 * ``exact``: closed forms for two Gaussians (:func:`gaussian_chi2`, :func:`gaussian_kl`) and the
   analytic finiteness decision for two Gaussian mixtures (:func:`chi2_finiteness`).
 * ``monte_carlo``: importance sampling with exact log densities (:func:`mc_chi2`,
-  :func:`mc_kl`), guarded by a Pareto-k̂ tail diagnostic on the importance weights.
+  :func:`mc_kl`): stratified over the components of a mixture law with a tilted proposal
+  (:func:`stratified_divergences`, valid whenever χ² < ∞), else guarded by a Pareto-k̂ tail
+  diagnostic on the importance weights.
 * sample based, for models whose density is unknown: :func:`knn_kl`, :func:`knn_kl_known_b`,
   :func:`classifier_divergences`, plus the extra per-generation metrics :func:`mmd`,
   :func:`sliced_w2`, :func:`second_moment`.
 
-Heavy tails (PAPER.md §3 caution): χ² between laws with Gaussian tails is infinite as soon as
+Heavy tails (docs/paper.md §3): χ² between laws with Gaussian tails is infinite as soon as
 the first law's variance in some direction is at least twice the second's. No function here
 returns a finite value in that case: the value is ``inf`` when infinity is established
 (analytically, or by a decisively heavy weight tail) and ``nan`` when the estimate cannot be
@@ -52,6 +54,9 @@ __all__ = [
     "mc_chi2",
     "mc_kl",
     "mc_divergences",
+    "mixture_components",
+    "stratified_divergences",
+    "tilted_partners",
     "isotropic_variances",
     "mixture_log_prob",
     "mmd",
@@ -135,7 +140,7 @@ def _negative_direction(cov_j: Tensor, covs_b: Tensor) -> bool:
 
 
 def chi2_finiteness(a: GaussianMixture, b: GaussianMixture) -> bool | None:
-    """Decide analytically whether χ²(a‖b) < ∞ for Gaussian mixtures (PAPER.md §3 caution).
+    """Decide analytically whether χ²(a‖b) < ∞ for Gaussian mixtures (docs/paper.md §3).
 
     Returns True (finite), False (infinite) or None (undecided). Components of zero weight are
     ignored. Let a = Σ_j π_j N(μ_j, Σ_j), b = Σ_l w_l N(ν_l, Γ_l). Since
@@ -187,7 +192,7 @@ def chi2_finiteness(a: GaussianMixture, b: GaussianMixture) -> bool | None:
 # Mixtures q = α p + (1 − α) r
 # ================================================================================================
 def mixture_log_prob(alpha: float, log_p, log_r) -> Tensor:
-    """log q for q = α p + (1 − α) r (the training law q_i = α p + (1−α) p̂_i, PAPER.md §1),
+    """log q for q = α p + (1 − α) r (the training law q_i = α p + (1−α) p̂_i, docs/paper.md §1),
     computed in log space: logaddexp(log α + log p, log(1 − α) + log r). α ∈ [0, 1]."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -362,34 +367,295 @@ def _kl_from_logw(logw: Tensor) -> Estimate:
     return Estimate(float(logw.mean()), float(logw.std()) / math.sqrt(n), "monte_carlo")
 
 
-def mc_chi2(a, b, n: int = 100_000, generator: torch.Generator | None = None) -> Estimate:
-    """χ²(a‖b) = E_a[w] − 1, w = a/b, by importance sampling from a (D_i, I_i; PAPER.md §3).
+# ================================================================================================
+# Stratified Monte Carlo over the components of a Gaussian-mixture law
+# ================================================================================================
+# Overflow guard: e^{709} is the largest power of e a float64 holds.
+_LOG_MAX = 709.0
+# Draws per (component, proposal) sub-stratum in the pilot and the floor of the main phase.
+_PILOT, _FLOOR = 2, 2
 
-    ``a`` and ``b`` follow the Law protocol (exact ``log_prob``; ``a`` is sampled). The mean of
-    w is taken in log space (logsumexp) and χ² = expm1(log mean w); stderr = std(w)/√n. When
-    both are :class:`GaussianMixture` the analytic :func:`chi2_finiteness` runs first: an
-    infinite χ² is returned as ``inf`` (estimator "exact") without sampling. Otherwise the
-    Pareto k̂ of the weights guards the result (see :func:`pareto_khat`): k̂ ≥ 0.5 gives ``nan``
-    with k̂ and the raw number in the note, a decisively infinite mean gives ``inf``.
+
+def mixture_components(law) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(weights π_j, means μ_j, variances σ_j²) of a law Σ_j π_j N(μ_j, σ_j² I) whose every
+    component is an isotropic Gaussian: a :class:`GaussianMixture` with isotropic covariances,
+    a finite-KDE law (1/N) Σ_j N(a c_j, v I) (duck-typed: ``centres``, ``scale``, ``var``), or a
+    :class:`~collapselab.targets.LawMixture` of those. None for any other law. Components of
+    zero weight are dropped."""
+    if isinstance(law, GaussianMixture):
+        v = _isotropic_vars(law.covs)
+        if v is None:
+            return None
+        keep = law.weights > 0
+        return law.weights[keep], law.means[keep], v[keep]
+    if all(hasattr(law, k) for k in ("centres", "scale", "var")):
+        c = torch.as_tensor(law.centres, dtype=torch.float64).cpu()
+        k = c.shape[0]
+        return (torch.full((k,), 1.0 / k, dtype=torch.float64), float(law.scale) * c,
+                torch.full((k,), float(law.var), dtype=torch.float64))
+    if hasattr(law, "laws") and hasattr(law, "weights"):
+        parts = [mixture_components(part) for part in law.laws]
+        if any(part is None for part in parts):
+            return None
+        w = torch.cat([float(wm) * part[0] for wm, part in zip(law.weights, parts, strict=True)])
+        return (w / w.sum(), torch.cat([part[1] for part in parts]),
+                torch.cat([part[2] for part in parts]))
+    return None
+
+
+def _log_normal_iso(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """log N(x_i; mean_i, var_i I), row by row."""
+    d = x.shape[1]
+    return -0.5 * (((x - mean) ** 2).sum(1) / var + d * torch.log(2 * math.pi * var))
+
+
+def tilted_partners(comp_a, comp_b, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """For every component N_j = N(μ_j, σ_j² I) of a, the component N_l of b (weight w_l, mean
+    ν_l, variance τ_l²) that minimises log Z_jl − log w_l, with
+
+        Z_jl = ∫ N_j²/N_l = (τ_l² / (σ_j √(2τ_l² − σ_j²)))^d · exp(‖μ_j − ν_l‖² / (2τ_l² − σ_j²))
+
+    (the closed form of 1 + χ²(N_j ‖ N_l), finite iff σ_j² < 2τ_l²). Since b ≥ w_l N_l,
+    ∫ N_j²/b ≤ min_l Z_jl / w_l: the chosen l is the component of b that bounds N_j's share of
+    χ² most tightly, i.e. the one that holds b up where N_j²/b has its mass. Returns the index
+    l(j) (−1 when no l has σ_j² < 2τ_l²) and log Z_{j l(j)}.
     """
-    known, var_finite, inf = _chi2_known(a, b)
-    if inf is not None:
-        return inf
-    return _chi2_from_logw(_log_ratio_samples(a, b, n, generator), known, var_finite)
+    _, mu, s2 = comp_a
+    w, nu, t2 = comp_b
+    d = mu.shape[1]
+    logw, nu2 = torch.log(w), (nu**2).sum(1)
+    best = torch.empty(mu.shape[0], dtype=torch.long)
+    log_z = torch.empty(mu.shape[0], dtype=torch.float64)
+    for i in range(0, mu.shape[0], chunk):
+        m, v = mu[i:i + chunk], s2[i:i + chunk, None]
+        gap = 2 * t2[None, :] - v  # (chunk, L)
+        ok = gap > 0
+        gap_safe = torch.where(ok, gap, torch.ones_like(gap))
+        d2 = ((m**2).sum(1)[:, None] + nu2[None, :] - 2 * m @ nu.T).clamp_min(0)
+        lz = d * (torch.log(t2)[None, :] - 0.5 * torch.log(v) - 0.5 * torch.log(gap_safe)) + (
+            d2 / gap_safe)
+        crit = torch.where(ok, lz - logw[None, :], torch.full_like(lz, math.inf))
+        val, idx = crit.min(1)
+        best[i:i + chunk] = torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1))
+        log_z[i:i + chunk] = lz.gather(1, idx[:, None])[:, 0]
+    return best, log_z
+
+
+class _StratifiedPlan:
+    """The 2K sub-strata (j, h) of :func:`stratified_divergences`: component j of a, proposal
+    h ∈ {N_j, g_j} with g_j ∝ N_j²/N_{l(j)} the tilted Gaussian, weight ω = π_j/2."""
+
+    def __init__(self, comp_a, comp_b):
+        pi, mu, s2 = comp_a
+        self.k, self.d = mu.shape
+        self.pi, self.mu, self.s2 = pi, mu, s2
+        partner, log_z = tilted_partners(comp_a, comp_b)
+        self.ok = bool((partner >= 0).all())
+        if not self.ok:
+            return
+        w_b, nu, t2 = comp_b
+        # log of the analytic bound π_j ∫ N_j²/b ≤ π_j Z_jl/w_l on component j's self-term.
+        self.log_bound = torch.log(pi) + log_z - torch.log(w_b[partner])
+        t2j, nuj = t2[partner], nu[partner]
+        gap = 2 * t2j - s2
+        # g_j ∝ N_j²/N_l: precision 2/σ² − 1/τ², mean μ + σ²(μ − ν)/(2τ² − σ²).
+        self.g_mean = mu + (s2 / gap)[:, None] * (mu - nuj)
+        self.g_var = s2 * t2j / gap
+        self.omega = torch.cat([pi, pi]) / 2  # sub-stratum s = j (N_j) or K + j (g_j)
+
+    def draw(self, counts: Tensor, generator) -> tuple[Tensor, Tensor]:
+        """counts[s] draws from sub-stratum s; returns (x, s of each draw)."""
+        sub = torch.repeat_interleave(torch.arange(2 * self.k), counts)
+        j, tilted = sub % self.k, sub >= self.k
+        mean = torch.where(tilted[:, None], self.g_mean[j], self.mu[j])
+        var = torch.where(tilted, self.g_var[j], self.s2[j])
+        z = torch.randn(len(sub), self.d, dtype=torch.float64, generator=generator)
+        return mean + var.sqrt()[:, None] * z, sub
+
+    def terms(self, x: Tensor, sub: Tensor, a, b) -> tuple[Tensor, Tensor, Tensor]:
+        """log u = log N_j + log a − log b − log ḡ_j (χ² integrand over the defensive mixture
+        ḡ_j = ½N_j + ½g_j), log(a/b) and log(N_j/ḡ_j), at every draw."""
+        j = sub % self.k
+        log_nj = _log_normal_iso(x, self.mu[j], self.s2[j])
+        log_gj = _log_normal_iso(x, self.g_mean[j], self.g_var[j])
+        log_bar = torch.logaddexp(log_nj, log_gj) - math.log(2.0)
+        log_ab = (a.log_prob(x).to("cpu", torch.float64)
+                  - b.log_prob(x).to("cpu", torch.float64)).reshape(-1)
+        return log_nj + log_ab - log_bar, log_ab, log_nj - log_bar
+
+
+def _stratum_moments(values: Tensor, sub: Tensor, n_sub: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sub-stratum (count, mean, unbiased variance) of ``values``."""
+    cnt = torch.zeros(n_sub, dtype=torch.float64).index_add_(0, sub, torch.ones_like(values))
+    tot = torch.zeros(n_sub, dtype=torch.float64).index_add_(0, sub, values)
+    mean = tot / cnt.clamp_min(1)
+    dev = (values - mean[sub]) ** 2
+    ss = torch.zeros(n_sub, dtype=torch.float64).index_add_(0, sub, dev)
+    return cnt, mean, ss / (cnt - 1).clamp_min(1)
+
+
+def _allocate(total: int, omega: Tensor, sd: Tensor, floor: int,
+              log_prior: Tensor | None = None) -> Tensor:
+    """Draws per stratum: ``floor`` each, the rest in equal parts in proportion to ω
+    (proportional allocation), to ω·sd (Neyman-like: ``sd`` is the pilot's root mean square)
+    and, when given, to ω·exp(log_prior) (an analytic scale of each stratum, which a pilot of
+    a few draws can miss), rounded by largest remainders. The proportional part bounds the
+    variance at a fixed multiple of that of proportional allocation whatever the pilot says."""
+    n_sub = omega.numel()
+    extra = max(total - floor * n_sub, 0)
+    parts = [omega / omega.sum()]
+    ney = omega * sd
+    parts.append(ney / ney.sum() if float(ney.sum()) > 0 else parts[0])
+    if log_prior is not None:
+        parts.append(torch.softmax(torch.log(omega) + log_prior, 0))
+    share = sum(parts) / len(parts)
+    raw = extra * share
+    counts = torch.floor(raw).long()
+    left = extra - int(counts.sum())
+    if left > 0:
+        counts[torch.topk(raw - counts, left).indices] += 1
+    return counts + floor
+
+
+def stratified_divergences(a, b, n: int = 100_000,
+                           generator: torch.Generator | None = None) -> dict[str, Estimate] | None:
+    """χ²(a‖b) and KL(a‖b) by Monte Carlo stratified over the components of a, each sampled
+    through a defensive tilted proposal (D_i, I_i and their KL twins; docs/paper.md §3, §7 "heavy
+    tails"). Returns None when a or b is not a mixture of isotropic Gaussians (see
+    :func:`mixture_components`) or some component of a has no partner in b (then plain Monte
+    Carlo is the only option).
+
+    With a = Σ_j π_j N_j, N_j = N(μ_j, σ_j² I), and w = a/b,
+
+        1 + χ²(a‖b) = ∫ a²/b = Σ_j π_j I_j,   I_j = ∫ N_j a/b = E_{N_j}[w],
+        KL(a‖b)     = Σ_j π_j E_{N_j}[log a/b].
+
+    Each I_j is estimated by importance sampling from ḡ_j = ½N_j + ½g_j with
+
+        g_j = N_j a / (N_l C_j),   C_j = Σ_k π_k ∫ N_j N_k/N_l   (closed form),
+
+    N_l = N(ν_l, τ_l² I) the component of b chosen by :func:`tilted_partners`: g_j is the
+    stratum's integrand N_j a/b with b replaced by N_l, a Gaussian mixture over k that is sampled
+    exactly (each N_j N_k/N_l is a Gaussian). Used as a deterministic mixture (half the draws
+    from N_j, half from g_j), the 2K sub-strata (j, h) have weights π_j/2 and integrand
+    u = N_j a/(b ḡ_j). Above 20,000 components g_j keeps the k = j term only (g_j ∝ N_j²/N_l).
+
+    Validity of the CLT standard error. Under g_j, u ≤ 2 C_j N_l/b ≤ 2 C_j/w_l: the weights are
+    bounded, so every moment is finite, as soon as each C_j is, i.e. σ_j²σ_k²/(σ_j² + σ_k²) <
+    τ_l² for all k; with the partner among b's widest components (variance τ²) this holds iff
+    max σ_j² < 2τ², the condition of χ² < ∞ itself (the boundary case aside, which is left to
+    plain Monte Carlo). Under N_j, E[u²] ≤ 4∫N_j a²/b² ≤ 4 C_j ∫ N_l a²/b² ≤ 4 C_j (1 + χ²)/w_l
+    (using ḡ_j ≥ ½g_j and N_l/b ≤ 1/w_l): finite too. The single-term proposal has the same
+    guarantees with Z_jl = ∫N_j²/N_l for C_j (E_h[u²] ≤ 4 Z_jl (1 + χ²)/w_l). So the stratified
+    estimator Σ_s ω_s ū_s has finite variance Σ_s ω_s² Var_s(u)/n_s whenever χ² < ∞, estimated
+    from the within-sub-stratum variances. Plain Monte Carlo from a needs σ_j² < 1.5τ² for a
+    finite variance and, even then, n ≫ e^{s²} draws when log w has spread s within a centre
+    (a centre far in b's tails gives lognormal weights). The KL integrand (N_j/ḡ_j) log(a/b)
+    has N_j/ḡ_j ≤ 2 and Gaussian-like log ratios: always finite variance.
+
+    Allocation: a pilot of 2 draws per sub-stratum estimates each component's scale (root mean
+    square of u over both halves); the main phase (max(n, 8K) draws) gives every component 4
+    draws, then the rest in equal thirds in proportion to π_j, to π_j·scale (Neyman-like) and
+    to π_j·(π_j Z_jl/w_l) (the analytic bound on the component's self-term, which a pilot can
+    miss), each component's draws split evenly between its two halves. Only
+    main-phase draws enter the estimates, so they are unbiased given the allocation. The note
+    reports the Welch–Satterthwaite effective degrees of freedom of the variance estimate
+    (small: few sub-strata carry the error and the stderr is itself uncertain). Cost:
+    4K + max(n, 8K) evaluations of both densities and K² closed forms.
+    """
+    comp_a, comp_b = mixture_components(a), mixture_components(b)
+    if comp_a is None or comp_b is None:
+        return None
+    plan = _StratifiedPlan(comp_a, comp_b)
+    if not plan.ok:
+        return None
+    n_sub = 2 * plan.k
+    # Pilot: spread of u in each sub-stratum (in units of the pilot's largest value).
+    x, sub = plan.draw(torch.full((n_sub,), _PILOT, dtype=torch.long), generator)
+    log_u, _, _ = plan.terms(x, sub, a, b)
+    if torch.isnan(log_u).any():
+        raise ValueError("log densities gave NaN on samples of a")
+    fin = torch.isfinite(log_u)
+    shift = float(log_u[fin].max()) if bool(fin.any()) else 0.0
+    e2 = torch.exp(2 * (log_u - shift)).nan_to_num(0.0)
+    # Root mean square of u per component, pooled over its two halves: two draws can show no
+    # spread by chance, a component with a large mean is where a missed spread costs most, and
+    # a large tilted-half value also flags the heavy-tailed plain half of the same component.
+    _, ms_p, _ = _stratum_moments(e2, sub % plan.k, plan.k)
+    per_comp = _allocate(max(n, 4 * n_sub), plan.pi, ms_p.sqrt(), 2 * _FLOOR, plan.log_bound)
+    counts = torch.cat([per_comp // 2, per_comp - per_comp // 2])
+    # Main phase.
+    x, sub = plan.draw(counts, generator)
+    log_u, log_ab, log_r = plan.terms(x, sub, a, b)
+    if torch.isnan(log_u).any():
+        raise ValueError("log densities gave NaN on samples of a")
+    n_tot = int(counts.sum())
+    method = (f"stratified over {plan.k} components of the first law, proposal "
+              f"½N_j + ½N_j²/N_l; {n_tot} draws")
+    if torch.isposinf(log_ab).any():
+        inf = Estimate(_INF, 0.0, "monte_carlo",
+                       "infinite: the second law has zero density at samples of the first")
+        return {"chi2": inf, "kl": inf}
+    # KL: Σ_s ω_s mean_s((N_j/ḡ_j) log a/b).
+    cnt, m_kl, v_kl = _stratum_moments(torch.exp(log_r) * log_ab, sub, n_sub)
+    kl = float((plan.omega * m_kl).sum())
+    kl_se = math.sqrt(float((plan.omega**2 * v_kl / cnt).sum()))
+    # χ²: the same sums in units of e^{shift}, the largest log u, so nothing overflows.
+    shift = float(log_u.max())
+    _, m_u, v_u = _stratum_moments(torch.exp(log_u - shift), sub, n_sub)
+    mean_u = float((plan.omega * m_u).sum())
+    c = plan.omega**2 * v_u / cnt
+    var_u = float(c.sum())
+    df = var_u**2 / float((c**2 / (cnt - 1)).sum()) if var_u > 0 else _INF
+    log_mean = math.log(mean_u) + shift
+    note = f"{method}; Welch–Satterthwaite df={df:.0f}"
+    if log_mean > _LOG_MAX:
+        chi2 = Estimate(_NAN, _NAN, "monte_carlo",
+                        f"overflow: 1 + χ² ≈ exp({log_mean:.6g}) ± {math.sqrt(var_u) / mean_u:.2g} "
+                        f"relative exceeds float64; {note}")
+    else:
+        value = math.expm1(log_mean)
+        se = math.sqrt(var_u) * math.exp(shift)
+        chi2 = Estimate(value, se, "monte_carlo", note)
+    return {"chi2": chi2, "kl": Estimate(kl, kl_se, "monte_carlo", note)}
+
+
+def mc_chi2(a, b, n: int = 100_000, generator: torch.Generator | None = None) -> Estimate:
+    """χ²(a‖b) = E_a[w] − 1, w = a/b, with exact densities (D_i, I_i; docs/paper.md §3).
+
+    ``a`` and ``b`` follow the Law protocol (exact ``log_prob``; ``a`` is sampled). An infinite
+    χ² decided analytically (isotropic components, :func:`chi2_finiteness`) is returned as
+    ``inf`` (estimator "exact") without sampling. When both laws are mixtures of isotropic
+    Gaussians (Gaussian mixtures, finite-KDE laws and mixtures of them) the estimate is
+    stratified over a's components with a tilted proposal (:func:`stratified_divergences`),
+    whose CLT standard error is valid whenever χ² < ∞. Otherwise plain importance sampling
+    from a: the mean of w in log space, stderr = std(w)/√n, guarded by the Pareto k̂ of the
+    weights (see :func:`pareto_khat`): k̂ ≥ 0.5 gives ``nan`` with k̂ and the raw number in the
+    note, a decisively infinite mean gives ``inf``.
+    """
+    return mc_divergences(a, b, n, generator)["chi2"]
 
 
 def mc_kl(a, b, n: int = 100_000, generator: torch.Generator | None = None) -> Estimate:
-    """KL(a‖b) = E_a[log a − log b] by Monte Carlo from a (KL twins of D_i, I_i; PAPER.md §3).
+    """KL(a‖b) = E_a[log a − log b] by Monte Carlo (KL twins of D_i, I_i; docs/paper.md §3).
 
-    stderr = std(log a − log b)/√n. The log ratio of laws with Gaussian tails has Gaussian-like
-    tails, so no tail guard is needed; an infinite log ratio (b = 0 on a's support) gives inf.
+    Stratified over a's components like :func:`mc_chi2` when the laws allow it, else plain
+    sampling from a with stderr = std(log a − log b)/√n. The log ratio of laws with Gaussian
+    tails has Gaussian-like tails, so no tail guard is needed; an infinite log ratio (b = 0 on
+    a's support) gives inf.
     """
-    return _kl_from_logw(_log_ratio_samples(a, b, n, generator))
+    return mc_divergences(a, b, n, generator)["kl"]
 
 
 def mc_divergences(a, b, n: int = 100_000, generator=None) -> dict[str, Estimate]:
-    """{"chi2": mc_chi2, "kl": mc_kl} from one set of n samples of a (half the density calls)."""
+    """{"chi2": χ²(a‖b), "kl": KL(a‖b)} from one set of draws (see :func:`mc_chi2`): stratified
+    over a's components (:func:`stratified_divergences`) when both laws are mixtures of
+    isotropic Gaussians and χ² is finite, else n plain draws from a."""
     known, var_finite, inf = _chi2_known(a, b)
+    if inf is None:
+        out = stratified_divergences(a, b, n, generator)
+        if out is not None:
+            return out
     logw = _log_ratio_samples(a, b, n, generator)
     return {"chi2": inf or _chi2_from_logw(logw, known, var_finite), "kl": _kl_from_logw(logw)}
 
@@ -592,7 +858,7 @@ def classifier_log_ratio(x_a, x_b, model: str = "quadratic", n_folds: int = 5,
 def classifier_divergences(x_a, x_b, model: str = "quadratic", n_folds: int = 5,
                            seed: int | None = 0) -> dict[str, Estimate]:
     """χ²(a‖b) and KL(a‖b) from samples via a cross-fitted classifier density ratio r̂ ≈ a/b
-    (D_i, I_i and their KL twins when neither density is known; PAPER.md §3).
+    (D_i, I_i and their KL twins when neither density is known; docs/paper.md §3).
 
     Returns ``{"chi2": ..., "kl": ...}``, estimator "classifier". Each uses the variational
     (first-order bias-free) form, whose error is second order in r̂ − r:
