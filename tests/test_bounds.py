@@ -11,7 +11,8 @@ from _cli import cli
 from collapselab import theory
 from collapselab.config import load_config
 from collapselab.engine.executors import prepare_run_dir, run_experiment
-from collapselab.report.run import build_report, evaluate_bounds, write_bounds
+from collapselab.report.bounds import evaluate_bounds
+from collapselab.report.run import build_report, write_bounds
 
 TINY = ["loop.generations=3", "loop.n_train=200", "sampler.steps=20", "estimators.n_mc=2000",
         "estimators.n_eval=200", "estimators.sample_based=[]", "estimators.extra=[]",

@@ -521,7 +521,8 @@ def report(directory):
 def bounds(directory, i0, C, c, n_sigma, no_figures):
     """Re-evaluate the paper's bounds on a finished run: DIR/bounds.{parquet,csv} + figures."""
     from .errors import CollapselabError
-    from .report.run import bounds_overview, bounds_sentence, write_bounds
+    from .report.bounds import bounds_overview, bounds_sentence
+    from .report.run import write_bounds
 
     root = Path(directory)
     if not (root / "config.yaml").exists() or not (root / "results.parquet").exists():
