@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from collapselab.cli import main
 from collapselab.errors import ConfigError
 from collapselab.experiments.observability import (
-    build_observability_report,
     load_observability_config,
     ordering_verdicts,
     pca_quadratic_features,
@@ -20,6 +19,7 @@ from collapselab.experiments.observability import (
     prepare_dir,
     run_observability,
 )
+from collapselab.report.observability import build_observability_report
 
 TINY = ["targets=[gmm]", "magnitudes=[0.1, 1.0]", "seeds=[0, 1]", "paths.n_paths=600",
         "paths.steps=40"]

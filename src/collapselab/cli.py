@@ -189,8 +189,11 @@ def run(source, extra, out, overrides, workers, executor, address, cpus_per_chai
         out = out if out is not None else str(Path("runs") / obs_cfg.name)
         check_out(Path(out))
         click.get_current_context().with_resource(run_lock(Path(out)))  # one run per directory
+        from .report.observability import build_observability_report
+
         run_observability_command(source, list(overrides), out, quiet=quiet,
-                                  no_report=no_report, echo=click.echo, fail=_fail)
+                                  report=None if no_report else build_observability_report,
+                                  echo=click.echo, fail=_fail)
         return
     if executor != "ray":
         for name, value in (("--address", address), ("--gpus-per-chain", gpus_per_chain)):

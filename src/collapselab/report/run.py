@@ -782,7 +782,7 @@ def build_report(root, progress=None) -> list:
     store = RunStore(root)
     cfg = yaml.safe_load(store.config_path.read_text())
     if isinstance(cfg, dict) and cfg.get("experiment") == "observability":
-        from ..experiments.observability import build_observability_report
+        from .observability import build_observability_report
 
         return build_observability_report(root)
     say("summary over seeds")
