@@ -2,8 +2,9 @@
 
 :func:`evaluate_bounds` turns the measured rows (score energies, observability, intra and
 accumulated divergences) into one row per check of docs/paper.md §4 — the single-generation
-bounds (Prop 3.1, Prop 3.3, Thm 3.4), the recursion (Thm 4.2), the discounted-sum prediction and
-the regime — with theory's verdict codes (:mod:`collapselab.theory`) and the sentence
+bounds (Prop 3.1's KL upper bound, the χ² lower and two-sided bounds), the recursion, the
+discounted-sum prediction and the regime — with theory's verdict codes
+(:mod:`collapselab.theory`) and the sentence
 :mod:`collapselab.verdicts` renders from them; the other functions count and summarise that
 table. No figures here: they are drawn by :mod:`collapselab.report.run`.
 """
