@@ -4,9 +4,9 @@
 accumulated divergences) into one row per check of docs/paper.md §4 — the single-generation
 bounds (Prop 3.1's KL upper bound, the χ² lower and two-sided bounds), the recursion, the
 discounted-sum prediction and the regime — with theory's verdict codes
-(:mod:`collapselab.theory`) and the sentence
-:mod:`collapselab.verdicts` renders from them; the other functions count and summarise that
-table. No figures here: they are drawn by :mod:`collapselab.report.run`.
+(:mod:`collapselab.theory`) and the sentence :mod:`collapselab.verdicts` renders from them; the
+other functions count and summarise that table. No figures here: they are drawn by
+:mod:`collapselab.report.run`.
 """
 
 from __future__ import annotations
