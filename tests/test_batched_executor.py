@@ -396,7 +396,7 @@ def test_a_dead_worker_fails_only_its_part_and_a_rerun_fills_the_gaps(cfg, two_p
 
 def test_a_dead_part_keeps_the_records_it_wrote_and_replaces_stale_ones(cfg, tmp_path):
     from collapselab.engine.executors import chains
-    from collapselab.engine.lockstep import LockstepOutcome, _Parts, partition
+    from collapselab.engine.lockstep import Grouped, LockstepOutcome, partition
     from collapselab.engine.store import record_failure
 
     store = prepare_run_dir(cfg, tmp_path / "run")
@@ -408,7 +408,7 @@ def test_a_dead_part_keeps_the_records_it_wrote_and_replaces_stale_ones(cfg, tmp
 
     record(0.1, "an earlier run's failure")
     record(0.9, "an earlier run's failure")
-    lockstep = _Parts(cfg, store, parts, None, {}, threads=1)
+    lockstep = Grouped(cfg, store, parts, None, {}, threads=1)
     record(0.9, "written by the part")  # while its process ran
     outcome = LockstepOutcome()
     lockstep._merge(outcome, parts[1], {"ok": False, "error": "worker process died"})

@@ -1,15 +1,19 @@
 """Run every chain of an experiment — in-process, in a process pool, on Ray, or in lockstep
-with batched MLP training (``executor="batched"``, :mod:`collapselab.engine.lockstep`) — and gather
-the
-results table, the summary over seeds and the failure records.
+with batched MLP training (``executor="batched"``, :mod:`collapselab.engine.lockstep`) — and
+gather the results table, the summary over seeds and the failure records.
 
 Results do not depend on the order or on the executor: each chain (and each generation) draws
 from its own streams seeded by (seed, generation, purpose), and every chain writes its cells to
 the shared run directory, from which results.parquet is collected in a fixed order.
 
-Scheduling. Generation 0 trains on p alone, so it is the same for every α of a (seed, swept
-params) group: the first α of each group (the *leader*) runs first; as soon as its generation 0
-is done, the other α adopt it (:func:`loop.adopt_generation_zero`) and start from generation 1.
+Scheduling. One loop (:class:`Scheduler`) serves every executor: it dispatches the units of a
+policy to a back-end and polls progress between waits. With :class:`PerChain` (local, pool, Ray)
+a unit is one chain; with :class:`lockstep.Grouped` (batched) a unit is a part of whole
+(params, seed) groups advanced in lockstep. Generation 0 trains on p alone, so it is the same
+for every α of a (seed, swept params) group: with :class:`PerChain` the first α of each group
+(the *leader*) runs first; as soon as its generation 0 is done, the other α adopt it
+(:func:`loop.adopt_generation_zero`) and start from generation 1; a grouped part shares it
+inside (every α of a group is in the same part).
 Progress is observed by polling the run directory (metrics.json marks a finished generation),
 which works the same for the in-process, pool and Ray executors.
 
@@ -268,12 +272,13 @@ def execute_chain(cfg_data: dict, root: str, alpha: float, seed: int, params: di
 
 # ---- back-ends: submit(task_id, kwargs), wait(timeout) -> [(task_id, result)], close() --------
 class _InProcess:
-    """Chains one after another in this process; progress is polled from inside each chain."""
+    """Units one after another in this process (a task is ``{"entry": function, **its keyword
+    arguments}``, as for :class:`chains.WorkerPool`); progress is reported from inside each."""
 
     capacity = 1
 
-    def __init__(self, poll: Callable[[], None]):
-        self.poll, self.queue = poll, deque()
+    def __init__(self):
+        self.queue = deque()
 
     def submit(self, task_id, kwargs):
         self.queue.append((task_id, kwargs))
@@ -282,17 +287,11 @@ class _InProcess:
         if not self.queue:
             return []
         task_id, kwargs = self.queue.popleft()
-        return [(task_id, execute_chain(**kwargs, on_generation=lambda g, s: self.poll()))]
+        kwargs = dict(kwargs)
+        return [(task_id, kwargs.pop("entry")(**kwargs))]
 
     def close(self):
         pass
-
-
-class _Pool(WorkerPool):
-    """The pool running one chain per task (:func:`execute_chain`)."""
-
-    def submit(self, task_id, kwargs):
-        super().submit(task_id, {"entry": execute_chain, **kwargs})
 
 
 class _Ray:
@@ -322,6 +321,7 @@ class _Ray:
         self.refs: dict = {}
 
     def submit(self, task_id, kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k != "entry"}  # always execute_chain
         self.refs[self.remote.remote(**{**kwargs, "threads": self.threads})] = task_id
 
     def wait(self, timeout):
@@ -347,10 +347,52 @@ class _Ray:
             self.ray.shutdown()
 
 
-# ---- the driver ------------------------------------------------------------------------------
-class _Driver:
-    def __init__(self, cfg: Config, store: RunStore, on_generation, hooks: dict):
+# ---- the scheduler -----------------------------------------------------------------------------
+class Scheduler:
+    """The one scheduling loop of every executor: hand the policy's ready units to the back-end
+    (in-process, spawned pool, Ray) up to its capacity, give each result back to the policy,
+    poll progress between waits, close the back-end, then close the policy (which settles its
+    failure records and counts).
+
+    A policy has ``ready`` (a deque of units), ``running`` (a set), ``starting(unit)``,
+    ``task(unit)`` (``{"entry": function, **keyword arguments}``), ``finished(unit, result)``,
+    ``poll()``, ``close()``, and after closing ``failed`` ({ChainSpec: failure record}) and
+    ``gen0_trained``: :class:`PerChain` (a unit is one chain; generation 0 shared across α by
+    leaders and followers) or :class:`lockstep.Grouped` (a unit is a part of whole (params,
+    seed) groups advanced in lockstep).
+    """
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def run(self, backend) -> None:
+        p = self.policy
+        units: dict[int, object] = {}
+        try:
+            while p.ready or p.running:
+                while p.ready and len(p.running) < backend.capacity:
+                    u = p.ready.popleft()
+                    p.running.add(u)
+                    units[len(units)] = u
+                    p.starting(u)
+                    backend.submit(len(units) - 1, p.task(u))
+                for task_id, result in backend.wait(POLL_SECONDS):
+                    p.finished(units[task_id], result)
+                p.poll()
+        finally:
+            backend.close()
+        p.close()
+
+
+class PerChain:
+    """The policy of the local, pool and Ray executors: a unit is one chain
+    (:func:`execute_chain`); the leader of each (params, seed) group runs first and the other
+    α adopt its generation 0 once done (module docstring)."""
+
+    def __init__(self, cfg: Config, store: RunStore, on_generation, hooks: dict, *,
+                 in_process: bool = False):
         self.cfg, self.store, self.on_generation = cfg, store, on_generation
+        self.in_process = in_process
         self.G = cfg.loop.generations
         self.cfg_data = cfg.model_dump(mode="json")
         self.hooks = hooks
@@ -367,9 +409,18 @@ class _Driver:
     def group(c: ChainSpec) -> tuple:
         return (c.params, c.seed)
 
-    def kwargs(self, c: ChainSpec) -> dict:
-        return dict(cfg_data=self.cfg_data, root=str(self.store.root), alpha=c.alpha,
-                    seed=c.seed, params=c.param_dict, hooks=self.hooks)
+    def task(self, c: ChainSpec) -> dict:
+        task = dict(entry=execute_chain, cfg_data=self.cfg_data, root=str(self.store.root),
+                    alpha=c.alpha, seed=c.seed, params=c.param_dict, hooks=self.hooks)
+        if self.in_process:  # progress polled from inside the chain
+            task["on_generation"] = lambda g, s: self.poll()
+        return task
+
+    def starting(self, c: ChainSpec) -> None:
+        log.info("%s: starting at generation %d", c.label(), self.seen[c])
+
+    def close(self) -> None:
+        pass
 
     def plan(self, specs: list[ChainSpec]) -> None:
         """Leaders first (their generation 0 unblocks the rest), then chains that can start."""
@@ -446,22 +497,6 @@ class _Driver:
         self.poll()
         self.running.discard(c)
 
-    def run(self, backend) -> None:
-        ids: dict[int, ChainSpec] = {}
-        try:
-            while self.ready or self.running:
-                while self.ready and len(self.running) < backend.capacity:
-                    c = self.ready.popleft()
-                    self.running.add(c)
-                    ids[id(c)] = c
-                    log.info("%s: starting at generation %d", c.label(), self.seen[c])
-                    backend.submit(id(c), self.kwargs(c))
-                for task_id, result in backend.wait(POLL_SECONDS):
-                    self.finished(ids[task_id], result)
-                self.poll()
-        finally:
-            backend.close()
-
 
 def run_experiment(
     cfg: Config,
@@ -524,23 +559,25 @@ def _run_locked(cfg, store, on_generation, *, executor, workers, address, resour
                       {**environment(), "device": cfg.device, "executor": executor,
                        "workers": workers or 1, "address": address,
                        "resources_per_chain": vars(resources)})
+    hooks = read_hooks()
     if executor == "batched":
-        from .lockstep import run_batched
+        from .lockstep import grouped
 
-        outcome = run_batched(cfg, store, chains(cfg), on_generation, read_hooks(),
-                              workers=workers)
-        failed, gen0_trained = outcome.failed, outcome.gen0_trained
+        policy = grouped(cfg, store, chains(cfg), on_generation, hooks, workers=workers)
+        backend = (_InProcess() if policy.in_process else
+                   WorkerPool(len(policy.ready), task="its part of the batched executor"))
     else:
-        driver = _Driver(cfg, store, on_generation, read_hooks())
-        driver.plan(chains(cfg))
+        in_process = executor == "local" and (workers or 1) <= 1
+        policy = PerChain(cfg, store, on_generation, hooks, in_process=in_process)
+        policy.plan(chains(cfg))
         if executor == "ray":
             backend = _Ray(address, workers or os.cpu_count() or 1, resources)
-        elif (workers or 1) > 1:
-            backend = _Pool(workers)
+        elif not in_process:
+            backend = WorkerPool(workers)
         else:
-            backend = _InProcess(driver.poll)
-        driver.run(backend)
-        failed, gen0_trained = driver.failed, driver.gen0_trained
+            backend = _InProcess()
+    Scheduler(policy).run(backend)
+    failed, gen0_trained = policy.failed, policy.gen0_trained
     df = store.write_results([store.chain_dir(c.alpha, c.seed, c.param_dict)
                               for c in chains(cfg)])
     write_summary(store, df)

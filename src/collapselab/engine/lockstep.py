@@ -26,7 +26,7 @@ non-finite samples) is recorded like any failure and dropped from the lockstep; 
 inside a batched fit re-runs the fit for the remaining chains (a chain's result does not
 depend on the other chains of its batch). The others go on; the caller raises ChainFailed.
 
-Processes (:func:`run_batched`, ``--workers W``): the (params, seed) groups of chains — every α
+Processes (:func:`grouped`, ``--workers W``): the (params, seed) groups of chains — every α
 of one seed, so generation 0 stays shared inside a part — are dealt round-robin over
 min(W, number of groups) parts, and each part runs :func:`run_lockstep` in its own spawned
 process with W // parts torch threads (at least one). Two processes of half the chains each
@@ -45,15 +45,14 @@ import logging
 import os
 import time
 import traceback as tb
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config, build_config
 from .chains import (
-    POLL_SECONDS,
     ChainSpec,
-    WorkerPool,
     adopt_generation_zero_for,
     apply_fit_hooks,
     generation_zero_source,
@@ -99,7 +98,7 @@ def run_lockstep(
     """Run or resume ``specs`` group by group, generation by generation (module docstring).
 
     threads: torch's intra-op threads for the run (restored afterwards) and the shards of each
-    batched fit (:func:`run_batched` gives each process its share of ``--workers``).
+    batched fit (:func:`grouped` gives each process its share of ``--workers``).
     """
     import torch
 
@@ -132,24 +131,18 @@ def partition(specs: list[ChainSpec], workers: int) -> list[list[ChainSpec]]:
     return parts
 
 
-def run_batched(
-    cfg: Config,
-    store: RunStore,
-    specs: list[ChainSpec],
-    on_generation: Callable[[ChainSpec, int, float], None] | None,
-    hooks: dict,
-    *,
-    workers: int,
-) -> LockstepOutcome:
-    """The batched executor with ``workers`` cores: :func:`partition` the chains, then run the
-    one part in this process with ``workers`` threads, or each part in its own spawned process
-    with ``workers // parts`` threads (module docstring). Chain failures, including those of a
-    process that died, are recorded and returned, never raised."""
+def grouped(cfg: Config, store: RunStore, specs: list[ChainSpec],
+            on_generation: Callable[[ChainSpec, int, float], None] | None, hooks: dict, *,
+            workers: int) -> Grouped:
+    """The batched executor's policy for :class:`executors.Scheduler` with ``workers`` cores:
+    :func:`partition` the chains; the one part runs in this process with ``workers`` threads,
+    several parts each in its own spawned process with ``workers // parts`` threads (module
+    docstring)."""
     parts = partition(specs, workers)
-    if len(parts) == 1:
-        return run_lockstep(cfg, store, parts[0], on_generation, hooks, threads=workers)
-    return _Parts(cfg, store, parts, on_generation, hooks,
-                  threads=max(1, int(workers) // len(parts))).run()
+    in_process = len(parts) == 1
+    threads = int(workers) if in_process else max(1, int(workers) // len(parts))
+    return Grouped(cfg, store, parts, on_generation, hooks, threads=threads,
+                   in_process=in_process)
 
 
 def run_part(cfg_data: dict, root: str, specs: list[ChainSpec], hooks: dict,
@@ -172,6 +165,15 @@ def run_part(cfg_data: dict, root: str, specs: list[ChainSpec], hooks: dict,
             "gen0_trained": outcome.gen0_trained}
 
 
+def run_part_here(cfg: Config, store: RunStore, specs: list[ChainSpec], on_generation,
+                  hooks: dict, threads: int) -> dict:
+    """The one part run in this process (the scheduler's in-process back-end): the lockstep
+    reports progress and logs failures itself; an error that is no chain's failure is raised."""
+    outcome = run_lockstep(cfg, store, specs, on_generation, hooks, threads=threads)
+    return {"ok": True, "failed": list(outcome.failed.items()),
+            "gen0_trained": outcome.gen0_trained}
+
+
 def _stamp(path: Path) -> tuple | None:
     """Identity of a file version (atomic writes replace the inode), None when absent."""
     try:
@@ -181,14 +183,18 @@ def _stamp(path: Path) -> tuple | None:
     return st.st_ino, st.st_mtime_ns
 
 
-class _Parts:
-    """This process's side of a run spread over spawned processes: one per part, progress
-    read from the run directory, the parts' outcomes merged (in part order)."""
+class Grouped:
+    """The grouped policy of :class:`executors.Scheduler` (``--executor batched``): a unit is
+    a part — whole (params, seed) groups, so generation 0 is shared inside it — run by
+    :func:`run_part` in a spawned process (progress read from the run directory, a dead
+    process stood in for) or by :func:`run_part_here` in this process; the parts' outcomes
+    are merged in part order when the scheduler closes the policy."""
 
     def __init__(self, cfg: Config, store: RunStore, parts: list[list[ChainSpec]],
-                 on_generation, hooks: dict, *, threads: int):
+                 on_generation, hooks: dict, *, threads: int, in_process: bool = False):
         self.cfg, self.store, self.parts = cfg, store, parts
         self.on_generation, self.hooks, self.threads = on_generation, hooks, threads
+        self.in_process = in_process
         self.G = cfg.loop.generations
         self.initial = {c: store.completed(c.alpha, c.seed, c.param_dict)
                         for part in parts for c in part}
@@ -197,41 +203,50 @@ class _Parts:
         # records it wrote (its outcome is lost) but not stale ones of an earlier run.
         self.before = {c: _stamp(failure_path(store, c.alpha, c.seed, c.param_dict))
                        for c in self.initial}
-
-    def run(self) -> LockstepOutcome:
-        results: dict[int, dict] = {}
-        todo = [i for i, part in enumerate(self.parts)
-                if any(self.initial[c] < self.G for c in part)]
-        for i, part in enumerate(self.parts):
-            if i not in todo:  # nothing to compute: no process (run_group would only do this)
+        self.results: dict[int, dict] = {}
+        self.ready: deque[int] = deque()
+        self.running: set[int] = set()
+        self.failed: dict[ChainSpec, dict] = {}
+        self.gen0_trained = 0
+        for i, part in enumerate(parts):
+            if any(self.initial[c] < self.G for c in part):
+                self.ready.append(i)
+            else:  # nothing to compute: not dispatched (run_group would only do this)
                 for c in part:
                     clear_failure(self.store, c.alpha, c.seed, c.param_dict)
-                results[i] = {"ok": True, "failed": [], "gen0_trained": 0}
-        if todo:
-            log.info("batched: %d parts in spawned processes, %d thread(s) each", len(todo),
-                     self.threads)
-            pool = WorkerPool(len(todo), task="its part of the batched executor")
-            cfg_data = self.cfg.model_dump(mode="json")
-            try:
-                for i in todo:
-                    pool.submit(i, dict(entry=run_part, cfg_data=cfg_data,
-                                        root=str(self.store.root), specs=self.parts[i],
-                                        hooks=self.hooks, threads=self.threads))
-                while len(results) < len(self.parts):
-                    for i, result in pool.wait(POLL_SECONDS):
-                        results[i] = result
-                    self.poll()
-            finally:
-                pool.close()
+                self.results[i] = {"ok": True, "failed": [], "gen0_trained": 0}
+        if self.ready and not in_process:
+            log.info("batched: %d parts in spawned processes, %d thread(s) each",
+                     len(self.ready), self.threads)
+
+    def starting(self, i: int) -> None:
+        pass  # each chain's start is logged by the lockstep
+
+    def task(self, i: int) -> dict:
+        if self.in_process:
+            return dict(entry=run_part_here, cfg=self.cfg, store=self.store,
+                        specs=self.parts[i], on_generation=self.on_generation,
+                        hooks=self.hooks, threads=self.threads)
+        return dict(entry=run_part, cfg_data=self.cfg.model_dump(mode="json"),
+                    root=str(self.store.root), specs=self.parts[i], hooks=self.hooks,
+                    threads=self.threads)
+
+    def finished(self, i: int, result: dict) -> None:
+        self.running.discard(i)
+        self.results[i] = result
+
+    def close(self) -> None:
         outcome = LockstepOutcome()
         for i, part in enumerate(self.parts):
-            self._merge(outcome, part, results[i])
-        return outcome
+            self._merge(outcome, part, self.results[i])
+        self.failed, self.gen0_trained = outcome.failed, outcome.gen0_trained
 
     def poll(self) -> None:
         """Report every cell completed since the last poll (once: ``seen`` only grows),
         adopted generation-0 cells included, as the other executors report them (a progress
         bar counts every cell)."""
+        if self.in_process:
+            return  # the lockstep in this process reports each cell itself
         for c, seen in self.seen.items():
             if seen < self.G:
                 self.seen[c] = report_new_cells(self.store, c, seen, self.G, self.on_generation)
@@ -246,6 +261,8 @@ class _Parts:
             outcome.gen0_trained += sum(self._computed_generation_zero(c) for c in part)
         for c, rec in failed:
             outcome.failed[c] = rec
+            if self.in_process:
+                continue  # logged by the lockstep as it failed
             log.error("%s failed at generation %d: %s\n%s", c.label(), rec["generation"],
                       rec["error"], rec.get("traceback", ""))
 
