@@ -33,6 +33,7 @@ from .training import (
     make_optimizer,
     run_plan,
     seed_from,
+    step_and_average,
 )
 
 __all__ = ["train_dsm_ensemble"]
@@ -194,14 +195,7 @@ def train_dsm_ensemble(nets: Sequence[nn.Module], datas: Sequence[Tensor], proce
                 coef = coef.clamp_(max=1.0)
                 for g in grads:
                     g.mul_(_bcast(coef, g))
-        lr = lr_at(step, total, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        with torch.no_grad():
-            d = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup \
-                else cfg.ema_decay
-            torch._foreach_lerp_(ema, raw, 1.0 - d)
+        step_and_average(opt, ema, raw, step, total, cfg)
         if do_val and (step % eval_every == 0 or step == total):
             vals = val_losses()
             for k in range(K):

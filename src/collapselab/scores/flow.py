@@ -29,7 +29,13 @@ from torch import Tensor, nn
 
 from ..targets import GaussianMixture
 from .mlp import time_vector
-from .training import TrainConfig, TrainingDivergedError, TrainResult, run_plan
+from .training import (
+    TrainConfig,
+    TrainingDivergedError,
+    TrainResult,
+    run_plan,
+    step_and_average,
+)
 
 _UNIT_TIME = SimpleNamespace(T=1.0)  # flow time runs over [0, 1]
 
@@ -117,16 +123,6 @@ def flow_matching_loss(net: nn.Module, x1: Tensor, x0: Tensor, u: Tensor,
     return torch.cat(out)
 
 
-def _lr(step: int, total: int, cfg: TrainConfig) -> float:
-    if cfg.warmup_steps and step <= cfg.warmup_steps:
-        return cfg.lr * step / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    prog = min((step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1), 1.0)
-    floor = cfg.min_lr_ratio
-    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * prog)))
-
-
 def train_flow_matching(net: nn.Module, data: Tensor, cfg: TrainConfig | None = None, *,
                         coupling: str = "independent", generator: torch.Generator | None = None,
                         init_state: dict | None = None, device="cpu") -> TrainResult:
@@ -196,13 +192,7 @@ def train_flow_matching(net: nn.Module, data: Tensor, cfg: TrainConfig | None = 
                 raise TrainingDivergedError(step, lv)
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(raw_p, cfg.grad_clip)
-            for group in opt.param_groups:
-                group["lr"] = _lr(step, total, cfg)
-            opt.step()
-            with torch.no_grad():
-                dcy = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup \
-                    else cfg.ema_decay
-                torch._foreach_lerp_(ema_p, raw_p, 1.0 - dcy)
+            step_and_average(opt, ema_p, raw_p, step, total, cfg)
             if plan.do_val and (step % plan.eval_every == 0 or step == total):
                 val = float(flow_matching_loss(ema, val_x, val_z, val_u).mean())
                 val_history.append((step, val))

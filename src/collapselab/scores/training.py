@@ -187,6 +187,19 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device):
         return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
+def step_and_average(opt, ema_params, raw_params, step: int, total: int,
+                     cfg: TrainConfig) -> None:
+    """One optimizer step at the schedule's learning rate for 1-based ``step``, then the EMA
+    update ema ← ema + (1 − d)(raw − ema), d = min(decay, (1+step)/(10+step)) with warm-up."""
+    lr = lr_at(step, total, cfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    with torch.no_grad():
+        d = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+        torch._foreach_lerp_(ema_params, raw_params, 1.0 - d)
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Learning rate at 1-based ``step``: linear warm-up, then constant or cosine decay."""
     if cfg.warmup_steps and step <= cfg.warmup_steps:
@@ -348,14 +361,7 @@ def train_dsm(net: nn.Module, data: Tensor, process, cfg: TrainConfig | None = N
                 check(step)  # before the update on CPU: the raw weights stay finite
             if cfg.grad_clip is not None:
                 _clip_(raw_p, cfg.grad_clip)
-            lr = lr_at(step, total, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
-            with torch.no_grad():
-                d = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup \
-                    else cfg.ema_decay
-                torch._foreach_lerp_(ema_p, raw_p, 1.0 - d)
+            step_and_average(opt, ema_p, raw_p, step, total, cfg)
 
             if do_val and (step % eval_every == 0 or step == total):
                 sync_buffers()
