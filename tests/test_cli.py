@@ -188,6 +188,18 @@ def test_failed_chain_exits_1_with_one_line_and_rerun_completes(tmp_path):
     assert not (out / "failures.json").exists() and (out / "report.html").exists()
 
 
+@pytest.mark.parametrize("fault", ['{"alpha": 0.9', '{"alpha": 0.9, "seed": 0}', '3',
+                                   '{"alpha": 0.9, "seed": 0, "generation": 1, "kind": "x"}'])
+def test_a_malformed_fault_hook_exits_2_before_writing(tmp_path, fault):
+    from collapselab.cli import FAULT_ENV
+
+    out = tmp_path / "run"
+    r = invoke("run", "quickstart", "--out", str(out), "--quiet", *SMALL, env={FAULT_ENV: fault})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and FAULT_ENV in lines[0], r.stderr
+    assert not out.exists()
+
+
 def test_bare_overrides_plain_progress_end_message_and_resume(tmp_path):
     """Hydra-style key=value beside --set; without a TTY one plain line per generation; the
     end says where the results are and how to look; a re-run says what was already done."""

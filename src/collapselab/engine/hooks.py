@@ -34,6 +34,9 @@ class Hooks:
         faults = self.faults
         faults = [faults] if isinstance(faults, dict) else list(faults or ())
         for f in faults:
+            missing = [k for k in ("alpha", "seed", "generation") if k not in f]
+            if missing:
+                raise ValueError(f"fault {f!r} lacks {', '.join(missing)}")
             if f.get("kind", "raise") not in FAULT_KINDS:
                 raise ValueError(f"fault kind {f.get('kind')!r}: allowed values are "
                                  f"{', '.join(FAULT_KINDS)}")
