@@ -5,6 +5,7 @@ resumable, failures isolated, other score kinds through run_chain's own fit."""
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,12 +14,11 @@ import torch
 
 from collapselab.config import load_config
 from collapselab.engine.executors import (
-    FAULT_ENV,
-    FIT_LOG_ENV,
     ChainFailed,
     prepare_run_dir,
     run_experiment,
 )
+from collapselab.engine.hooks import Hooks
 from collapselab.engine.store import failure_path
 from collapselab.errors import ConfigError
 
@@ -104,13 +104,11 @@ def local(cfg, tmp_path_factory):
 @pytest.fixture(scope="module")
 def batched(cfg, tmp_path_factory):
     """An uninterrupted batched run; logs every fit and keeps the stats."""
-    mp = pytest.MonkeyPatch()
     log = tmp_path_factory.mktemp("log") / "fits.txt"
-    mp.setenv(FIT_LOG_ENV, str(log))
     stats_ = {}
     store = prepare_run_dir(cfg, tmp_path_factory.mktemp("batched") / "run")
-    df = run_experiment(cfg, store, executor="batched", workers=1, stats=stats_)
-    mp.undo()
+    df = run_experiment(cfg, store, executor="batched", workers=1, stats=stats_,
+                        hooks=Hooks(fit_log=str(log)))
     return store, df, stats_, fits(log)
 
 
@@ -151,7 +149,7 @@ def test_generation_zero_is_trained_once_per_seed(batched):
 
 
 def test_resume_from_different_generations_reproduces_the_run(cfg, batched, tmp_path,
-                                                              monkeypatch):
+                                                              fit_log):
     store0, df0 = batched[0], batched[1]
     root = tmp_path / "run"
     shutil.copytree(store0.root, root)
@@ -161,11 +159,10 @@ def test_resume_from_different_generations_reproduces_the_run(cfg, batched, tmp_
     for a, s in CHAINS:
         shutil.rmtree(store.cell(a, s, 2))
     (store.cell(0.9, 1, 1) / "metrics.json").unlink()
-    log = tmp_path / "fits.txt"
-    monkeypatch.setenv(FIT_LOG_ENV, str(log))
+    log = Path(fit_log.fit_log)
     seen = []
     stats_ = {}
-    df = run_experiment(cfg, store, executor="batched", workers=1, stats=stats_,
+    df = run_experiment(cfg, store, executor="batched", workers=1, stats=stats_, hooks=fit_log,
                         on_generation=lambda c, g, s: seen.append((c.alpha, c.seed, g)))
     # The lagging chain catches up alone, then all four run generation 2 in one batch.
     assert fits(log) == sorted([(0.9, 1, 1)] + [(a, s, 2) for a, s in CHAINS])
@@ -177,15 +174,15 @@ def test_resume_from_different_generations_reproduces_the_run(cfg, batched, tmp_
     assert run_experiment(cfg, store, executor="batched", workers=1).equals(df)  # nothing left
 
 
-def test_injected_faults_are_recorded_and_isolated(cfg, batched, tmp_path, monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, json.dumps([
+def test_injected_faults_are_recorded_and_isolated(cfg, batched, tmp_path, fault_hooks):
+    faults = fault_hooks(
         {"alpha": 0.1, "seed": 0, "generation": 1, "kind": "nan"},    # diverged DSM loss
         {"alpha": 0.1, "seed": 1, "generation": 0, "kind": "raise"},  # fails before gen 0
-    ]))
+    )
     store = prepare_run_dir(cfg, tmp_path / "run")
     stats_ = {}
     with pytest.raises(ChainFailed) as err:
-        run_experiment(cfg, store, executor="batched", workers=1, stats=stats_)
+        run_experiment(cfg, store, executor="batched", workers=1, stats=stats_, hooks=faults)
     msg = str(err.value)
     assert "1 more chain(s) failed" in msg and "\n" not in msg and "run.log" in msg
     nan = json.loads(failure_path(store, 0.1, 0).read_text())
@@ -198,7 +195,6 @@ def test_injected_faults_are_recorded_and_isolated(cfg, batched, tmp_path, monke
     assert stats_["generation_zero_trained"] == 2 and len(stats_["failed"]) == 2
     assert "injected fault" in json.loads(failure_path(store, 0.1, 1).read_text())["error"]
 
-    monkeypatch.delenv(FAULT_ENV)
     run_experiment(cfg, store, executor="batched", workers=1)
     assert not list((store.root / "cells").rglob("failure.json"))
     assert not (store.root / "failures.json").exists()
@@ -320,14 +316,12 @@ def test_partition_keeps_every_alpha_of_a_seed_together_round_robin():
 def two_processes(cfg, tmp_path_factory):
     """workers=2 with two seeds: one spawned process per seed; logs every fit (in the
     children, through the hooks) and every on_generation call."""
-    mp = pytest.MonkeyPatch()
     log = tmp_path_factory.mktemp("log2") / "fits.txt"
-    mp.setenv(FIT_LOG_ENV, str(log))
     stats_, seen = {}, []
     store = prepare_run_dir(cfg, tmp_path_factory.mktemp("two") / "run")
     df = run_experiment(cfg, store, executor="batched", workers=2, stats=stats_,
+                        hooks=Hooks(fit_log=str(log)),
                         on_generation=lambda c, g, s: seen.append((c.alpha, c.seed, g, s)))
-    mp.undo()
     return store, df, stats_, fits(log), seen
 
 
@@ -362,17 +356,18 @@ def test_two_workers_report_each_cell_once(two_processes):
 
 
 def test_a_dead_worker_fails_only_its_part_and_a_rerun_fills_the_gaps(cfg, two_processes,
-                                                                       tmp_path, monkeypatch):
+                                                                       tmp_path, fault_hooks,
+                                                                       fit_log):
     # Seed 1's process: α=0.1 fails (recorded by the child), then the process dies (os._exit)
     # at α=0.9's fit of generation 1, losing its outcome; seed 0's process is not disturbed.
-    monkeypatch.setenv(FAULT_ENV, json.dumps([
+    faults = fault_hooks(
         {"alpha": 0.1, "seed": 1, "generation": 1, "kind": "raise"},
         {"alpha": 0.9, "seed": 1, "generation": 1, "kind": "exit"},
-    ]))
+    )
     store = prepare_run_dir(cfg, tmp_path / "run")
     stats_ = {}
     with pytest.raises(ChainFailed) as err:
-        run_experiment(cfg, store, executor="batched", workers=2, stats=stats_)
+        run_experiment(cfg, store, executor="batched", workers=2, stats=stats_, hooks=faults)
     assert "1 more chain(s) failed" in str(err.value) and "\n" not in str(err.value)
     assert [store.completed(a, s) for a, s in CHAINS] == [3, 1, 3, 1]
     raised = json.loads(failure_path(store, 0.1, 1).read_text())
@@ -383,10 +378,8 @@ def test_a_dead_worker_fails_only_its_part_and_a_rerun_fills_the_gaps(cfg, two_p
     assert stats_ == {"generation_zero_trained": 2,
                       "failed": ["alpha=0.1 seed=1", "alpha=0.9 seed=1"]}
 
-    monkeypatch.delenv(FAULT_ENV)
-    log = tmp_path / "fits.txt"
-    monkeypatch.setenv(FIT_LOG_ENV, str(log))
-    df = run_experiment(cfg, store, executor="batched", workers=2)
+    log = Path(fit_log.fit_log)
+    df = run_experiment(cfg, store, executor="batched", workers=2, hooks=fit_log)
     assert fits(log) == sorted((a, 1, g) for a in (0.1, 0.9) for g in (1, 2))
     assert not list((store.root / "cells").rglob("failure.json"))
     assert not (store.root / "failures.json").exists()

@@ -172,10 +172,12 @@ def test_bad_executor_options_exit_2_before_writing(tmp_path, args, field):
 def test_failed_chain_exits_1_with_one_line_and_rerun_completes(tmp_path):
     import json
 
+    from collapselab.cli import FAULT_ENV
+
     out = tmp_path / "run"
     fault = {"alpha": 0.9, "seed": 0, "generation": 1, "kind": "raise"}
     r = invoke("run", "quickstart", "--out", str(out), "--quiet", "--no-report", *SMALL,
-               env={"COLLAPSELAB_FAULT": json.dumps(fault)})
+               env={FAULT_ENV: json.dumps(fault)})  # the CLI's test hook (cli.py)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, r.stderr
     assert "alpha=0.9 seed=0" in lines[0] and "generation 1" in lines[0]
@@ -184,6 +186,18 @@ def test_failed_chain_exits_1_with_one_line_and_rerun_completes(tmp_path):
     r = invoke("run", "quickstart", "--out", str(out), "--quiet", *SMALL)
     assert r.returncode == 0, r.stderr
     assert not (out / "failures.json").exists() and (out / "report.html").exists()
+
+
+@pytest.mark.parametrize("fault", ['{"alpha": 0.9', '{"alpha": 0.9, "seed": 0}', '3',
+                                   '{"alpha": 0.9, "seed": 0, "generation": 1, "kind": "x"}'])
+def test_a_malformed_fault_hook_exits_2_before_writing(tmp_path, fault):
+    from collapselab.cli import FAULT_ENV
+
+    out = tmp_path / "run"
+    r = invoke("run", "quickstart", "--out", str(out), "--quiet", *SMALL, env={FAULT_ENV: fault})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and FAULT_ENV in lines[0], r.stderr
+    assert not out.exists()
 
 
 def test_bare_overrides_plain_progress_end_message_and_resume(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,12 +11,11 @@ from scipy import stats
 
 from collapselab.config import load_config
 from collapselab.engine.executors import (
-    FAULT_ENV,
-    FIT_LOG_ENV,
     ChainFailed,
     prepare_run_dir,
     run_experiment,
 )
+from collapselab.engine.hooks import Hooks
 from collapselab.engine.store import failure_path, summarize
 
 SMALL = [
@@ -45,13 +45,10 @@ def cfg():
 @pytest.fixture(scope="module")
 def reference(cfg, tmp_path_factory, request):
     """An uninterrupted in-process run; counts generation-0 fits as it goes."""
-    mp = pytest.MonkeyPatch()
     log = tmp_path_factory.mktemp("log") / "fits.txt"
-    mp.setenv(FIT_LOG_ENV, str(log))
     stats_ = {}
     store = prepare_run_dir(cfg, tmp_path_factory.mktemp("ref") / "run")
-    run_experiment(cfg, store, stats=stats_)
-    mp.undo()
+    run_experiment(cfg, store, stats=stats_, hooks=Hooks(fit_log=str(log)))
     return store, stats_, fits(log)
 
 
@@ -68,17 +65,15 @@ def test_generation_zero_is_trained_once_per_seed(reference):
 
 
 def test_killed_worker_is_isolated_and_rerun_fills_exactly_the_gap(cfg, reference, tmp_path,
-                                                                    monkeypatch):
+                                                                    fit_log):
     ref_store = reference[0]
-    log = tmp_path / "fits.txt"
-    monkeypatch.setenv(FIT_LOG_ENV, str(log))
+    log = Path(fit_log.fit_log)
     # The worker running chain (α=0.9, seed=1) dies (os._exit) in the middle of generation 1.
-    monkeypatch.setenv(FAULT_ENV, json.dumps({"alpha": 0.9, "seed": 1, "generation": 1,
-                                              "kind": "exit"}))
+    faulty = fit_log.with_faults({"alpha": 0.9, "seed": 1, "generation": 1, "kind": "exit"})
     store = prepare_run_dir(cfg, tmp_path / "run")
     stats_ = {}
     with pytest.raises(ChainFailed) as err:
-        run_experiment(cfg, store, workers=2, stats=stats_)
+        run_experiment(cfg, store, workers=2, stats=stats_, hooks=faulty)
     msg = str(err.value)
     assert "alpha=0.9 seed=1" in msg and "generation 1" in msg and "run.log" in msg
     assert "\n" not in msg and "worker process died" in msg
@@ -91,8 +86,7 @@ def test_killed_worker_is_isolated_and_rerun_fills_exactly_the_gap(cfg, referenc
     assert json.loads((store.root / "failures.json").read_text())[0]["chain"] == rec["chain"]
 
     log.unlink()
-    monkeypatch.delenv(FAULT_ENV)
-    run_experiment(cfg, store)  # the re-run: only the missing generations are computed
+    run_experiment(cfg, store, hooks=fit_log)  # the re-run: only the missing generations
     assert fits(log) == [(0.9, 1, 1), (0.9, 1, 2)]
     assert not failure_path(store, 0.9, 1).exists()
     assert not (store.root / "failures.json").exists()
@@ -100,14 +94,14 @@ def test_killed_worker_is_isolated_and_rerun_fills_exactly_the_gap(cfg, referenc
 
 
 def test_exception_and_nan_in_training_are_recorded_and_isolated(cfg, reference, tmp_path,
-                                                                 monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, json.dumps([
+                                                                 fault_hooks):
+    faults = fault_hooks(
         {"alpha": 0.1, "seed": 0, "generation": 1, "kind": "nan"},    # diverged DSM loss
         {"alpha": 0.1, "seed": 1, "generation": 0, "kind": "raise"},  # fails before gen 0
-    ]))
+    )
     store = prepare_run_dir(cfg, tmp_path / "run")
     with pytest.raises(ChainFailed) as err:
-        run_experiment(cfg, store)
+        run_experiment(cfg, store, hooks=faults)
     assert "1 more chain(s) failed" in str(err.value)
     nan = json.loads(failure_path(store, 0.1, 0).read_text())
     assert nan["generation"] == 1 and "TrainingDivergedError" in nan["error"]
@@ -120,7 +114,6 @@ def test_exception_and_nan_in_training_are_recorded_and_isolated(cfg, reference,
     assert bad.generation.max() <= 1 and np.isfinite(bad.value[bad.metric == "fraction_real"]).all()
     assert set(df[df.alpha == 0.1].seed) == {0}  # nothing of the chain that never finished gen 0
 
-    monkeypatch.delenv(FAULT_ENV)
     run_experiment(cfg, store)
     assert not list((store.root / "cells").rglob("failure.json"))
     pd.testing.assert_frame_equal(pd.read_parquet(store.results_path),

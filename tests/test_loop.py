@@ -141,20 +141,16 @@ def test_swept_keys_become_columns_and_directories(tmp_path):
     assert large > small  # a wider population KDE drifts further from p
 
 
-def test_generation_zero_is_shared_across_alpha(tmp_path, monkeypatch):
+def test_generation_zero_is_shared_across_alpha(tmp_path, fit_log):
     from collapselab.engine import loop
 
     cfg = load_config("quickstart", SMALL + ["loop.generations=2", "sweep.alphas=[0.1, 0.9]"])
     ref = run_experiment(cfg, prepare_run_dir(cfg, tmp_path / "ref"))
-    fits = []
-    real_fit = loop.fit_score
-    monkeypatch.setattr(
-        loop, "fit_score", lambda ctx, g, *a: fits.append(g) or real_fit(ctx, g, *a)
-    )
     store = prepare_run_dir(cfg, tmp_path / "shared")
-    run_chain(cfg, 0.1, 0, store)
+    run_chain(cfg, 0.1, 0, store, hooks=fit_log)
     assert loop.adopt_generation_zero(store, 0.1, 0.9, 0)
-    run_chain(cfg, 0.9, 0, store)
+    run_chain(cfg, 0.9, 0, store, hooks=fit_log)
+    fits = [int(line.split()[2]) for line in open(fit_log.fit_log).read().splitlines()]
     assert fits.count(0) == 1 and fits.count(1) == 2
     pd.testing.assert_frame_equal(ref, store.write_results())
 

@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 from test_cli import invoke
 
+from collapselab.cli import FIT_LOG_ENV
 from collapselab.config import load_config
-from collapselab.engine.executors import FIT_LOG_ENV, prepare_run_dir, run_experiment
+from collapselab.engine.executors import prepare_run_dir, run_experiment
 from collapselab.engine.store import LOCK_NAME, atomic_write_bytes, cell_name, run_lock
 
 BASE = ["--set", "loop.generations=1", "--set", "loop.n_train=120", "--set", "sampler.steps=10",
@@ -203,7 +204,7 @@ def test_nearly_equal_values_get_distinct_cells_and_duplicates_are_refused(tmp_p
 
 
 def test_run_dirs_of_earlier_versions_resume_without_recomputing(cfg3, clean, tmp_path,
-                                                                monkeypatch):
+                                                                fit_log):
     out = copy_run(clean, tmp_path / "run")
     # As an earlier version wrote it: α rounded to 12 digits in the name, no file list.
     os.rename(out / f"cells/alpha={THIRD!r}", out / "cells/alpha=0.333333333333")
@@ -212,10 +213,8 @@ def test_run_dirs_of_earlier_versions_resume_without_recomputing(cfg3, clean, tm
         del meta["files"]
         m.write_text(json.dumps(meta))
     (out / "results.parquet").unlink()
-    log = tmp_path / "fits.txt"
-    monkeypatch.setenv(FIT_LOG_ENV, str(log))
-    run_experiment(cfg3, prepare_run_dir(cfg3, out))
-    assert fits(log) == []
+    run_experiment(cfg3, prepare_run_dir(cfg3, out), hooks=fit_log)
+    assert fits(Path(fit_log.fit_log)) == []
     assert (out / f"cells/alpha={THIRD!r}/seed=0/generation=2/metrics.json").exists()
     assert (out / "results.parquet").read_bytes() == clean.results_path.read_bytes()
 

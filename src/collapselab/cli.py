@@ -21,6 +21,33 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+# Test hooks from the environment, for tests that drive the CLI as a separate process (a
+# killed driver, a failing chain): read here only, at the edge, and passed explicitly to
+# run_experiment as a Hooks (collapselab.engine.hooks; documented in docs/distributed.md).
+# FAULT_ENV = JSON {"alpha", "seed", "generation", "kind": exit|raise|nan} (or a list);
+# FIT_LOG_ENV = a file to which every score fit appends "alpha seed generation params".
+FAULT_ENV = "COLLAPSELAB_FAULT"
+FIT_LOG_ENV = "COLLAPSELAB_FIT_LOG"
+
+
+def hooks_from_environment():
+    """The :class:`Hooks` that ``COLLAPSELAB_FAULT`` / ``COLLAPSELAB_FIT_LOG`` ask for, or
+    None when neither is set."""
+    import json
+    import os
+
+    from .engine.hooks import Hooks
+    from .errors import ConfigError
+
+    fault, fit_log = os.environ.get(FAULT_ENV), os.environ.get(FIT_LOG_ENV)
+    if not (fault or fit_log):
+        return None
+    try:
+        return Hooks(faults=json.loads(fault) if fault else (), fit_log=fit_log or None)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(FAULT_ENV, f"not a fault (or list of them): {exc}") from None
+
+
 class _Group(click.Group):
     """Turn user errors into one line and exit code 2, everywhere."""
 
@@ -211,6 +238,7 @@ def run(source, extra, out, overrides, workers, executor, address, cpus_per_chai
 
         build_target(cfg)
     check_device(cfg, executor, address)
+    hooks = hooks_from_environment()  # tests' faults and fit log, checked before any write
     root = Path(out) if out else default_out(cfg)
     check_model(cfg)  # a plug-in that cannot be found: refused before the lock makes the dir
     check_cell_names(cfg)
@@ -241,7 +269,8 @@ def run(source, extra, out, overrides, workers, executor, address, cpus_per_chai
         full = sum(p >= G for p in progress)
         click.echo(f"resuming {store.root}: {sum(progress)} of {len(todo) * G} generations "
                    f"already done ({full} of {len(todo)} chains complete); computing the rest")
-    kwargs = dict(executor=executor, workers=workers, address=address, resources=resources)
+    kwargs = dict(executor=executor, workers=workers, address=address, resources=resources,
+                  hooks=hooks)
     interactive = sys.stdout.isatty()
     try:
         if quiet:

@@ -1,16 +1,13 @@
-"""What every driver of chains shares: the chain's identity, the test hooks, generation-0
-sharing, progress read from the run directory, and the pool of spawned worker processes.
-Used by :mod:`collapselab.engine.executors` (local, pool, Ray) and
-:mod:`collapselab.engine.lockstep` (the
-batched executor)."""
+"""What every driver of chains shares: the chain's identity, generation-0 sharing, progress
+read from the run directory, and the pool of spawned worker processes. Used by
+:mod:`collapselab.engine.executors` (local, pool, Ray) and :mod:`collapselab.engine.lockstep`
+(the batched executor)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..config import Config
@@ -18,13 +15,6 @@ from .store import RunStore, read_json
 
 log = logging.getLogger("collapselab")
 
-# Test hooks, read by the worker that runs a chain (documented in docs/distributed.md):
-# FAULT_ENV = JSON {"alpha", "seed", "generation", "kind": exit|raise|nan} (or a list of them)
-# injects a failure into that chain's generation (exit = the worker process dies mid-generation);
-# FIT_LOG_ENV = a file to which every score fit appends "alpha seed generation params" (counts
-# what was actually trained).
-FAULT_ENV = "COLLAPSELAB_FAULT"
-FIT_LOG_ENV = "COLLAPSELAB_FIT_LOG"
 POLL_SECONDS = 0.25
 
 
@@ -43,64 +33,6 @@ class ChainSpec:
     def label(self) -> str:
         extra = " ".join(f"{k}={v}" for k, v in self.params)
         return f"{extra + ' ' if extra else ''}alpha={self.alpha:g} seed={self.seed}"
-
-
-def read_hooks() -> dict:
-    """The test hooks set in this (driver) process's environment, passed on to the workers."""
-    hooks = {}
-    if os.environ.get(FAULT_ENV):
-        hooks["fault"] = json.loads(os.environ[FAULT_ENV])
-    if os.environ.get(FIT_LOG_ENV):
-        hooks["fit_log"] = os.environ[FIT_LOG_ENV]
-    return hooks
-
-
-def _fault(kind: str, generation: int):
-    if kind == "exit":
-        os._exit(17)  # a killed worker: no cleanup, no exception, files of this generation absent
-    if kind == "nan":
-        from ..scores.training import TrainingDivergedError
-
-        raise TrainingDivergedError(1, float("nan"))
-    raise RuntimeError(f"injected fault at generation {generation}")
-
-
-def apply_fit_hooks(hooks: dict, ctx, generation: int) -> None:
-    """The test hooks at one score fit of chain ``ctx`` (a :class:`loop.ChainContext`): inject
-    the fault configured for (α, seed, generation), then log the fit. Called by the wrapped
-    loop.fit_score and, for fits that bypass it, by the batched executor."""
-    faults = hooks.get("fault") or []
-    faults = [faults] if isinstance(faults, dict) else faults
-    for f in faults:
-        if (float(f["alpha"]) == float(ctx.alpha) and int(f["seed"]) == int(ctx.seed)
-                and int(f["generation"]) == generation):
-            _fault(f.get("kind", "raise"), generation)
-    if hooks.get("fit_log"):
-        with open(hooks["fit_log"], "a") as f:  # O_APPEND: one short line per fit
-            f.write(f"{float(ctx.alpha)!r} {int(ctx.seed)} {generation} "
-                    f"{json.dumps(ctx.params)}\n")
-
-
-@contextmanager
-def installed_hooks(hooks: dict):
-    """Wrap loop.fit_score while chains run in this process when test hooks are given (the
-    chain is read from the fit's context, so one wrapper serves any number of chains)."""
-    if not hooks:
-        yield
-        return
-    from . import loop
-
-    real_fit = loop.fit_score
-
-    def fit(ctx, generation, *args, **kwargs):
-        apply_fit_hooks(hooks, ctx, generation)
-        return real_fit(ctx, generation, *args, **kwargs)
-
-    loop.fit_score = fit
-    try:
-        yield
-    finally:
-        loop.fit_score = real_fit
 
 
 def _exit_with_parent() -> None:

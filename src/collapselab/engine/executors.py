@@ -39,19 +39,15 @@ import yaml
 from ..config import Config, build_config
 from ..errors import ConfigError
 from .chains import (  # noqa: F401  (re-exported: the names every driver shares)
-    FAULT_ENV,
-    FIT_LOG_ENV,
     POLL_SECONDS,
     ChainSpec,
     WorkerPool,
     adopt_generation_zero_for,
-    apply_fit_hooks,
     generation_zero_source,
-    installed_hooks,
-    read_hooks,
     report_new_cells,
 )
 from .chains import died as _died
+from .hooks import Hooks
 from .store import (
     RunStore,
     atomic_write_json,
@@ -242,7 +238,7 @@ def execute_chain(cfg_data: dict, root: str, alpha: float, seed: int, params: di
 
     The entry point of every executor (in-process, pool worker, Ray task): plain arguments, a
     plain dict back — ``ok``, ``start`` (generations done before), ``computed``, and on failure
-    ``error`` / ``traceback``.
+    ``error`` / ``traceback``. ``hooks``: the test hooks as plain data (:meth:`Hooks.as_dict`).
     """
     import torch
 
@@ -258,10 +254,10 @@ def execute_chain(cfg_data: dict, root: str, alpha: float, seed: int, params: di
             on_generation(generation, seconds)
 
     try:
-        with installed_hooks(hooks or {}):
-            from .loop import run_chain  # torch loads here, after the input is validated
+        from .loop import run_chain  # torch loads here, after the input is validated
 
-            computed = run_chain(cfg, alpha, seed, store, on_generation=guarded, params=params)
+        computed = run_chain(cfg, alpha, seed, store, on_generation=guarded, params=params,
+                             hooks=Hooks.from_dict(hooks))
     except Exception as exc:  # the chain's failure is data for the driver, not a crash
         done = store.completed(alpha, seed, params)
         return {"ok": False, "start": start, "computed": done - start,
@@ -508,6 +504,7 @@ def run_experiment(
     address: str | None = None,
     resources: Resources | None = None,
     stats: dict | None = None,
+    hooks: Hooks | None = None,
 ):
     """Run or resume every chain, then write results.parquet and summary.{parquet,csv}.
 
@@ -525,6 +522,8 @@ def run_experiment(
         cuda; fractional GPUs allowed).
     stats: filled with ``generation_zero_trained`` (chains that computed generation 0 now) and
         ``failed`` (labels of failed chains).
+    hooks: test hooks (:class:`collapselab.engine.hooks.Hooks`: injected faults, a log of the
+        fits), passed to every chain's worker and called before each score fit.
     Returns the results table; raises :class:`ChainFailed` after every other chain has finished
     when one or more chains failed (results.parquet then holds what was completed).
     """
@@ -542,10 +541,12 @@ def run_experiment(
     check_device(cfg, executor, address)
     with run_lock(store.root):
         return _run_locked(cfg, store, on_generation, executor=executor, workers=workers,
-                           address=address, resources=resources, stats=stats)
+                           address=address, resources=resources, stats=stats,
+                           hooks=hooks.as_dict() if hooks else {})
 
 
-def _run_locked(cfg, store, on_generation, *, executor, workers, address, resources, stats):
+def _run_locked(cfg, store, on_generation, *, executor, workers, address, resources, stats,
+                hooks):
     """run_experiment's body, with the run directory's lock held."""
     _open_run_dir(cfg, store)
     _migrate_legacy_cells(cfg, store)
@@ -559,7 +560,6 @@ def _run_locked(cfg, store, on_generation, *, executor, workers, address, resour
                       {**environment(), "device": cfg.device, "executor": executor,
                        "workers": workers or 1, "address": address,
                        "resources_per_chain": vars(resources)})
-    hooks = read_hooks()
     if executor == "batched":
         from .lockstep import grouped
 

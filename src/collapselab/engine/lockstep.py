@@ -54,11 +54,10 @@ from ..config import Config, build_config
 from .chains import (
     ChainSpec,
     adopt_generation_zero_for,
-    apply_fit_hooks,
     generation_zero_source,
-    installed_hooks,
     report_new_cells,
 )
+from .hooks import Hooks
 from .store import RunStore, clear_failure, failure_path, read_json, record_failure
 
 log = logging.getLogger("collapselab")
@@ -97,6 +96,7 @@ def run_lockstep(
 ) -> LockstepOutcome:
     """Run or resume ``specs`` group by group, generation by generation (module docstring).
 
+    hooks: the test hooks as plain data (:meth:`Hooks.as_dict`), called before each fit.
     threads: torch's intra-op threads for the run (restored afterwards) and the shards of each
     batched fit (:func:`grouped` gives each process its share of ``--workers``).
     """
@@ -106,12 +106,11 @@ def run_lockstep(
     torch.set_num_threads(max(1, int(threads)))
     lock = _Lockstep(cfg, store, on_generation, hooks, max(1, int(threads)))
     try:
-        with installed_hooks(hooks):  # the fits that go through loop.fit_score
-            groups: dict[tuple, list[ChainSpec]] = {}
-            for c in specs:
-                groups.setdefault(c.params, []).append(c)
-            for members in groups.values():
-                lock.run_group(members)
+        groups: dict[tuple, list[ChainSpec]] = {}
+        for c in specs:
+            groups.setdefault(c.params, []).append(c)
+        for members in groups.values():
+            lock.run_group(members)
     finally:
         torch.set_num_threads(previous)
     return lock.outcome
@@ -286,7 +285,7 @@ class Grouped:
 class _Lockstep:
     def __init__(self, cfg: Config, store: RunStore, on_generation, hooks: dict, threads: int):
         self.cfg, self.store, self.on_generation = cfg, store, on_generation
-        self.hooks, self.threads = hooks, threads
+        self.hooks, self.threads = Hooks.from_dict(hooks), threads  # plain data -> Hooks
         self.G = cfg.loop.generations
         self.next: dict[ChainSpec, int] = {}
         self.runners: dict[ChainSpec, object] = {}
@@ -338,7 +337,8 @@ class _Lockstep:
             from .loop import ChainRunner
 
             log.info("%s: starting at generation %d", c.label(), self.next[c])
-            self.runners[c] = ChainRunner(self.cfg, c.alpha, c.seed, self.store, c.param_dict)
+            self.runners[c] = ChainRunner(self.cfg, c.alpha, c.seed, self.store, c.param_dict,
+                                          hooks=self.hooks)
         return self.runners[c]
 
     # ---- one generation of a batch ---------------------------------------------------------
@@ -372,7 +372,7 @@ class _Lockstep:
                 by_shape.setdefault(tuple(it.train.x.shape), []).append(it)
             singles, batches = [], list(by_shape.values())
         fitted = []
-        for it in singles:  # exactly as run_chain fits (through the hooks' wrapper)
+        for it in singles:  # exactly as run_chain fits (the hooks called by the runner)
             t = time.perf_counter()
             try:
                 it.score, it.state = it.runner.fit(g, it.train, it.q_law)
@@ -393,8 +393,8 @@ class _Lockstep:
         live = []
         for it in group:
             try:
-                if self.hooks:
-                    apply_fit_hooks(self.hooks, it.runner.ctx, g)
+                if self.hooks:  # as ChainRunner.fit calls them for a fit of its own
+                    self.hooks.at_fit(it.runner.ctx, g)
             except Exception as exc:
                 self._fail(it.chain, exc)
                 continue

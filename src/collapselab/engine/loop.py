@@ -37,6 +37,7 @@ from ..targets import (
     paper_gmm_means,
     ring,
 )
+from .hooks import Hooks
 from .store import (
     RunStore,
     atomic_save_npy,
@@ -700,9 +701,11 @@ class ChainRunner:
     """
 
     def __init__(
-        self, cfg: Config, alpha: float, seed: int, store: RunStore, params: dict | None = None
+        self, cfg: Config, alpha: float, seed: int, store: RunStore, params: dict | None = None,
+        hooks: Hooks | None = None,
     ):
         params = dict(params or {})
+        self.hooks = hooks if hooks else None  # the test hooks, called before each fit
         self.cfg = cfg.with_params(params)
         self.ctx = ChainContext(self.cfg, alpha, seed, store, params)
         self.G = self.cfg.loop.generations
@@ -748,9 +751,10 @@ class ChainRunner:
         return train, training_law(ctx, i, self.laws)
 
     def fit(self, generation: int, train: TrainingSet, q_law):
-        """This chain's own score fit (:func:`fit_score`, looked up at call time so that the
-        executors' test hooks, which wrap it, apply)."""
+        """This chain's own score fit (:func:`fit_score`), the test hooks called first."""
         self._check(generation)
+        if self.hooks is not None:
+            self.hooks.at_fit(self.ctx, generation)
         return fit_score(self.ctx, generation, train, q_law)
 
     def finish(
@@ -806,13 +810,15 @@ def run_chain(
     store: RunStore,
     on_generation: Callable[[int, float], None] | None = None,
     params: dict | None = None,
+    hooks: Hooks | None = None,
 ) -> int:
     """Run (or resume) one chain; returns the number of generations computed now.
 
     ``params`` are the chain's values of swept keys other than α and seed (``cfg`` is the
-    experiment's configuration; the chain runs ``cfg.with_params(params)``).
+    experiment's configuration; the chain runs ``cfg.with_params(params)``); ``hooks`` are
+    the test hooks (:class:`collapselab.engine.hooks.Hooks`) called before each score fit.
     """
-    runner = ChainRunner(cfg, alpha, seed, store, params)
+    runner = ChainRunner(cfg, alpha, seed, store, params, hooks=hooks)
     for i in range(runner.start, runner.G):
         t_start = time.perf_counter()
         train, q_law = runner.prepare(i)
