@@ -32,11 +32,14 @@ __all__ = [
     "Cause",
     "GaussianSmoothing",
     "PlanResult",
+    "PredictionCheck",
     "Regime",
     "Status",
     "check_bound",
     "check_identity",
     "check_recursion",
+    "check_recursion_step",
+    "compare_prediction",
     "check_single_generation",
     "chi2_lower_bound",
     "chi2_lower_bound_clean",
@@ -169,6 +172,7 @@ class Status(StrEnum):
     IDENTITY = "identity"  # the relation holds with equality for this model: no test
     CONSISTENT = "consistent"  # calibration: both sides of an identity agree within noise
     INCONSISTENT = "inconsistent"  # calibration: they disagree beyond noise
+    COMPARED = "compared"  # a ≲ prediction set beside a measurement: compared, not tested
 
 
 class Cause(StrEnum):
@@ -200,6 +204,11 @@ class Cause(StrEnum):
     # calibration outcomes
     EPS_HAT_LOW = "eps_hat_low"  # ½ ε̂² below what the identity needs
     EPS_HAT_HIGH = "eps_hat_high"
+    # recursion across generations
+    BOTH_INFINITE = "both_infinite"  # ∞ on both sides: the comparison is undecidable
+    INTRA_INFINITE = "intra_infinite"  # I_i = ∞ with D_{i+1}, D_i finite (violated)
+    # discounted-sum prediction
+    NO_FINITE_RATIO = "no_finite_ratio"  # measured or predicted D not finite and positive
 
 
 @dataclass(frozen=True)
@@ -519,6 +528,75 @@ def check_recursion(alpha: float, D, I) -> np.ndarray:
     lhs = D[1:] + mixture_chi2(alpha, D[:-1])
     with np.errstate(invalid="ignore"):
         return np.asarray(lhs - recursion_lower_bound(alpha, I[:n]), dtype=np.float64)
+
+
+def check_recursion_step(alpha: float, D_next: float, D_prev: float, intra: float, *,
+                         D_next_stderr: float = 0.0, D_prev_stderr: float = 0.0,
+                         intra_stderr: float = 0.0, n_sigma: float = 2.0,
+                         generation: int | None = None) -> BoundCheck:
+    """The recursion D_{i+1} + (1−α)² D_i ≥ (α/2) I_i (docs/paper.md §4) at one generation, as
+    a :class:`BoundCheck` named ``recursion`` (direction ``'lower'``).
+
+    measured = D_{i+1} + (1−α)² D_i, bound = (α/2) I_i; the slack (:func:`check_recursion`) is
+    ``detail['slack']`` and ``gap = −slack``. It holds when slack + n_sigma·σ ≥ 0 with σ the
+    combined standard error of both sides. Codes: NaN inputs → NO_CLAIM / MEASURED_NAN (the
+    NaN ones named in ``detail['missing']``); ∞ on both sides → NO_CLAIM / BOTH_INFINITE;
+    an infinite left side → HELD / MEASURED_INFINITE_OK; an infinite I_i with finite D →
+    FAILED / INTRA_INFINITE; otherwise HELD, or FAILED / VIOLATED.
+    """
+    a = float(alpha)
+    r = (1.0 - a) ** 2
+    s = float(check_recursion(a, [D_prev, D_next], [intra])[0])
+    lhs = D_next + (r * D_prev if r > 0 else 0.0)
+    rhs = float(recursion_lower_bound(a, intra))
+    m_se = math.sqrt(D_next_stderr ** 2 + r * r * D_prev_stderr ** 2)
+    se = math.sqrt(D_next_stderr ** 2 + r * r * D_prev_stderr ** 2
+                   + (a / 2) ** 2 * intra_stderr ** 2)
+    detail = {"slack": s, "generation": generation, "missing": ()}
+    if math.isnan(s):
+        missing = tuple(n for n, x in (("D_{i+1}", D_next), ("D_i", D_prev), ("I_i", intra))
+                        if math.isnan(x))
+        detail["missing"] = missing
+        status, cause, held = Status.NO_CLAIM, (Cause.MEASURED_NAN if missing
+                                                else Cause.BOTH_INFINITE), None
+    elif math.isinf(s):
+        held = s > 0
+        status = Status.HELD if held else Status.FAILED
+        cause = Cause.MEASURED_INFINITE_OK if held else Cause.INTRA_INFINITE
+    else:
+        held = s + n_sigma * se >= 0
+        status = Status.HELD if held else Status.FAILED
+        cause = Cause.NONE if held else Cause.VIOLATED
+    return BoundCheck("recursion", rhs, lhs, m_se, "lower", held, status, cause,
+                      bound_stderr=a / 2 * intra_stderr, n_sigma=n_sigma, gap=-s, sigma=se,
+                      detail=detail)
+
+
+@dataclass(frozen=True)
+class PredictionCheck:
+    """The discounted-sum prediction of D_{N+1} (docs/paper.md §4) set beside its measurement.
+
+    The decomposition is a ≲ relation with unknown constants, so nothing is tested: status is
+    ``Status.COMPARED``; cause ``Cause.NO_FINITE_RATIO`` when measured or predicted is not
+    finite and positive (then ratio is NaN), else ``Cause.NONE``.
+    """
+
+    predicted: float
+    measured: float
+    ratio: float
+    status: Status = Status.COMPARED
+    cause: Cause = Cause.NONE
+    generation: int | None = None
+
+
+def compare_prediction(predicted: float, measured: float,
+                       generation: int | None = None) -> PredictionCheck:
+    """Measured D_{N+1} against the discounted sum :func:`predicted_divergence` (a ratio)."""
+    p, m = float(predicted), float(measured)
+    if math.isfinite(p) and math.isfinite(m) and p > 0:
+        return PredictionCheck(p, m, m / p, generation=generation)
+    return PredictionCheck(p, m, float("nan"), cause=Cause.NO_FINITE_RATIO,
+                           generation=generation)
 
 
 def persistence_floor(alpha, eta_f, eps_f):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .theory import BoundCheck, Cause, Status
+from .theory import BoundCheck, Cause, PredictionCheck, Status
 
 STATUS_TEXT = {
     Status.HELD: "held",
@@ -18,6 +18,7 @@ STATUS_TEXT = {
     Status.IDENTITY: "identity",
     Status.CONSISTENT: "consistent",
     Status.INCONSISTENT: "inconsistent",
+    Status.COMPARED: "compared",
 }
 
 # Short tags (tables, counts) for each cause code.
@@ -42,6 +43,9 @@ CAUSE_TAG = {
     Cause.NOT_T0: "measured against q_i, not q_i pushed to t0",
     Cause.EPS_HAT_LOW: "ε̂² estimate too low",
     Cause.EPS_HAT_HIGH: "ε̂² estimate too high",
+    Cause.BOTH_INFINITE: "both sides infinite (undecidable)",
+    Cause.INTRA_INFINITE: "I_i infinite while D is finite",
+    Cause.NO_FINITE_RATIO: "no finite ratio",
 }
 
 
@@ -150,3 +154,37 @@ def render_check(chk: BoundCheck) -> str:
                 f"{chk.n_sigma:g} standard errors, so consistent with the bound{tail}")
     sig = f" ({chk.gap / chk.sigma:.1f} standard errors)" if chk.sigma > 0 else ""
     return f"{desc}: violated by {fmt(chk.gap)}{sig}{tail}; likely cause: {_likely(chk)}"
+
+
+def render_recursion(chk: BoundCheck) -> str:
+    """One sentence for a recursion check (:func:`~collapselab.theory.check_recursion_step`)."""
+    c = chk.cause
+    if c is Cause.MEASURED_NAN:
+        return ("cannot be checked: " + ", ".join(chk.detail.get("missing", ()))
+                + " could not be estimated reliably (NaN)")
+    if c is Cause.BOTH_INFINITE:
+        return "both sides are infinite, so the comparison is undecidable"
+    if c is Cause.MEASURED_INFINITE_OK:
+        return ("the left side is infinite (D infinite: the model's tails have outgrown the "
+                "target's), which satisfies the recursion")
+    if c is Cause.INTRA_INFINITE:
+        return ("I_i is infinite while D_{i+1} and D_i are finite: the recursion is violated "
+                "(or the χ² estimates disagree about the tails)")
+    s = chk.detail.get("slack", -chk.gap)
+    desc = (f"D_(i+1) + (1−α)² D_i = {fmt(chk.measured)} against (α/2) I_i = {fmt(chk.bound)} "
+            f"(slack {fmt(s)} ± {fmt(chk.sigma, 2)})")
+    if chk.status is Status.FAILED:
+        return f"{desc}: the recursion is violated beyond {chk.n_sigma:g} standard errors"
+    if s >= 0:
+        return f"{desc}: it holds"
+    return f"{desc}: on the wrong side, within {chk.n_sigma:g} standard errors"
+
+
+def render_prediction(cmp: PredictionCheck) -> str:
+    """One sentence for :func:`~collapselab.theory.compare_prediction` (D_g, g = N + 1)."""
+    g, m, p = cmp.generation, cmp.measured, cmp.predicted
+    if cmp.cause is Cause.NO_FINITE_RATIO:
+        return f"measured D_{g} = {fmt(m)}, predicted {fmt(p)}: no finite ratio"
+    return (f"measured D_{g} = {fmt(m)} against the discounted sum Σ (1−α)^(2(N−i)) ε⋆,i² = "
+            f"{fmt(p)} (ratio {fmt(cmp.ratio, 3)}); the decomposition is a ≲ relation "
+            "(constants and C_bias unknown)")
