@@ -10,7 +10,7 @@ import pytest
 from collapselab import theory as th
 from collapselab.theory import Cause as K
 from collapselab.theory import Status as S
-from collapselab.verdicts import render_check
+from collapselab.verdicts import render_check, render_regime
 
 INF, NAN = math.inf, math.nan
 
@@ -366,10 +366,10 @@ GENS = np.arange(20, dtype=np.float64)
 def test_regime_constant_error_saturates(alpha, with_eps):
     eps = np.full(20, 0.01)
     reg = th.classify_regime(alpha, _chain(alpha, eps), eps if with_eps else None)
-    assert reg.label == "saturating", reg.evidence
+    assert reg.label == "saturating", render_regime(reg)
     # plateau 0.01 / (α(2−α)); e.g. α = 0.5: 0.01 / 0.75 = 0.013333
     assert reg.plateau == pytest.approx(0.01 / (alpha * (2 - alpha)))
-    assert "plateau" in reg.evidence
+    assert "plateau" in render_regime(reg)
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.5])
@@ -377,7 +377,7 @@ def test_regime_constant_error_saturates(alpha, with_eps):
 def test_regime_inverse_square_errors_stable(alpha, with_eps):
     eps = 0.05 / (GENS + 1.0) ** 2
     reg = th.classify_regime(alpha, _chain(alpha, eps), eps if with_eps else None)
-    assert reg.label == "stable", reg.evidence
+    assert reg.label == "stable", render_regime(reg)
     if with_eps:
         assert reg.decay_exponent == pytest.approx(-2.0)
 
@@ -386,8 +386,8 @@ def test_regime_inverse_square_errors_stable(alpha, with_eps):
 def test_regime_alpha_zero_with_floor_collapses(with_eps):
     eps = np.full(20, 0.01)
     reg = th.classify_regime(0.0, _chain(0.0, eps), eps if with_eps else None)
-    assert reg.label == "collapsing", reg.evidence
-    assert "α = 0" in reg.evidence
+    assert reg.label == "collapsing", render_regime(reg)
+    assert "α = 0" in render_regime(reg)
     assert reg.slope == pytest.approx(0.01)  # D_i = 0.01 i
 
 
@@ -401,7 +401,7 @@ def test_regime_alpha_zero_summable_saturates_and_harmonic_collapses():
 def test_regime_slow_decay_with_discount_is_stable_but_mentions_persistence():
     eps1 = 0.05 / (GENS + 1.0)
     reg = th.classify_regime(0.5, _chain(0.5, eps1), eps1)
-    assert reg.label == "stable" and "persistence" in reg.evidence
+    assert reg.label == "stable" and "persistence" in render_regime(reg)
 
 
 def test_regime_growing_errors_and_linear_rise_collapse():
@@ -409,7 +409,7 @@ def test_regime_growing_errors_and_linear_rise_collapse():
     assert th.classify_regime(0.5, _chain(0.5, eps), eps).label == "collapsing"
     # D_i = 0.01 i with α = 0.5: innovations D_(i+1) − ¼ D_i = 0.01 + 0.0075 i grow → collapse
     reg = th.classify_regime(0.5, 0.01 * np.arange(21.0), np.full(20, 0.01))
-    assert reg.label == "collapsing" and "grows" in reg.evidence
+    assert reg.label == "collapsing" and "grows" in render_regime(reg)
 
 
 def _recursion_by_hand(alpha, c, eps, n):
@@ -427,7 +427,7 @@ def test_regime_saturates_whatever_the_constant(alpha, c):
     # collapsing by comparison with the unit-constant plateau 0.01/0.75 = 0.01333.
     D = _recursion_by_hand(alpha, c, 0.01, 20)
     reg = th.classify_regime(alpha, D, np.full(20, 0.01))
-    assert reg.label == "saturating", reg.evidence
+    assert reg.label == "saturating", render_regime(reg)
     limit = c * 0.01 / (1.0 - (1.0 - alpha) ** 2)
     assert reg.plateau == pytest.approx(limit, rel=1e-9)
     assert reg.innovation_constant == pytest.approx(c, rel=1e-9)
@@ -445,7 +445,7 @@ def test_regime_noisy_chains_with_constant(c):
         D = _recursion_by_hand(0.5, c, 0.01, 20) * (1 + 0.05 * rng.standard_normal(21))
         eps = 0.01 * (1 + 0.05 * rng.standard_normal(20))
         reg = th.classify_regime(0.5, D, eps)
-        assert reg.label == "saturating", reg.evidence
+        assert reg.label == "saturating", render_regime(reg)
         # c within 5 standard errors of the truth (noise 5% per value)
         assert abs(reg.innovation_constant - c) < 5 * reg.innovation_constant_stderr + 1e-12
         # α = 0 with the same innovation floor: D = c·ε²·i grows without bound
@@ -458,7 +458,7 @@ def test_regime_infinite_d_collapses():
     D = _chain(0.5, np.full(20, 0.01))
     D[-2] = INF
     reg = th.classify_regime(0.5, D)
-    assert reg.label == "collapsing" and "infinite at generation 19" in reg.evidence
+    assert reg.label == "collapsing" and "infinite at generation 19" in render_regime(reg)
 
 
 def test_regime_noisy_chains():
@@ -474,14 +474,14 @@ def test_regime_noisy_chains():
 
 def test_regime_undetermined():
     reg = th.classify_regime(0.5, [0.0, 0.01, 0.02])
-    assert reg.label == "undetermined" and "only 3 generations" in reg.evidence
+    assert reg.label == "undetermined" and "only 3 generations" in render_regime(reg)
     D = _chain(0.5, np.full(10, 0.01))
     D[6:] = NAN
     assert th.classify_regime(0.5, D).label == "undetermined"
     # α = 0 and increments that decay at a rate the linear fit cannot judge (some are ≤ 0)
     inc = np.linspace(0.01, -0.001, 20)
     reg = th.classify_regime(0.0, np.concatenate([[0.0], np.cumsum(inc)]))
-    assert reg.label == "undetermined" and "rate" in reg.evidence
+    assert reg.label == "undetermined" and "rate" in render_regime(reg)
     with pytest.raises(ValueError):
         th.classify_regime(1.5, np.zeros(10))
 

@@ -17,7 +17,14 @@ import numpy as np
 import pandas as pd
 
 from ..engine.store import RESULT_COLUMNS
-from ..verdicts import cause_tag, render_check, render_prediction, render_recursion, status_text
+from ..verdicts import (
+    cause_tag,
+    render_check,
+    render_prediction,
+    render_recursion,
+    render_regime,
+    status_text,
+)
 
 # Preference order when several estimators measured the same metric.
 ESTIMATOR_ORDER = ["exact", "monte_carlo", "classifier", "knn", "gaussian_features"]
@@ -246,8 +253,9 @@ def _regime_rows(group, base, alpha) -> list[dict]:
     return [{**base, "seed": pd.NA, "generation": pd.NA, "kind": "regime", "check": "regime",
              "bound": reg.plateau, "bound_stderr": math.nan, "measured": D[-1],
              "measured_stderr": math.nan, "measured_metric": "accumulated_chi2",
-             "direction": "", "slack": reg.slope, "held": None, "status": reg.label,
-             "cause": "", "reason": f"{reg.label}: {reg.evidence} (D and ε⋆² averaged over "
+             "direction": "", "slack": reg.slope, "held": None, "status": reg.label.value,
+             "cause": reg.reason.value,
+             "reason": f"{reg.label.value}: {render_regime(reg)} (D and ε⋆² averaged over "
                                     f"{len(per_seed_D)} seed(s))"}]
 
 
