@@ -21,6 +21,9 @@ STATUS_TEXT = {
     Status.COMPARED: "compared",
 }
 
+# The status column of a bounds table holds STATUS_TEXT; this turns it back into codes.
+STATUS_OF_TEXT = {v: k for k, v in STATUS_TEXT.items()}
+
 # Short tags (tables, counts) for each cause code.
 CAUSE_TAG = {
     Cause.NONE: "",

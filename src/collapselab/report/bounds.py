@@ -17,7 +17,9 @@ import numpy as np
 import pandas as pd
 
 from ..engine.store import RESULT_COLUMNS
+from ..theory import Status
 from ..verdicts import (
+    STATUS_OF_TEXT,
     cause_tag,
     render_check,
     render_prediction,
@@ -308,28 +310,40 @@ def bound_checks(bt: pd.DataFrame) -> pd.DataFrame:
     return bt[bt.kind.isin(["single_generation", "recursion"])] if len(bt) else bt
 
 
+def status_codes(bt: pd.DataFrame) -> pd.Series:
+    """The :class:`~collapselab.theory.Status` code of each row (the status column is its
+    wording, :data:`~collapselab.verdicts.STATUS_TEXT`); NaN for a regime row, whose status is
+    its label."""
+    return bt.status.map(STATUS_OF_TEXT) if len(bt) else pd.Series(dtype=object)
+
+
 def bounds_sentence(bt: pd.DataFrame) -> str:
-    """One sentence: how many checks held / failed / made no claim, and the main reasons."""
+    """One sentence: how many checks held / failed / made no claim, and the main reasons —
+    counted on the status and cause codes."""
     chk = bound_checks(bt)
     if chk.empty:
         return ("No bound could be checked: the results hold no score_energy_ideal rows and no "
                 "pair of accumulated/intra χ² rows (enable the pathwise section and exact "
                 "estimators).")
-    n = len(chk)
-    counts = chk.status.value_counts()
-    held, failed, none, ident = (int(counts.get(k, 0))
-                                 for k in ("held", "FAILED", "no claim", "identity"))
-    n -= int(counts.get("consistent", 0) + counts.get("inconsistent", 0))
+    codes = status_codes(chk)
+    counts = codes.value_counts()
+
+    def k(code: Status) -> int:
+        return int(counts.get(code, 0))
+
+    held, failed, none, ident = k(Status.HELD), k(Status.FAILED), k(Status.NO_CLAIM), \
+        k(Status.IDENTITY)
+    cons, inc = k(Status.CONSISTENT), k(Status.INCONSISTENT)
+    n = len(chk) - cons - inc
     s = f"Of {n} bound checks, {held} held, {failed} FAILED and {none} made no claim."
     if ident:
         s += (f" {ident} were identities for this model (score exact for its own law), "
               "used to calibrate ε̂² instead.")
-    cons, inc = int(counts.get("consistent", 0)), int(counts.get("inconsistent", 0))
     if cons + inc:
         s += f" ε̂² calibration: {cons} consistent, {inc} inconsistent."
-    for status, what in (("FAILED", "failures"), ("no claim", "no-claim checks"),
-                         ("inconsistent", "inconsistent calibrations")):
-        causes = chk[chk.status == status].cause.map(cause_tag).value_counts()
+    for code, what in ((Status.FAILED, "failures"), (Status.NO_CLAIM, "no-claim checks"),
+                       (Status.INCONSISTENT, "inconsistent calibrations")):
+        causes = chk[codes == code].cause.map(cause_tag).value_counts()
         if len(causes):
             top = ", ".join(f"{k} ({v})" for k, v in causes.head(3).items())
             s += f" Main reason for the {what}: {top}."
@@ -337,15 +351,20 @@ def bounds_sentence(bt: pd.DataFrame) -> str:
 
 
 def bounds_overview(bt: pd.DataFrame) -> pd.DataFrame:
-    """Counts of held / FAILED / no claim per (swept keys, α, check)."""
+    """Counts of held / FAILED / no claim per (swept keys, α, check), counted on the status
+    codes; the columns are their wording."""
     chk = bound_checks(bt)
     if chk.empty:
         return pd.DataFrame()
     keys = [k for k in swept_columns(chk)] + ["alpha", "check"]
-    t = chk.groupby(keys + ["status"]).size().unstack(fill_value=0)
-    cols = ["held", "FAILED", "no claim"]
-    cols += [s for s in ("identity", "consistent", "inconsistent") if s in t.columns]
-    for s in cols:
-        if s not in t.columns:
-            t[s] = 0
-    return t[cols].reset_index()
+    t = chk.assign(_code=status_codes(chk)).groupby(keys + ["_code"]).size() \
+        .unstack(fill_value=0)
+    codes = [Status.HELD, Status.FAILED, Status.NO_CLAIM]
+    codes += [c for c in (Status.IDENTITY, Status.CONSISTENT, Status.INCONSISTENT)
+              if c in t.columns]
+    for c in codes:
+        if c not in t.columns:
+            t[c] = 0
+    t = t[codes]
+    t.columns = [status_text(c) for c in codes]
+    return t.reset_index()
