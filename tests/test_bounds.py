@@ -197,6 +197,8 @@ def test_counts_come_from_codes_not_from_the_wording():
     assert "ε̂² calibration: 1 consistent, 0 inconsistent." in s
     assert f"Main reason for the failures: {cause_tag(Cause.INTRA_INFINITE)} (1)." in s
     assert f"no-claim checks: {cause_tag(Cause.BOTH_INFINITE)} (1)." in s
+    short = bounds_sentence(bt, reasons=False)
+    assert s.startswith(short) and "Main reason" not in short
     over = bounds_overview(bt).set_index("check")
     assert over.loc["recursion", ["held", "FAILED", "no claim"]].tolist() == [1, 1, 1]
     assert over.loc["single_generation", ["held", "consistent"]].tolist() == [1, 1]

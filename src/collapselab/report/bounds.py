@@ -317,9 +317,9 @@ def status_codes(bt: pd.DataFrame) -> pd.Series:
     return bt.status.map(STATUS_OF_TEXT) if len(bt) else pd.Series(dtype=object)
 
 
-def bounds_sentence(bt: pd.DataFrame) -> str:
-    """One sentence: how many checks held / failed / made no claim, and the main reasons —
-    counted on the status and cause codes."""
+def bounds_sentence(bt: pd.DataFrame, *, reasons: bool = True) -> str:
+    """One sentence: how many checks held / failed / made no claim, and (``reasons``) the main
+    reasons — counted on the status and cause codes."""
     chk = bound_checks(bt)
     if chk.empty:
         return ("No bound could be checked: the results hold no score_energy_ideal rows and no "
@@ -341,6 +341,8 @@ def bounds_sentence(bt: pd.DataFrame) -> str:
               "used to calibrate ε̂² instead.")
     if cons + inc:
         s += f" ε̂² calibration: {cons} consistent, {inc} inconsistent."
+    if not reasons:
+        return s
     for code, what in ((Status.FAILED, "failures"), (Status.NO_CLAIM, "no-claim checks"),
                        (Status.INCONSISTENT, "inconsistent calibrations")):
         causes = chk[codes == code].cause.map(cause_tag).value_counts()

@@ -1109,7 +1109,7 @@ def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
                       "(<a href='#notes'>notes</a>)")
     chk = bound_checks(bt)
     if len(chk):
-        status.append(html.escape(bounds_sentence(bt).split(" Main reason")[0])
+        status.append(html.escape(bounds_sentence(bt, reasons=False))
                       + " (<a href='#bound-checks'>bound checks</a>)")
     summary = (
         f"<h1>collapselab report: {html.escape(str(cfg.get('name', '')))}</h1>"
