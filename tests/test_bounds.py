@@ -153,3 +153,52 @@ def test_report_has_the_bound_sections(run_dir):
     assert "bound checks" in html and "Fig. 5" in html
     pos = [html.index(f'<section id="{s}"') for s in ("bounds", "bound-checks", "samples")]
     assert pos == sorted(pos)
+
+
+def test_every_row_carries_codes(run_dir):
+    from collapselab.verdicts import STATUS_OF_TEXT
+
+    bt = evaluate_bounds(pd.read_parquet(run_dir / "results.parquet"))
+    for kind, rows in bt.groupby("kind"):
+        for r in rows.itertuples():
+            if kind == "regime":
+                assert theory.RegimeLabel(r.status) and theory.RegimeReason(r.cause), r
+            else:
+                assert r.status in STATUS_OF_TEXT and isinstance(theory.Cause(r.cause),
+                                                                 theory.Cause), r
+    pr = bt[bt.kind == "prediction"]
+    assert set(pr.status) == {"compared"}
+    assert set(pr.cause) <= {"", "no_finite_ratio"}
+    assert ((pr.cause == "no_finite_ratio") == ~(np.isfinite(pr.bound) & np.isfinite(pr.measured)
+                                                  & (pr.bound > 0))).all()
+
+
+def test_counts_come_from_codes_not_from_the_wording():
+    from collapselab.report.bounds import bounds_overview, bounds_sentence
+    from collapselab.theory import Cause, Status
+    from collapselab.verdicts import cause_tag, status_text
+
+    def row(kind, status, cause, reason):
+        return {"alpha": 0.5, "seed": 0, "generation": 1, "kind": kind, "check": kind,
+                "status": status_text(status) if isinstance(status, Status) else status,
+                "cause": cause.value, "reason": reason}
+
+    bt = pd.DataFrame([
+        row("single_generation", Status.HELD, Cause.NONE, "FAILED? no: it held"),
+        row("recursion", Status.HELD, Cause.MEASURED_INFINITE_OK, "no claim in this text"),
+        row("recursion", Status.FAILED, Cause.INTRA_INFINITE, "held, says the text"),
+        row("recursion", Status.NO_CLAIM, Cause.BOTH_INFINITE, "FAILED"),
+        row("single_generation", Status.CONSISTENT, Cause.NONE, "inconsistent"),
+        row("prediction", Status.COMPARED, Cause.NO_FINITE_RATIO, "FAILED"),
+        row("regime", "collapsing", theory.RegimeReason.D_INFINITE, "FAILED"),
+    ])
+    s = bounds_sentence(bt)
+    assert s.startswith("Of 4 bound checks, 2 held, 1 FAILED and 1 made no claim.")
+    assert "ε̂² calibration: 1 consistent, 0 inconsistent." in s
+    assert f"Main reason for the failures: {cause_tag(Cause.INTRA_INFINITE)} (1)." in s
+    assert f"no-claim checks: {cause_tag(Cause.BOTH_INFINITE)} (1)." in s
+    short = bounds_sentence(bt, reasons=False)
+    assert s.startswith(short) and "Main reason" not in short
+    over = bounds_overview(bt).set_index("check")
+    assert over.loc["recursion", ["held", "FAILED", "no claim"]].tolist() == [1, 1, 1]
+    assert over.loc["single_generation", ["held", "consistent"]].tolist() == [1, 1]

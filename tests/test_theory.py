@@ -10,7 +10,7 @@ import pytest
 from collapselab import theory as th
 from collapselab.theory import Cause as K
 from collapselab.theory import Status as S
-from collapselab.verdicts import render_check
+from collapselab.verdicts import render_check, render_regime
 
 INF, NAN = math.inf, math.nan
 
@@ -366,10 +366,10 @@ GENS = np.arange(20, dtype=np.float64)
 def test_regime_constant_error_saturates(alpha, with_eps):
     eps = np.full(20, 0.01)
     reg = th.classify_regime(alpha, _chain(alpha, eps), eps if with_eps else None)
-    assert reg.label == "saturating", reg.evidence
+    assert reg.label == "saturating", render_regime(reg)
     # plateau 0.01 / (α(2−α)); e.g. α = 0.5: 0.01 / 0.75 = 0.013333
     assert reg.plateau == pytest.approx(0.01 / (alpha * (2 - alpha)))
-    assert "plateau" in reg.evidence
+    assert "plateau" in render_regime(reg)
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.5])
@@ -377,7 +377,7 @@ def test_regime_constant_error_saturates(alpha, with_eps):
 def test_regime_inverse_square_errors_stable(alpha, with_eps):
     eps = 0.05 / (GENS + 1.0) ** 2
     reg = th.classify_regime(alpha, _chain(alpha, eps), eps if with_eps else None)
-    assert reg.label == "stable", reg.evidence
+    assert reg.label == "stable", render_regime(reg)
     if with_eps:
         assert reg.decay_exponent == pytest.approx(-2.0)
 
@@ -386,8 +386,8 @@ def test_regime_inverse_square_errors_stable(alpha, with_eps):
 def test_regime_alpha_zero_with_floor_collapses(with_eps):
     eps = np.full(20, 0.01)
     reg = th.classify_regime(0.0, _chain(0.0, eps), eps if with_eps else None)
-    assert reg.label == "collapsing", reg.evidence
-    assert "α = 0" in reg.evidence
+    assert reg.label == "collapsing", render_regime(reg)
+    assert "α = 0" in render_regime(reg)
     assert reg.slope == pytest.approx(0.01)  # D_i = 0.01 i
 
 
@@ -401,7 +401,7 @@ def test_regime_alpha_zero_summable_saturates_and_harmonic_collapses():
 def test_regime_slow_decay_with_discount_is_stable_but_mentions_persistence():
     eps1 = 0.05 / (GENS + 1.0)
     reg = th.classify_regime(0.5, _chain(0.5, eps1), eps1)
-    assert reg.label == "stable" and "persistence" in reg.evidence
+    assert reg.label == "stable" and "persistence" in render_regime(reg)
 
 
 def test_regime_growing_errors_and_linear_rise_collapse():
@@ -409,7 +409,7 @@ def test_regime_growing_errors_and_linear_rise_collapse():
     assert th.classify_regime(0.5, _chain(0.5, eps), eps).label == "collapsing"
     # D_i = 0.01 i with α = 0.5: innovations D_(i+1) − ¼ D_i = 0.01 + 0.0075 i grow → collapse
     reg = th.classify_regime(0.5, 0.01 * np.arange(21.0), np.full(20, 0.01))
-    assert reg.label == "collapsing" and "grows" in reg.evidence
+    assert reg.label == "collapsing" and "grows" in render_regime(reg)
 
 
 def _recursion_by_hand(alpha, c, eps, n):
@@ -427,7 +427,7 @@ def test_regime_saturates_whatever_the_constant(alpha, c):
     # collapsing by comparison with the unit-constant plateau 0.01/0.75 = 0.01333.
     D = _recursion_by_hand(alpha, c, 0.01, 20)
     reg = th.classify_regime(alpha, D, np.full(20, 0.01))
-    assert reg.label == "saturating", reg.evidence
+    assert reg.label == "saturating", render_regime(reg)
     limit = c * 0.01 / (1.0 - (1.0 - alpha) ** 2)
     assert reg.plateau == pytest.approx(limit, rel=1e-9)
     assert reg.innovation_constant == pytest.approx(c, rel=1e-9)
@@ -445,7 +445,7 @@ def test_regime_noisy_chains_with_constant(c):
         D = _recursion_by_hand(0.5, c, 0.01, 20) * (1 + 0.05 * rng.standard_normal(21))
         eps = 0.01 * (1 + 0.05 * rng.standard_normal(20))
         reg = th.classify_regime(0.5, D, eps)
-        assert reg.label == "saturating", reg.evidence
+        assert reg.label == "saturating", render_regime(reg)
         # c within 5 standard errors of the truth (noise 5% per value)
         assert abs(reg.innovation_constant - c) < 5 * reg.innovation_constant_stderr + 1e-12
         # α = 0 with the same innovation floor: D = c·ε²·i grows without bound
@@ -458,7 +458,7 @@ def test_regime_infinite_d_collapses():
     D = _chain(0.5, np.full(20, 0.01))
     D[-2] = INF
     reg = th.classify_regime(0.5, D)
-    assert reg.label == "collapsing" and "infinite at generation 19" in reg.evidence
+    assert reg.label == "collapsing" and "infinite at generation 19" in render_regime(reg)
 
 
 def test_regime_noisy_chains():
@@ -474,14 +474,14 @@ def test_regime_noisy_chains():
 
 def test_regime_undetermined():
     reg = th.classify_regime(0.5, [0.0, 0.01, 0.02])
-    assert reg.label == "undetermined" and "only 3 generations" in reg.evidence
+    assert reg.label == "undetermined" and "only 3 generations" in render_regime(reg)
     D = _chain(0.5, np.full(10, 0.01))
     D[6:] = NAN
     assert th.classify_regime(0.5, D).label == "undetermined"
     # α = 0 and increments that decay at a rate the linear fit cannot judge (some are ≤ 0)
     inc = np.linspace(0.01, -0.001, 20)
     reg = th.classify_regime(0.0, np.concatenate([[0.0], np.cumsum(inc)]))
-    assert reg.label == "undetermined" and "rate" in reg.evidence
+    assert reg.label == "undetermined" and "rate" in render_regime(reg)
     with pytest.raises(ValueError):
         th.classify_regime(1.5, np.zeros(10))
 
@@ -654,3 +654,103 @@ def test_plan_alpha_constant_and_smoothing():
     step = float(th.smoothing_drift(1.0, sm[0], 1)[0])
     bad = th.plan_alpha(0.0, 0.5 * step, 5, smoothing=sm)
     assert not bad.feasible and bad.alpha == 1.0 and "infeasible" in bad.reason
+
+
+# ---- codes of the across-generation checks, and their wording -------------------------------
+
+
+def test_every_status_and_cause_code_has_wording():
+    from collapselab.verdicts import CAUSE_TAG, STATUS_OF_TEXT, STATUS_TEXT
+
+    assert set(STATUS_TEXT) == set(S) and set(CAUSE_TAG) == set(K)
+    assert all(STATUS_OF_TEXT[STATUS_TEXT[s]] is s for s in S)  # wording is one-to-one
+
+
+def test_recursion_step_codes_and_numbers():
+    from collapselab.verdicts import render_recursion
+
+    a, r = 0.3, 0.49
+    chk = th.check_recursion_step(a, 0.2, 0.1, 0.4, D_next_stderr=0.01, D_prev_stderr=0.02,
+                                  intra_stderr=0.04, generation=3)
+    assert (chk.status, chk.cause, chk.held) == (S.HELD, K.NONE, True)
+    assert chk.measured == pytest.approx(0.2 + r * 0.1, rel=1e-15)
+    assert chk.bound == pytest.approx(a / 2 * 0.4, rel=1e-15)
+    assert chk.detail["slack"] == pytest.approx(0.2 + r * 0.1 - a / 2 * 0.4, rel=1e-14)
+    assert chk.sigma == pytest.approx(math.sqrt(0.01**2 + r * r * 0.02**2 + (a / 2 * 0.04) ** 2))
+    assert render_recursion(chk).endswith(": it holds")
+    # slack −0.05 with σ ≈ 0.01: beyond 2σ → FAILED / VIOLATED; within 10σ → held (noise)
+    bad = dict(D_next_stderr=0.01)
+    assert th.check_recursion_step(1.0, 0.0, 0.0, 0.1, **bad).cause is K.VIOLATED
+    ok = th.check_recursion_step(1.0, 0.0, 0.0, 0.1, n_sigma=10.0, **bad)
+    assert ok.status is S.HELD and "on the wrong side, within 10" in render_recursion(ok)
+    fail = th.check_recursion_step(1.0, 0.0, 0.0, 0.1, **bad)
+    assert fail.status is S.FAILED and "violated beyond 2 standard errors" in \
+        render_recursion(fail)
+    nan = th.check_recursion_step(a, math.nan, 0.1, math.nan)
+    assert (nan.status, nan.cause, nan.held) == (S.NO_CLAIM, K.MEASURED_NAN, None)
+    assert nan.detail["missing"] == ("D_{i+1}", "I_i")
+    assert render_recursion(nan).startswith("cannot be checked: D_{i+1}, I_i could not")
+    both = th.check_recursion_step(a, math.inf, 0.1, math.inf)
+    assert (both.status, both.cause) == (S.NO_CLAIM, K.BOTH_INFINITE)
+    assert "undecidable" in render_recursion(both)
+    lhs_inf = th.check_recursion_step(a, math.inf, 0.1, 0.5)
+    assert (lhs_inf.status, lhs_inf.cause) == (S.HELD, K.MEASURED_INFINITE_OK)
+    assert "satisfies the recursion" in render_recursion(lhs_inf)
+    i_inf = th.check_recursion_step(a, 0.2, 0.1, math.inf)
+    assert (i_inf.status, i_inf.cause, i_inf.held) == (S.FAILED, K.INTRA_INFINITE, False)
+    assert "I_i is infinite" in render_recursion(i_inf)
+    # the same slack as the vectorised check
+    D, I = [0.0, 0.2, 0.1, 0.3], [0.5, 0.1, 0.7]
+    vec = th.check_recursion(a, D, I)
+    for g in range(3):
+        assert th.check_recursion_step(a, D[g + 1], D[g], I[g]).detail["slack"] == vec[g]
+
+
+def test_prediction_comparison_codes():
+    from collapselab.verdicts import render_prediction, status_text
+
+    cmp = th.compare_prediction(0.5, 0.2, generation=4)
+    assert (cmp.status, cmp.cause) == (S.COMPARED, K.NONE) and cmp.ratio == pytest.approx(0.4)
+    assert status_text(cmp.status) == "compared"
+    assert "measured D_4 = 0.2 against the discounted sum" in render_prediction(cmp)
+    assert "(ratio 0.4)" in render_prediction(cmp)
+    for p, m in ((0.5, math.inf), (0.0, 0.2), (math.nan, 0.2), (0.5, math.nan)):
+        c = th.compare_prediction(p, m, generation=2)
+        assert c.cause is K.NO_FINITE_RATIO and math.isnan(c.ratio)
+        assert render_prediction(c).endswith("no finite ratio")
+    assert "D_2 = ∞" in render_prediction(th.compare_prediction(0.5, math.inf, generation=2))
+
+
+def test_every_regime_reason_is_reached_and_rendered():
+    from collapselab.verdicts import render_regime
+
+    g = np.arange(20.0)
+    cases = {
+        th.RegimeReason.TOO_SHORT: (0.5, [0.1, 0.2]),
+        th.RegimeReason.D_INFINITE: (0.5, np.r_[np.full(15, 0.1), np.inf, np.full(4, 0.1)]),
+        th.RegimeReason.FEW_FINITE_D: (0.5, np.r_[np.full(10, 0.1), np.full(10, np.nan)]),
+        th.RegimeReason.FEW_INNOVATIONS: (0.5, np.r_[np.full(12, 0.1), np.nan, 0.1, np.nan,
+                                                     0.1, np.nan, 0.1, np.nan, 0.1]),
+        th.RegimeReason.INNOVATION_GROWS: (0.5, 0.01 * np.arange(21.0)),
+        th.RegimeReason.DISCOUNTED_DECAY: (0.5, _chain(0.5, 0.1 * (g + 1) ** -2.0)),
+        th.RegimeReason.DISCOUNTED_SLOW_DECAY: (0.5, _chain(0.5, 0.1 * (g + 1) ** -0.5)),
+        th.RegimeReason.INNOVATION_FLOOR: (0.5, _chain(0.5, np.full(20, 0.01))),
+        th.RegimeReason.NO_FRESH_SUMMABLE: (0.0, _chain(0.0, 0.1 * (g + 1) ** -2.0)),
+        th.RegimeReason.NO_FRESH_NOT_SUMMABLE: (0.0, _chain(0.0, np.full(20, 0.01))),
+        # increments decaying linearly through 0 (some ≤ 0): the rate cannot be judged
+        th.RegimeReason.NO_FRESH_RATE_UNKNOWN: (0.0, np.r_[0.0, np.cumsum(
+            np.linspace(0.02, -0.001, 20))]),
+        # zig-zag increments of mean 0.005, not significant one by one, while D rises
+        th.RegimeReason.NO_FRESH_RISING: (0.0, np.r_[0.0, np.cumsum(np.tile([0.03, -0.02], 10))]),
+    }
+    assert set(cases) == set(th.RegimeReason)
+    labels = {}
+    for reason, (a, D) in cases.items():
+        reg = th.classify_regime(a, D)
+        assert reg.reason is reason, (reason, reg.reason)
+        text = render_regime(reg)
+        assert isinstance(reg.label, th.RegimeLabel) and text and "{" not in text
+        labels[reason] = reg.label
+    assert labels[th.RegimeReason.D_INFINITE] == "collapsing"
+    assert labels[th.RegimeReason.INNOVATION_FLOOR] == "saturating"
+    assert "last D" in render_regime(th.classify_regime(*cases[th.RegimeReason.INNOVATION_FLOOR]))

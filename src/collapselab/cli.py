@@ -553,8 +553,10 @@ def report(directory):
 def bounds(directory, i0, C, c, n_sigma, no_figures):
     """Re-evaluate the paper's bounds on a finished run: DIR/bounds.{parquet,csv} + figures."""
     from .errors import CollapselabError
-    from .report.bounds import bounds_overview, bounds_sentence
+    from .report.bounds import bounds_overview, bounds_sentence, status_codes
     from .report.run import write_bounds
+    from .theory import Status
+    from .verdicts import status_text
 
     root = Path(directory)
     if not (root / "config.yaml").exists() or not (root / "results.parquet").exists():
@@ -590,16 +592,17 @@ def bounds(directory, i0, C, c, n_sigma, no_figures):
             click.echo(f"D_{int(grp.generation.iloc[0])} alpha={a:g}: discounted-sum "
                        f"prediction {np.nanmedian(p):.4g}, {ratio_txt}")
     shown = 0
-    for status in ("FAILED", "inconsistent", "no claim"):
-        rows = bt[bt.status == status] if len(bt) else bt
+    codes = status_codes(bt)
+    listed = (Status.FAILED, Status.INCONSISTENT, Status.NO_CLAIM)
+    for code in listed:
+        rows = bt[codes == code] if len(bt) else bt
         for _, r in rows.iterrows():
             if shown >= 12:
                 break
             where = f"alpha={r.alpha:g} seed={r.seed} generation={r.generation}"
-            click.echo(f"{status}: {r.check} at {where}: {r.reason}")
+            click.echo(f"{status_text(code)}: {r.check} at {where}: {r.reason}")
             shown += 1
-    left = (int((bt.status.isin(["FAILED", "inconsistent", "no claim"])).sum()) - shown
-            if len(bt) else 0)
+    left = int(codes.isin(listed).sum()) - shown if len(bt) else 0
     if left > 0:
         click.echo(f"… {left} more in {root / 'bounds.csv'}")
     click.echo(f"wrote {root / 'bounds.parquet'}, {root / 'bounds.csv'} and {len(figs)} figures")

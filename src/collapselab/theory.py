@@ -32,11 +32,16 @@ __all__ = [
     "Cause",
     "GaussianSmoothing",
     "PlanResult",
+    "PredictionCheck",
     "Regime",
+    "RegimeLabel",
+    "RegimeReason",
     "Status",
     "check_bound",
     "check_identity",
     "check_recursion",
+    "check_recursion_step",
+    "compare_prediction",
     "check_single_generation",
     "chi2_lower_bound",
     "chi2_lower_bound_clean",
@@ -169,6 +174,7 @@ class Status(StrEnum):
     IDENTITY = "identity"  # the relation holds with equality for this model: no test
     CONSISTENT = "consistent"  # calibration: both sides of an identity agree within noise
     INCONSISTENT = "inconsistent"  # calibration: they disagree beyond noise
+    COMPARED = "compared"  # a ≲ prediction set beside a measurement: compared, not tested
 
 
 class Cause(StrEnum):
@@ -200,6 +206,11 @@ class Cause(StrEnum):
     # calibration outcomes
     EPS_HAT_LOW = "eps_hat_low"  # ½ ε̂² below what the identity needs
     EPS_HAT_HIGH = "eps_hat_high"
+    # recursion across generations
+    BOTH_INFINITE = "both_infinite"  # ∞ on both sides: the comparison is undecidable
+    INTRA_INFINITE = "intra_infinite"  # I_i = ∞ with D_{i+1}, D_i finite (violated)
+    # discounted-sum prediction
+    NO_FINITE_RATIO = "no_finite_ratio"  # measured or predicted D not finite and positive
 
 
 @dataclass(frozen=True)
@@ -521,6 +532,75 @@ def check_recursion(alpha: float, D, I) -> np.ndarray:
         return np.asarray(lhs - recursion_lower_bound(alpha, I[:n]), dtype=np.float64)
 
 
+def check_recursion_step(alpha: float, D_next: float, D_prev: float, intra: float, *,
+                         D_next_stderr: float = 0.0, D_prev_stderr: float = 0.0,
+                         intra_stderr: float = 0.0, n_sigma: float = 2.0,
+                         generation: int | None = None) -> BoundCheck:
+    """The recursion D_{i+1} + (1−α)² D_i ≥ (α/2) I_i (docs/paper.md §4) at one generation, as
+    a :class:`BoundCheck` named ``recursion`` (direction ``'lower'``).
+
+    measured = D_{i+1} + (1−α)² D_i, bound = (α/2) I_i; the slack (:func:`check_recursion`) is
+    ``detail['slack']`` and ``gap = −slack``. It holds when slack + n_sigma·σ ≥ 0 with σ the
+    combined standard error of both sides. Codes: NaN inputs → NO_CLAIM / MEASURED_NAN (the
+    NaN ones named in ``detail['missing']``); ∞ on both sides → NO_CLAIM / BOTH_INFINITE;
+    an infinite left side → HELD / MEASURED_INFINITE_OK; an infinite I_i with finite D →
+    FAILED / INTRA_INFINITE; otherwise HELD, or FAILED / VIOLATED.
+    """
+    a = float(alpha)
+    r = (1.0 - a) ** 2
+    s = float(check_recursion(a, [D_prev, D_next], [intra])[0])
+    lhs = D_next + (r * D_prev if r > 0 else 0.0)
+    rhs = float(recursion_lower_bound(a, intra))
+    m_se = math.sqrt(D_next_stderr ** 2 + r * r * D_prev_stderr ** 2)
+    se = math.sqrt(D_next_stderr ** 2 + r * r * D_prev_stderr ** 2
+                   + (a / 2) ** 2 * intra_stderr ** 2)
+    detail = {"slack": s, "generation": generation, "missing": ()}
+    if math.isnan(s):
+        missing = tuple(n for n, x in (("D_{i+1}", D_next), ("D_i", D_prev), ("I_i", intra))
+                        if math.isnan(x))
+        detail["missing"] = missing
+        status, cause, held = Status.NO_CLAIM, (Cause.MEASURED_NAN if missing
+                                                else Cause.BOTH_INFINITE), None
+    elif math.isinf(s):
+        held = s > 0
+        status = Status.HELD if held else Status.FAILED
+        cause = Cause.MEASURED_INFINITE_OK if held else Cause.INTRA_INFINITE
+    else:
+        held = s + n_sigma * se >= 0
+        status = Status.HELD if held else Status.FAILED
+        cause = Cause.NONE if held else Cause.VIOLATED
+    return BoundCheck("recursion", rhs, lhs, m_se, "lower", held, status, cause,
+                      bound_stderr=a / 2 * intra_stderr, n_sigma=n_sigma, gap=-s, sigma=se,
+                      detail=detail)
+
+
+@dataclass(frozen=True)
+class PredictionCheck:
+    """The discounted-sum prediction of D_{N+1} (docs/paper.md §4) set beside its measurement.
+
+    The decomposition is a ≲ relation with unknown constants, so nothing is tested: status is
+    ``Status.COMPARED``; cause ``Cause.NO_FINITE_RATIO`` when measured or predicted is not
+    finite and positive (then ratio is NaN), else ``Cause.NONE``.
+    """
+
+    predicted: float
+    measured: float
+    ratio: float
+    status: Status = Status.COMPARED
+    cause: Cause = Cause.NONE
+    generation: int | None = None
+
+
+def compare_prediction(predicted: float, measured: float,
+                       generation: int | None = None) -> PredictionCheck:
+    """Measured D_{N+1} against the discounted sum :func:`predicted_divergence` (a ratio)."""
+    p, m = float(predicted), float(measured)
+    if math.isfinite(p) and math.isfinite(m) and p > 0:
+        return PredictionCheck(p, m, m / p, generation=generation)
+    return PredictionCheck(p, m, float("nan"), cause=Cause.NO_FINITE_RATIO,
+                           generation=generation)
+
+
 def persistence_floor(alpha, eta_f, eps_f):
     """limsup D_i ≥ α η_f ε_f / (16 (1 + (1−α)²)) (docs/paper.md §4, persistence), given an eventual
     floor ε⋆,i² ≥ ε_f on the *squared* score energy and η_i ≥ η_f on the observability.
@@ -612,27 +692,58 @@ def steady_state(alpha, eps_sq):
 # --------------------------------------------------------------------------- regimes
 
 
+class RegimeLabel(StrEnum):
+    """Regime of a chain (docs/paper.md §4 "Regimes"); equal to its plain string value."""
+
+    STABLE = "stable"
+    SATURATING = "saturating"
+    COLLAPSING = "collapsing"
+    UNDETERMINED = "undetermined"
+
+
+class RegimeReason(StrEnum):
+    """Which decision rule of :func:`classify_regime` gave the label (its numbers are in
+    ``Regime.detail``); the English lives with the renderers."""
+
+    TOO_SHORT = "too_short"  # R0: fewer than min_length values of D
+    D_INFINITE = "d_infinite"  # R1: D = +∞ in the last half
+    FEW_FINITE_D = "few_finite_d"  # R0: fewer than 3 finite D in the last half
+    FEW_INNOVATIONS = "few_innovations"  # R0: fewer than 3 finite innovations there
+    INNOVATION_GROWS = "innovation_grows"  # R2: growing innovations
+    DISCOUNTED_DECAY = "discounted_decay"  # R3: α > 0, decaying innovations
+    DISCOUNTED_SLOW_DECAY = "discounted_slow_decay"  # R3: same, no faster than 1/i
+    INNOVATION_FLOOR = "innovation_floor"  # R3: α > 0 with an innovation floor
+    NO_FRESH_RATE_UNKNOWN = "no_fresh_rate_unknown"  # R4: α = 0, decay rate not judged
+    NO_FRESH_RISING = "no_fresh_rising"  # R4: α = 0, noisy increments, D rises
+    NO_FRESH_SUMMABLE = "no_fresh_summable"  # R4: α = 0, summable increments
+    NO_FRESH_NOT_SUMMABLE = "no_fresh_not_summable"  # R4: α = 0, floor or slow decay
+
+
 @dataclass(frozen=True)
 class Regime:
     """Outcome of :func:`classify_regime`.
 
-    label: ``"stable"``, ``"saturating"``, ``"collapsing"`` or ``"undetermined"``.
-    evidence: plain-English account of the evidence used.
+    label: a :class:`RegimeLabel` (``"stable"``, ``"saturating"``, ``"collapsing"`` or
+        ``"undetermined"``); reason: the :class:`RegimeReason` code of the rule that decided.
     slope, slope_stderr: least-squares slope of the last half of D per generation (NaN if unused).
     decay_exponent: p in innovation ∝ (i+1)^p fitted on the last half (NaN if unused).
     plateau: steady state of the fitted recursion, mean innovation/(α(2−α)) (NaN if unused).
     innovation_constant, innovation_constant_stderr: c in innovation = c·ε⋆², fitted on the
         last half when ε⋆² is given (NaN otherwise).
+    detail: the numbers the reason refers to (``alpha``, ``length``, ``min_length``,
+        ``first_infinite``, ``n_tail``, ``trend`` (the innovations' tail fit), ``memory``,
+        ``last_D``). :func:`collapselab.verdicts.render_regime` words it.
     """
 
-    label: Literal["stable", "saturating", "collapsing", "undetermined"]
-    evidence: str
+    label: RegimeLabel
+    reason: RegimeReason
     slope: float = float("nan")
     slope_stderr: float = float("nan")
     decay_exponent: float = float("nan")
     plateau: float = float("nan")
     innovation_constant: float = float("nan")
     innovation_constant_stderr: float = float("nan")
+    detail: dict = field(default_factory=dict, compare=False)
 
 
 def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -652,14 +763,17 @@ def _rises(b: float, se: float, n_sigma: float, scale: float) -> bool:
 def _error_trend(gens: np.ndarray, errs: np.ndarray, n_sigma: float):
     """Characterise the tail of per-generation errors for :func:`classify_regime`.
 
-    Returns None with fewer than 3 finite values, else (kind, p, level, description) with kind
+    Returns None with fewer than 3 finite values, else (kind, p, level, fit) with kind
     one of ``growing``, ``summable`` (decaying faster than 1/i), ``decaying_slowly`` (decaying,
     but not faster than 1/i: Σε² = ∞), ``decaying`` (decaying at an unknown rate), ``floor``.
     With all finite values positive the rate comes from a log-log fit ε² ∝ (i+1)^p; otherwise
     (noisy or implied errors can be ≤ 0) from a linear trend, which cannot judge summability.
+    fit: the numbers behind it, ``method`` ``infinite`` / ``loglog`` (``p``, ``se``) /
+    ``linear`` (``slope``, ``se``), plus ``kind`` and ``level``.
     """
     if np.any(np.isposinf(errs)):
-        return "floor", float("nan"), float("inf"), "infinite values in the last half (floor)"
+        return "floor", float("nan"), float("inf"), {"method": "infinite", "kind": "floor",
+                                                     "level": float("inf")}
     fin = np.isfinite(errs)
     g, x = gens[fin], errs[fin]
     if len(x) < 3:
@@ -674,8 +788,8 @@ def _error_trend(gens: np.ndarray, errs: np.ndarray, n_sigma: float):
             kind = "summable" if p + n_sigma * se_p < -1.0 - 1e-9 else "decaying_slowly"
         else:
             kind = "floor"
-        return kind, p, level, f"decay exponent {_fmt(p)} ± {_fmt(se_p)}, mean {_fmt(level)} " \
-                               f"({kind.replace('_', ' ')})"
+        return kind, p, level, {"method": "loglog", "kind": kind, "p": p, "se": se_p,
+                                "level": level}
     bi, sei = _ols(g, x)
     sem = float(np.std(x, ddof=1)) / math.sqrt(len(x))
     scale = float(np.max(np.abs(x)))
@@ -687,8 +801,8 @@ def _error_trend(gens: np.ndarray, errs: np.ndarray, n_sigma: float):
         kind = "floor"
     else:
         kind = "summable"  # indistinguishable from zero
-    return kind, float("nan"), level, (f"linear trend {_fmt(bi)} ± {_fmt(sei)} per generation, "
-                                       f"mean {_fmt(level)} ({kind})")
+    return kind, float("nan"), level, {"method": "linear", "kind": kind, "slope": bi, "se": sei,
+                                       "level": level}
 
 
 def _innovation_constant(innov: np.ndarray, eps: np.ndarray) -> tuple[float, float]:
@@ -757,23 +871,22 @@ def classify_regime(
     if D.ndim != 1:
         raise ValueError("D_seq must be a one-dimensional sequence over generations")
     L = len(D)
+    R, Lb = RegimeReason, RegimeLabel
+    det: dict = {"alpha": a, "length": L, "min_length": min_length}
     if L < min_length:
-        return Regime("undetermined", f"only {L} generations of D; at least {min_length} are "
-                                      "needed to judge a trend")
+        return Regime(Lb.UNDETERMINED, R.TOO_SHORT, detail=det)
     start = L // 2
     gens = np.arange(L, dtype=np.float64)
     tail = D[start:]
+    det["n_tail"] = len(tail)
     if np.any(np.isposinf(tail)):
-        first = start + int(np.argmax(np.isposinf(tail)))
-        return Regime("collapsing", f"D is infinite at generation {first}: the model's tails "
-                                    "have outgrown the target's")
+        det["first_infinite"] = start + int(np.argmax(np.isposinf(tail)))
+        return Regime(Lb.COLLAPSING, R.D_INFINITE, detail=det)
     ok = np.isfinite(tail)
     if ok.sum() < 3:
-        return Regime("undetermined", "fewer than 3 finite values of D among the last "
-                                      f"{len(tail)} generations")
+        return Regime(Lb.UNDETERMINED, R.FEW_FINITE_D, detail=det)
     b, se = _ols(gens[start:][ok], tail[ok])
     scale = float(np.max(np.abs(tail[ok])))
-    trend = f"last-half slope of D {_fmt(b)} ± {_fmt(se)} per generation"
 
     r = (1.0 - a) ** 2
     # r = 0 (α = 1): nothing carries over; avoids 0 · ∞ = nan.
@@ -781,12 +894,10 @@ def classify_regime(
     e_start = len(innov) // 2
     errs = _error_trend(np.arange(e_start, len(innov), dtype=np.float64), innov[e_start:],
                         n_sigma)
-    what = "innovation D_(i+1) − (1−α)² D_i" if a > 0 else "increment D_(i+1) − D_i"
     if errs is None:
-        return Regime("undetermined", f"fewer than 3 finite values of the {what} in the last "
-                                      "half of the chain", b, se)
-    kind, p, level, how = errs
-    src = f"{what}: {how}"
+        return Regime(Lb.UNDETERMINED, R.FEW_INNOVATIONS, b, se, detail=det)
+    kind, p, level, fit = errs
+    det["trend"] = fit
     cfit = cse = float("nan")
     if eps_sq_seq is not None:
         e = _arr(eps_sq_seq)
@@ -794,53 +905,29 @@ def classify_regime(
             raise ValueError("eps_sq_seq must be a one-dimensional sequence over generations")
         n = min(len(e), len(innov))
         cfit, cse = _innovation_constant(innov[e_start:n], e[e_start:n])
-        if math.isfinite(cfit):
-            src += (f"; fitted constant c = {_fmt(cfit)} ± {_fmt(cse)} in innovation = c·ε⋆² "
-                    "(1 is the additive picture's unit constant)")
 
-    def out(label, text, plateau=float("nan")):
-        return Regime(label, text, b, se, p, plateau, cfit, cse)
+    def out(label, reason, plateau=float("nan")):
+        return Regime(label, reason, b, se, p, plateau, cfit, cse, detail=det)
 
     if kind == "growing":
-        return out("collapsing", f"the per-generation innovation grows, so D outruns any "
-                                 f"discount and does not saturate; {src}; {trend}")
+        return out(Lb.COLLAPSING, R.INNOVATION_GROWS)
     if a > 0:
         plateau = float(steady_state(a, max(level, 0.0)))
-        mem = float(memory_length(a))
+        det["memory"] = float(memory_length(a))
         if kind in ("summable", "decaying", "decaying_slowly"):
-            return out(
-                "stable",
-                f"α = {a:g} > 0 discounts past errors (memory ≈ {_fmt(mem)} generations) and the "
-                f"innovations decay, so D tends to 0; {src}; {trend}"
-                + ("; the decay is no faster than 1/i, so Σε² = ∞ and by the persistence result "
-                   "ΣD_i = ∞ even as D_i → 0" if kind == "decaying_slowly" else ""),
-                plateau,
-            )
-        return out(
-            "saturating",
-            f"α = {a:g} > 0 with an innovation floor: the fitted recursion converges to the "
-            f"plateau mean innovation/(α(2−α)) = {_fmt(plateau)} (memory ≈ {_fmt(mem)} "
-            f"generations; last D {_fmt(float(tail[ok][-1]))}); {src}; {trend}",
-            plateau,
-        )
+            return out(Lb.STABLE, R.DISCOUNTED_SLOW_DECAY if kind == "decaying_slowly"
+                       else R.DISCOUNTED_DECAY, plateau)
+        det["last_D"] = float(tail[ok][-1])
+        return out(Lb.SATURATING, R.INNOVATION_FLOOR, plateau)
     if kind == "decaying":
-        return out("undetermined",
-                   f"α = 0: no fresh data, so D converges only if its increments are summable, "
-                   f"and they decay at a rate that cannot be judged from these values; {src}; "
-                   f"{trend}")
+        return out(Lb.UNDETERMINED, R.NO_FRESH_RATE_UNKNOWN)
     if kind == "summable" and math.isnan(p) and _rises(b, se, n_sigma, scale):
         # Noisy increments indistinguishable from 0, yet D itself rises significantly: the
         # slope of D over the last half is the better-determined statistic.
-        return out("collapsing",
-                   f"α = 0: no fresh data, and D keeps rising although its noisy increments "
-                   f"cannot be told from 0 one by one; {src}; {trend}")
+        return out(Lb.COLLAPSING, R.NO_FRESH_RISING)
     if kind == "summable":
-        return out("saturating",
-                   f"α = 0: no fresh data, but the increments look summable, so D levels off; "
-                   f"{src}; {trend}")
-    return out("collapsing",
-               f"α = 0: no fresh data, and the increments are not summable (a floor or a decay "
-               f"no faster than 1/i): D grows without bound; {src}; {trend}")
+        return out(Lb.SATURATING, R.NO_FRESH_SUMMABLE)
+    return out(Lb.COLLAPSING, R.NO_FRESH_NOT_SUMMABLE)
 
 
 # --------------------------------------------------------------------------- α planner

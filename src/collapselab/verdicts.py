@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .theory import BoundCheck, Cause, Status
+from .theory import BoundCheck, Cause, PredictionCheck, Regime, RegimeReason, Status
 
 STATUS_TEXT = {
     Status.HELD: "held",
@@ -18,7 +18,11 @@ STATUS_TEXT = {
     Status.IDENTITY: "identity",
     Status.CONSISTENT: "consistent",
     Status.INCONSISTENT: "inconsistent",
+    Status.COMPARED: "compared",
 }
+
+# The status column of a bounds table holds STATUS_TEXT; this turns it back into codes.
+STATUS_OF_TEXT = {v: k for k, v in STATUS_TEXT.items()}
 
 # Short tags (tables, counts) for each cause code.
 CAUSE_TAG = {
@@ -42,6 +46,9 @@ CAUSE_TAG = {
     Cause.NOT_T0: "measured against q_i, not q_i pushed to t0",
     Cause.EPS_HAT_LOW: "ε̂² estimate too low",
     Cause.EPS_HAT_HIGH: "ε̂² estimate too high",
+    Cause.BOTH_INFINITE: "both sides infinite (undecidable)",
+    Cause.INTRA_INFINITE: "I_i infinite while D is finite",
+    Cause.NO_FINITE_RATIO: "no finite ratio",
 }
 
 
@@ -51,6 +58,13 @@ def fmt(x: float, digits: int = 4) -> str:
     if isinstance(x, float) and math.isinf(x):
         return "infinity" if x > 0 else "-infinity"
     return f"{x:.{digits}g}"
+
+
+def fmt_sym(x: float, digits: int = 4) -> str:
+    """:func:`fmt` with ∞ / −∞ as symbols (the across-generation rows' convention)."""
+    if isinstance(x, float) and math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    return fmt(x, digits)
 
 
 def status_text(status) -> str:
@@ -150,3 +164,97 @@ def render_check(chk: BoundCheck) -> str:
                 f"{chk.n_sigma:g} standard errors, so consistent with the bound{tail}")
     sig = f" ({chk.gap / chk.sigma:.1f} standard errors)" if chk.sigma > 0 else ""
     return f"{desc}: violated by {fmt(chk.gap)}{sig}{tail}; likely cause: {_likely(chk)}"
+
+
+def render_recursion(chk: BoundCheck) -> str:
+    """One sentence for a recursion check (:func:`~collapselab.theory.check_recursion_step`)."""
+    c = chk.cause
+    if c is Cause.MEASURED_NAN:
+        return ("cannot be checked: " + ", ".join(chk.detail.get("missing", ()))
+                + " could not be estimated reliably (NaN)")
+    if c is Cause.BOTH_INFINITE:
+        return "both sides are infinite, so the comparison is undecidable"
+    if c is Cause.MEASURED_INFINITE_OK:
+        return ("the left side is infinite (D infinite: the model's tails have outgrown the "
+                "target's), which satisfies the recursion")
+    if c is Cause.INTRA_INFINITE:
+        return ("I_i is infinite while D_{i+1} and D_i are finite: the recursion is violated "
+                "(or the χ² estimates disagree about the tails)")
+    s = chk.detail.get("slack", -chk.gap)
+    desc = (f"D_(i+1) + (1−α)² D_i = {fmt_sym(chk.measured)} against (α/2) I_i = "
+            f"{fmt_sym(chk.bound)} (slack {fmt_sym(s)} ± {fmt_sym(chk.sigma, 2)})")
+    if chk.status is Status.FAILED:
+        return f"{desc}: the recursion is violated beyond {chk.n_sigma:g} standard errors"
+    if s >= 0:
+        return f"{desc}: it holds"
+    return f"{desc}: on the wrong side, within {chk.n_sigma:g} standard errors"
+
+
+def render_prediction(cmp: PredictionCheck) -> str:
+    """One sentence for :func:`~collapselab.theory.compare_prediction` (D_g, g = N + 1)."""
+    g, m, p = cmp.generation, cmp.measured, cmp.predicted
+    if cmp.cause is Cause.NO_FINITE_RATIO:
+        return f"measured D_{g} = {fmt_sym(m)}, predicted {fmt_sym(p)}: no finite ratio"
+    return (f"measured D_{g} = {fmt_sym(m)} against the discounted sum Σ (1−α)^(2(N−i)) "
+            f"ε⋆,i² = {fmt_sym(p)} (ratio {fmt_sym(cmp.ratio, 3)}); the decomposition is a ≲ "
+            "relation (constants and C_bias unknown)")
+
+
+def _trend_text(fit: dict) -> str:
+    m, kind = fit.get("method"), fit.get("kind", "")
+    if m == "infinite":
+        return "infinite values in the last half (floor)"
+    if m == "loglog":
+        return (f"decay exponent {fmt(fit['p'])} ± {fmt(fit['se'])}, mean {fmt(fit['level'])} "
+                f"({kind.replace('_', ' ')})")
+    return (f"linear trend {fmt(fit['slope'])} ± {fmt(fit['se'])} per generation, "
+            f"mean {fmt(fit['level'])} ({kind})")
+
+
+def render_regime(reg: Regime) -> str:
+    """The evidence behind a :func:`~collapselab.theory.classify_regime` label, in English."""
+    d, R = reg.detail, RegimeReason
+    a = d.get("alpha", math.nan)
+    c = reg.reason
+    if c is R.TOO_SHORT:
+        return (f"only {d['length']} generations of D; at least {d['min_length']} are needed "
+                "to judge a trend")
+    if c is R.D_INFINITE:
+        return (f"D is infinite at generation {d['first_infinite']}: the model's tails have "
+                "outgrown the target's")
+    if c is R.FEW_FINITE_D:
+        return f"fewer than 3 finite values of D among the last {d['n_tail']} generations"
+    what = "innovation D_(i+1) − (1−α)² D_i" if a > 0 else "increment D_(i+1) − D_i"
+    if c is R.FEW_INNOVATIONS:
+        return f"fewer than 3 finite values of the {what} in the last half of the chain"
+    src = f"{what}: {_trend_text(d['trend'])}"
+    if math.isfinite(reg.innovation_constant):
+        src += (f"; fitted constant c = {fmt(reg.innovation_constant)} ± "
+                f"{fmt(reg.innovation_constant_stderr)} in innovation = c·ε⋆² (1 is the "
+                "additive picture's unit constant)")
+    trend = f"last-half slope of D {fmt(reg.slope)} ± {fmt(reg.slope_stderr)} per generation"
+    if c is R.INNOVATION_GROWS:
+        text = ("the per-generation innovation grows, so D outruns any discount and does not "
+                "saturate")
+    elif c in (R.DISCOUNTED_DECAY, R.DISCOUNTED_SLOW_DECAY):
+        text = (f"α = {a:g} > 0 discounts past errors (memory ≈ {fmt(d['memory'])} "
+                "generations) and the innovations decay, so D tends to 0")
+        if c is R.DISCOUNTED_SLOW_DECAY:
+            return (f"{text}; {src}; {trend}; the decay is no faster than 1/i, so Σε² = ∞ and "
+                    "by the persistence result ΣD_i = ∞ even as D_i → 0")
+    elif c is R.INNOVATION_FLOOR:
+        text = (f"α = {a:g} > 0 with an innovation floor: the fitted recursion converges to "
+                f"the plateau mean innovation/(α(2−α)) = {fmt(reg.plateau)} (memory ≈ "
+                f"{fmt(d['memory'])} generations; last D {fmt(d['last_D'])})")
+    elif c is R.NO_FRESH_RATE_UNKNOWN:
+        text = ("α = 0: no fresh data, so D converges only if its increments are summable, "
+                "and they decay at a rate that cannot be judged from these values")
+    elif c is R.NO_FRESH_RISING:
+        text = ("α = 0: no fresh data, and D keeps rising although its noisy increments "
+                "cannot be told from 0 one by one")
+    elif c is R.NO_FRESH_SUMMABLE:
+        text = "α = 0: no fresh data, but the increments look summable, so D levels off"
+    else:
+        text = ("α = 0: no fresh data, and the increments are not summable (a floor or a decay "
+                "no faster than 1/i): D grows without bound")
+    return f"{text}; {src}; {trend}"

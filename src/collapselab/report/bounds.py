@@ -17,8 +17,16 @@ import numpy as np
 import pandas as pd
 
 from ..engine.store import RESULT_COLUMNS
-from ..verdicts import cause_tag, render_check, status_text
-from .html import fmt as _fmt
+from ..theory import Status
+from ..verdicts import (
+    STATUS_OF_TEXT,
+    cause_tag,
+    render_check,
+    render_prediction,
+    render_recursion,
+    render_regime,
+    status_text,
+)
 
 # Preference order when several estimators measured the same metric.
 ESTIMATOR_ORDER = ["exact", "monte_carlo", "classifier", "knn", "gaussian_features"]
@@ -100,10 +108,6 @@ def _check_row(base: dict, chk, measured_metric: str) -> dict:
             "reason": render_check(chk)}
 
 
-def _status(held) -> str:
-    return "held" if held is True else ("FAILED" if held is False else "no claim")
-
-
 # Score models whose score is the exact score of their own law: Prop 3.1 is an identity there.
 EXACT_OWN_LAW_KINDS = ("analytic", "population_kde", "kde")
 
@@ -161,7 +165,6 @@ def _single_rows(sub, base, cfg, i0, C, c, n_sigma) -> list[dict]:
 
 def _recursion_rows(sub, base, alpha, n_sigma) -> list[dict]:
     from .. import theory
-    from ..theory import Cause
 
     D = _pick_series(sub, "accumulated_chi2")
     I = _pick_series(sub, "intra_chi2", EXACT_DENSITY) or _pick_series(sub, "intra_chi2")
@@ -171,52 +174,28 @@ def _recursion_rows(sub, base, alpha, n_sigma) -> list[dict]:
     nan = {"value": math.nan, "stderr": 0.0, "note": "", "estimator": ""}
     Dv = [D.get(g, nan) for g in range(G + 1)]
     Iv = [I.get(g, nan) for g in range(G)]
-    slack = theory.check_recursion(alpha, [d["value"] for d in Dv], [i["value"] for i in Iv])
-    r = (1.0 - alpha) ** 2
     out = []
     for g in range(G):
         if g not in I or g + 1 not in D:
             continue
         d1, d0, ii = Dv[g + 1], Dv[g], Iv[g]
-        lhs = d1["value"] + (r * d0["value"] if r > 0 else 0.0)
-        rhs = float(theory.recursion_lower_bound(alpha, ii["value"]))
-        s = float(slack[g])
-        se = math.sqrt(d1["stderr"] ** 2 + r * r * d0["stderr"] ** 2
-                       + (alpha / 2) ** 2 * ii["stderr"] ** 2)
+        chk = theory.check_recursion_step(
+            alpha, d1["value"], d0["value"], ii["value"], D_next_stderr=d1["stderr"],
+            D_prev_stderr=d0["stderr"], intra_stderr=ii["stderr"], n_sigma=n_sigma,
+            generation=g)
         est = {d1["estimator"], d0["estimator"], ii["estimator"]} - {""}
-        where = f"D from {'/'.join(sorted(est))} rows"
-        if math.isnan(s):
-            bad = [(n, x) for n, x in (("D_{i+1}", d1), ("D_i", d0), ("I_i", ii))
-                   if math.isnan(x["value"])]
-            if bad:
-                reason = ("cannot be checked: " + ", ".join(n for n, _ in bad) + " could not be "
-                          "estimated reliably (NaN)" + "".join(f" — {n}: {x['note']}"
-                                                           for n, x in bad if x["note"]))
-            else:
-                reason = "both sides are infinite, so the comparison is undecidable"
-            held = None
-            cause = Cause.MEASURED_NAN if bad else Cause.MEASURED_INFINITE
-        elif math.isinf(s):
-            held = s > 0
-            cause = Cause.MEASURED_INFINITE_OK if held else Cause.VIOLATED
-            reason = ("the left side is infinite (D infinite: the model's tails have outgrown "
-                      "the target's), which satisfies the recursion" if held else
-                      "I_i is infinite while D_{i+1} and D_i are finite: the recursion is "
-                      "violated (or the χ² estimates disagree about the tails)")
-        else:
-            held = s + n_sigma * se >= 0
-            cause = Cause.NONE if held else Cause.VIOLATED
-            desc = (f"D_(i+1) + (1−α)² D_i = {_fmt(lhs)} against (α/2) I_i = {_fmt(rhs)} "
-                    f"(slack {_fmt(s)} ± {_fmt(se, 2)})")
-            reason = (f"{desc}: it holds" if s >= 0 else
-                      f"{desc}: on the wrong side, within {n_sigma:g} standard errors" if held
-                      else f"{desc}: the recursion is violated beyond {n_sigma:g} standard errors")
-        out.append({**base, "generation": g, "kind": "recursion", "check": "recursion",
-                    "bound": rhs, "bound_stderr": alpha / 2 * ii["stderr"], "measured": lhs,
-                    "measured_stderr": math.sqrt(d1["stderr"] ** 2 + r * r * d0["stderr"] ** 2),
-                    "measured_metric": "accumulated_chi2", "direction": "lower", "slack": s,
-                    "held": held, "status": _status(held),
-                    "cause": cause.value, "reason": f"{reason}; {where}"})
+        reason = render_recursion(chk)
+        if chk.cause is theory.Cause.MEASURED_NAN:
+            series = {"D_{i+1}": d1, "D_i": d0, "I_i": ii}
+            reason += "".join(f" — {n}: {series[n]['note']}" for n in chk.detail["missing"]
+                              if series[n]["note"])
+        out.append({**base, "generation": g, "kind": "recursion", "check": chk.name,
+                    "bound": chk.bound, "bound_stderr": chk.bound_stderr,
+                    "measured": chk.measured, "measured_stderr": chk.stderr,
+                    "measured_metric": "accumulated_chi2", "direction": chk.direction,
+                    "slack": chk.detail["slack"], "held": chk.held,
+                    "status": status_text(chk.status), "cause": chk.cause.value,
+                    "reason": f"{reason}; D from {'/'.join(sorted(est))} rows"})
     return out
 
 
@@ -236,19 +215,17 @@ def _prediction_rows(sub, base, alpha, i0) -> list[dict]:
         g = n + 1
         if g not in D or n < i0:
             continue
-        p, m = float(pred[n]), D[g]["value"]
-        if math.isfinite(p) and math.isfinite(m) and p > 0:
-            reason = (f"measured D_{g} = {_fmt(m)} against the discounted sum "
-                      f"Σ (1−α)^(2(N−i)) ε⋆,i² = {_fmt(p)} (ratio {_fmt(m / p, 3)}); the "
-                      "decomposition is a ≲ relation (constants and C_bias unknown)")
-        else:
-            reason = (f"measured D_{g} = {_fmt(m)}, predicted {_fmt(p)}: no finite ratio"
-                      + (f" — {D[g]['note']}" if D[g]["note"] and math.isnan(m) else ""))
+        cmp = theory.compare_prediction(pred[n], D[g]["value"], generation=g)
+        reason = render_prediction(cmp)
+        if cmp.cause is theory.Cause.NO_FINITE_RATIO and D[g]["note"] \
+                and math.isnan(cmp.measured):
+            reason += f" — {D[g]['note']}"
         out.append({**base, "generation": g, "kind": "prediction", "check": "discounted_sum",
-                    "bound": p, "bound_stderr": math.nan, "measured": m,
+                    "bound": cmp.predicted, "bound_stderr": math.nan, "measured": cmp.measured,
                     "measured_stderr": D[g]["stderr"], "measured_metric": "accumulated_chi2",
-                    "direction": "", "slack": math.nan, "held": None, "status": "compared",
-                    "cause": "", "reason": reason})
+                    "direction": "", "slack": math.nan, "held": None,
+                    "status": status_text(cmp.status), "cause": cmp.cause.value,
+                    "reason": reason})
     return out
 
 
@@ -278,8 +255,9 @@ def _regime_rows(group, base, alpha) -> list[dict]:
     return [{**base, "seed": pd.NA, "generation": pd.NA, "kind": "regime", "check": "regime",
              "bound": reg.plateau, "bound_stderr": math.nan, "measured": D[-1],
              "measured_stderr": math.nan, "measured_metric": "accumulated_chi2",
-             "direction": "", "slack": reg.slope, "held": None, "status": reg.label,
-             "cause": "", "reason": f"{reg.label}: {reg.evidence} (D and ε⋆² averaged over "
+             "direction": "", "slack": reg.slope, "held": None, "status": reg.label.value,
+             "cause": reg.reason.value,
+             "reason": f"{reg.label.value}: {render_regime(reg)} (D and ε⋆² averaged over "
                                     f"{len(per_seed_D)} seed(s))"}]
 
 
@@ -332,28 +310,42 @@ def bound_checks(bt: pd.DataFrame) -> pd.DataFrame:
     return bt[bt.kind.isin(["single_generation", "recursion"])] if len(bt) else bt
 
 
-def bounds_sentence(bt: pd.DataFrame) -> str:
-    """One sentence: how many checks held / failed / made no claim, and the main reasons."""
+def status_codes(bt: pd.DataFrame) -> pd.Series:
+    """The :class:`~collapselab.theory.Status` code of each row (the status column is its
+    wording, :data:`~collapselab.verdicts.STATUS_TEXT`); NaN for a regime row, whose status is
+    its label."""
+    return bt.status.map(STATUS_OF_TEXT) if len(bt) else pd.Series(dtype=object)
+
+
+def bounds_sentence(bt: pd.DataFrame, *, reasons: bool = True) -> str:
+    """One sentence: how many checks held / failed / made no claim, and (``reasons``) the main
+    reasons — counted on the status and cause codes."""
     chk = bound_checks(bt)
     if chk.empty:
         return ("No bound could be checked: the results hold no score_energy_ideal rows and no "
                 "pair of accumulated/intra χ² rows (enable the pathwise section and exact "
                 "estimators).")
-    n = len(chk)
-    counts = chk.status.value_counts()
-    held, failed, none, ident = (int(counts.get(k, 0))
-                                 for k in ("held", "FAILED", "no claim", "identity"))
-    n -= int(counts.get("consistent", 0) + counts.get("inconsistent", 0))
+    codes = status_codes(chk)
+    counts = codes.value_counts()
+
+    def k(code: Status) -> int:
+        return int(counts.get(code, 0))
+
+    held, failed, none, ident = k(Status.HELD), k(Status.FAILED), k(Status.NO_CLAIM), \
+        k(Status.IDENTITY)
+    cons, inc = k(Status.CONSISTENT), k(Status.INCONSISTENT)
+    n = len(chk) - cons - inc
     s = f"Of {n} bound checks, {held} held, {failed} FAILED and {none} made no claim."
     if ident:
         s += (f" {ident} were identities for this model (score exact for its own law), "
               "used to calibrate ε̂² instead.")
-    cons, inc = int(counts.get("consistent", 0)), int(counts.get("inconsistent", 0))
     if cons + inc:
         s += f" ε̂² calibration: {cons} consistent, {inc} inconsistent."
-    for status, what in (("FAILED", "failures"), ("no claim", "no-claim checks"),
-                         ("inconsistent", "inconsistent calibrations")):
-        causes = chk[chk.status == status].cause.map(cause_tag).value_counts()
+    if not reasons:
+        return s
+    for code, what in ((Status.FAILED, "failures"), (Status.NO_CLAIM, "no-claim checks"),
+                       (Status.INCONSISTENT, "inconsistent calibrations")):
+        causes = chk[codes == code].cause.map(cause_tag).value_counts()
         if len(causes):
             top = ", ".join(f"{k} ({v})" for k, v in causes.head(3).items())
             s += f" Main reason for the {what}: {top}."
@@ -361,15 +353,20 @@ def bounds_sentence(bt: pd.DataFrame) -> str:
 
 
 def bounds_overview(bt: pd.DataFrame) -> pd.DataFrame:
-    """Counts of held / FAILED / no claim per (swept keys, α, check)."""
+    """Counts of held / FAILED / no claim per (swept keys, α, check), counted on the status
+    codes; the columns are their wording."""
     chk = bound_checks(bt)
     if chk.empty:
         return pd.DataFrame()
     keys = [k for k in swept_columns(chk)] + ["alpha", "check"]
-    t = chk.groupby(keys + ["status"]).size().unstack(fill_value=0)
-    cols = ["held", "FAILED", "no claim"]
-    cols += [s for s in ("identity", "consistent", "inconsistent") if s in t.columns]
-    for s in cols:
-        if s not in t.columns:
-            t[s] = 0
-    return t[cols].reset_index()
+    t = chk.assign(_code=status_codes(chk)).groupby(keys + ["_code"]).size() \
+        .unstack(fill_value=0)
+    codes = [Status.HELD, Status.FAILED, Status.NO_CLAIM]
+    codes += [c for c in (Status.IDENTITY, Status.CONSISTENT, Status.INCONSISTENT)
+              if c in t.columns]
+    for c in codes:
+        if c not in t.columns:
+            t[c] = 0
+    t = t[codes]
+    t.columns = [status_text(c) for c in codes]
+    return t.reset_index()

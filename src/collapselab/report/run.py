@@ -35,6 +35,7 @@ from ..engine.store import (  # noqa: E402
     write_summary,
 )
 from ..environment import environment  # noqa: E402,F401  (re-exported: report.environment)
+from ..theory import Status  # noqa: E402
 from ..verdicts import status_text  # noqa: E402
 from .bounds import (  # noqa: E402
     BOUND_LABELS,
@@ -45,6 +46,7 @@ from .bounds import (  # noqa: E402
     bounds_sentence,
     evaluate_bounds,
     seed_mean,
+    status_codes,
     swept_columns,
 )
 from .html import fmt as _fmt  # noqa: E402
@@ -499,8 +501,9 @@ def _bounds_table(df: pd.DataFrame) -> str:
         t["held"] = t.pop("status").map(status_text)
     elif "held" in t.columns:
         t = t.drop(columns=["status"], errors="ignore")
-        t["held"] = t["held"].map(lambda h: "held" if h is True or h == 1 else
-                                  ("FAILED" if h is False or h == 0 else "no claim"))
+        t["held"] = t["held"].map(lambda h: status_text(
+            Status.HELD if h is True or h == 1 else
+            Status.FAILED if h is False or h == 0 else Status.NO_CLAIM))
     if "held" in t.columns:
         counts = t.groupby(["metric", "held"]).size().unstack(fill_value=0)
         head = "<h3>Held / failed per bound</h3>" + counts.to_html()
@@ -977,7 +980,7 @@ def _theory_sections(cfg, df, bt, imgs) -> list[tuple[str, str, str]]:
                  "<p>Each cell: checks that held / FAILED / made no claim (over seeds and "
                  "generations).</p>")
         body += _table(_overview_wide(bounds_overview(bt)))
-        bad = chk[chk.status != "held"]
+        bad = chk[status_codes(chk) != Status.HELD]
         if len(bad):
             agg = notes_by_kind(bad, "reason", ("check", "status", "cause"), by_kind=False)
             body += ("<h3>Checks that failed or made no claim, by cause</h3>"
@@ -1051,8 +1054,9 @@ def _bounds_section(df: pd.DataFrame, img: str) -> tuple[str, str]:
     t = b[keep].rename(columns={"value": "bound"}).copy()
     body = img
     if "held" in t.columns:
-        t["held"] = t["held"].map(lambda h: "held" if h is True or h == 1 else
-                                  ("FAILED" if h is False or h == 0 else "no claim"))
+        t["held"] = t["held"].map(lambda h: status_text(
+            Status.HELD if h is True or h == 1 else
+            Status.FAILED if h is False or h == 0 else Status.NO_CLAIM))
         counts = t.groupby(["metric", "held"]).size().unstack(fill_value=0)
         counts = counts.reindex(columns=[c for c in ("held", "FAILED", "no claim")
                                          if c in counts.columns])
@@ -1105,7 +1109,7 @@ def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
                       "(<a href='#notes'>notes</a>)")
     chk = bound_checks(bt)
     if len(chk):
-        status.append(html.escape(bounds_sentence(bt).split(" Main reason")[0])
+        status.append(html.escape(bounds_sentence(bt, reasons=False))
                       + " (<a href='#bound-checks'>bound checks</a>)")
     summary = (
         f"<h1>collapselab report: {html.escape(str(cfg.get('name', '')))}</h1>"
@@ -1185,7 +1189,7 @@ def _html(cfg, df, table, figs, times, env, fails, bt=None) -> str:
         appendix += _details(f"every row with a note ({len(noted)})", _table(noted[cols], 5000))
     appendix += bounds_appendix
     if len(chk):
-        bad = chk[chk.status != "held"]
+        bad = chk[status_codes(chk) != Status.HELD]
         if len(bad):
             keep = swept_columns(bad) + ["alpha", "seed", "generation", "check", "status",
                                          "cause", "reason"]
@@ -1252,7 +1256,7 @@ def plot_bound_checks(bt: pd.DataFrame, path) -> bool:
             present = [n for n in names if (rows.check == n).any()]
             names = present  # e.g. no η rows: only the upper half of the two-sided panel
             meas = rows[rows.check == present[0]]
-            if (meas.status == "identity").all():
+            if (status_codes(meas) == Status.IDENTITY).all():
                 # Score exact for its own law: the panel compares two sides of an identity.
                 title = "KL_t0 vs ½ ε̂² (identity: calibrates ε̂²)"
             m = _mean_by_gen(meas, "measured")
