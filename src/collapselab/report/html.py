@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 from pathlib import Path
 
 import matplotlib
@@ -17,16 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..engine.store import atomic_write_bytes  # noqa: E402
+from ..verdicts import fmt_sym as fmt  # noqa: E402  (one number format for every page)
 
 __all__ = ["fmt", "img", "plt", "save_figure", "section", "table"]
-
-
-def fmt(x: float, digits: int = 4) -> str:
-    if isinstance(x, float) and math.isnan(x):
-        return "NaN"
-    if isinstance(x, float) and math.isinf(x):
-        return "∞" if x > 0 else "−∞"
-    return f"{x:.{digits}g}"
 
 
 def table(df: pd.DataFrame, limit: int = 200) -> str:

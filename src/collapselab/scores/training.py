@@ -23,19 +23,17 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..files import new_file_mode
+from ..files import atomic_write_bytes
 from .gpu_fast import GpuFast, fast_forward
 from .mlp import MLPNet, NeuralScore
 from .unet import UNet
@@ -420,7 +418,8 @@ def build_net(spec: dict) -> nn.Module:
 def save_checkpoint(path, raw_net, ema_net=None, optimizer_state: dict | None = None,
                     meta: dict | None = None) -> Path:
     """Write raw (``raw.``) and EMA (``ema.``) weights, optionally the optimizer state
-    (``opt.<param>.<key>``), to a safetensors file, atomically (temp file + os.replace).
+    (``opt.<param>.<key>``), to a safetensors file, atomically
+    (:func:`~collapselab.files.atomic_write_bytes`).
 
     ``raw_net``/``ema_net`` are modules or state dicts. ``meta`` (JSON-serialisable) and the
     network's constructor config (when it has ``.config``) go into the safetensors header, so
@@ -448,19 +447,7 @@ def save_checkpoint(path, raw_net, ema_net=None, optimizer_state: dict | None = 
     if isinstance(raw_net, nn.Module) and hasattr(raw_net, "config"):
         header["net"] = {"class": type(raw_net).__name__, "config": raw_net.config}
     text = json.dumps(header)  # fails here, before any file is touched, if meta is not JSON
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"collapselab": text})
-        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would otherwise stay
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, save(tensors, metadata={"collapselab": text}))
     return path
 
 
